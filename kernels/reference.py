@@ -1,0 +1,133 @@
+"""Plain torch gather/scatter between KV pool buffers and one writer's staging block.
+
+This is the definition the Triton kernels are tested against, and the path used for host
+(CPU) pools. Staging block layout for one writer and one chunk of ``T`` tokens:
+``[buffer_0][buffer_1]...[buffer_{B-1}]`` in pool order (K layers, then V layers; MLA: one
+buffer per layer), each slab token-major ``[T][num_heads][head_dim]``.
+
+What it must never do: change a value's bits (data is moved as same-width integers, so
+NaN payloads and fp8 codes survive), or touch pool rows and heads outside the ones asked
+for. Out-of-range indices raise (torch indexing checks them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["check_args", "check_rows", "gather_reference", "int_view_dtype", "scatter_reference", "staging_block_bytes"]
+
+_INT_BY_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def int_view_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer dtype of the same width, so copies are bit-exact whatever the float format."""
+    width = torch.empty((), dtype=dtype).element_size()
+    if width not in _INT_BY_WIDTH:
+        raise ValueError(f"unsupported element width {width} for {dtype}")
+    return _INT_BY_WIDTH[width]
+
+
+def staging_block_bytes(num_buffers: int, num_tokens: int, num_heads: int, head_dim: int,
+                        itemsize: int) -> int:
+    """Bytes of one writer's block: ``num_buffers`` slabs of ``[num_tokens][num_heads][head_dim]``."""
+    for name, value in (("num_buffers", num_buffers), ("num_tokens", num_tokens),
+                        ("num_heads", num_heads), ("head_dim", head_dim), ("itemsize", itemsize)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return num_buffers * num_tokens * num_heads * head_dim * itemsize
+
+
+def check_args(buffers: Sequence[torch.Tensor], token_idx: torch.Tensor, head_start: int,
+               num_heads: int, staging: torch.Tensor, num_writers: int = 1) -> int:
+    """Validate shapes shared by every implementation; returns one writer's block bytes.
+
+    Every buffer must be ``[pool_tokens, local_heads, head_dim]`` with the same shape,
+    dtype, strides and device, heads and head_dim dense (token stride may be padded);
+    the staging tensor is 1-D uint8 of exactly ``num_writers`` blocks.
+    """
+    if len(buffers) == 0:
+        raise ValueError("no pool buffers given")
+    first = buffers[0]
+    if first.dim() != 3:
+        raise ValueError(f"pool buffers must be [tokens, heads, head_dim], got shape {tuple(first.shape)}")
+    for i, buf in enumerate(buffers):
+        if (buf.shape != first.shape or buf.dtype != first.dtype or buf.stride() != first.stride()
+                or buf.device != first.device):
+            raise ValueError(f"pool buffer {i} differs from buffer 0 in shape, dtype, stride or device "
+                             f"({tuple(buf.shape)} {buf.dtype} {buf.stride()} {buf.device} vs "
+                             f"{tuple(first.shape)} {first.dtype} {first.stride()} {first.device})")
+    _, local_heads, head_dim = first.shape
+    if first.stride(2) != 1 or first.stride(1) != head_dim:
+        raise ValueError(f"pool buffers must have dense heads (strides [*, {head_dim}, 1]), "
+                         f"got {first.stride()}")
+    if not (isinstance(head_start, int) and isinstance(num_heads, int)):
+        raise ValueError("head_start and num_heads must be integers")
+    if num_heads < 1 or head_start < 0 or head_start + num_heads > local_heads:
+        raise ValueError(f"heads [{head_start}, {head_start + num_heads}) outside the buffer's "
+                         f"{local_heads} local heads")
+    if token_idx.dim() != 1 or token_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"token_idx must be a 1-D int32/int64 tensor, got {token_idx.dtype} "
+                         f"shape {tuple(token_idx.shape)}")
+    if token_idx.device != first.device:
+        raise ValueError(f"token_idx is on {token_idx.device}, buffers on {first.device}")
+    block = staging_block_bytes(len(buffers), token_idx.numel(), num_heads, head_dim, first.element_size())
+    if staging.dtype != torch.uint8 or staging.dim() != 1 or staging.numel() != block * num_writers:
+        raise ValueError(f"staging must be a 1-D uint8 tensor of {block * num_writers} bytes "
+                         f"({num_writers} writer block(s) of {block}), got {staging.dtype} "
+                         f"shape {tuple(staging.shape)}")
+    if staging.device != first.device:
+        raise ValueError(f"staging is on {staging.device}, buffers on {first.device}")
+    return block
+
+
+def check_rows(token_idx: torch.Tensor, pool_tokens: int) -> None:
+    """IndexError unless every index is a row of the pool (torch would wrap negatives silently).
+
+    Reads the indices, so on a GPU it synchronises: the daemon checks host-side copies instead.
+    """
+    if token_idx.numel() == 0:
+        return
+    low, high = int(token_idx.min()), int(token_idx.max())
+    if low < 0 or high >= pool_tokens:
+        raise IndexError(f"token indices span [{low}, {high}], outside the pool's {pool_tokens} rows")
+
+
+def _slab(staging: torch.Tensor, index: int, per_buffer: int, shape: tuple[int, int, int],
+          int_dtype: torch.dtype) -> torch.Tensor:
+    part = staging[index * per_buffer:(index + 1) * per_buffer]
+    width = torch.empty((), dtype=int_dtype).element_size()
+    if part.storage_offset() % width:
+        part = part.clone()  # view(int_dtype) needs an aligned start; only reached by odd slices
+    return part.view(int_dtype).view(shape)
+
+
+def gather_reference(buffers: Sequence[torch.Tensor], token_idx: torch.Tensor, head_start: int,
+                     num_heads: int, out: torch.Tensor) -> None:
+    """Copy heads ``[head_start, head_start+num_heads)`` of rows ``token_idx`` of every buffer into ``out``."""
+    check_args(buffers, token_idx, head_start, num_heads, out)
+    check_rows(token_idx, buffers[0].shape[0])
+    int_dtype = int_view_dtype(buffers[0].dtype)
+    per_buffer = out.numel() // len(buffers)
+    idx = token_idx.long()
+    for b, buf in enumerate(buffers):
+        rows = buf.view(int_dtype)[idx, head_start:head_start + num_heads, :]
+        out[b * per_buffer:(b + 1) * per_buffer].copy_(rows.contiguous().view(torch.uint8).reshape(-1))
+
+
+def scatter_reference(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: torch.Tensor,
+                      head_start: int, num_heads: int) -> None:
+    """Write one writer's block back into heads ``[head_start, head_start+num_heads)`` of rows ``token_idx``.
+
+    Duplicate token indices leave one of the candidate rows (unspecified which).
+    """
+    check_args(buffers, token_idx, head_start, num_heads, staging)
+    check_rows(token_idx, buffers[0].shape[0])
+    int_dtype = int_view_dtype(buffers[0].dtype)
+    shape = (token_idx.numel(), num_heads, buffers[0].shape[2])
+    per_buffer = staging.numel() // len(buffers)
+    idx = token_idx.long()
+    for b, buf in enumerate(buffers):
+        buf.view(int_dtype)[idx, head_start:head_start + num_heads, :] = _slab(
+            staging, b, per_buffer, shape, int_dtype)

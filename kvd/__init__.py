@@ -1,0 +1,3 @@
+"""kvd: per-node KV-cache transfer daemon for disaggregated LLM serving."""
+
+__version__ = "0.1.0"

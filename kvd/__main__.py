@@ -1,0 +1,7 @@
+"""``python -m kvd`` runs the daemon."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

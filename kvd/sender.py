@@ -1,0 +1,366 @@
+"""Prefill side of a room: match engine chunks with decode requests and write them.
+
+A sender room is one (prefill engine, sender rank, room). It collects the per-room
+requests of every receiver rank the TP mapping says it serves, and the chunks the
+engine reports as chunked prefill produces them; each chunk is planned against
+every request and written in one batch per receiver. All writes of a room happen
+under the room's lock, so an abort answered after taking the lock is a fence: no
+write of that room can still land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import structlog
+
+from . import protocol as p
+from .layout import LayoutError, check_compatible
+from .planner import (
+    HeadSlice,
+    PlanError,
+    WriteOps,
+    check_ops_within,
+    expand_pages_to_tokens,
+    map_heads,
+    pages_to_tokens,
+    plan_direct_writes,
+)
+from .pools import LocalPool, RemotePool, check_page_indices
+from .rooms import Deadlines, RoomInput, RoomMachine
+from .transport import TransportError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = structlog.get_logger("kvd.sender")
+
+
+@dataclass
+class ReceiverRequest:
+    """One decode rank's request to this sender for a room."""
+
+    msg: p.TransferRequest
+    remote: RemotePool
+    slices: tuple[HeadSlice, ...]
+    dst_cursor: int = 0  # pages (or HiSparse tokens) of dst_indices already written
+    aborted: bool = False
+    reported: bool = False
+
+    @property
+    def dummy(self) -> bool:
+        return not self.slices
+
+
+@dataclass
+class Chunk:
+    pages: np.ndarray
+    is_last: bool
+    aux: bytes
+
+
+@dataclass
+class SenderRoom:
+    pool: LocalPool
+    room: int
+    machine: RoomMachine
+    requests: dict[tuple[str, int], ReceiverRequest] = field(default_factory=dict)
+    expected: int | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    got_last: bool = False
+    src_pages_done: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    aux: bytes = b""
+    path: str = "direct"
+    engine_told: bool = False
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pool.pool_id, self.room)
+
+
+class SenderSide:
+    """Every sender room of this daemon, driven by engine chunks and peer requests."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.rooms: dict[tuple[int, int], SenderRoom] = {}
+        # transfer ids that ended or were aborted: a late request for one is dropped.
+        self._ended: OrderedDict[int, None] = OrderedDict()
+
+    def _deadlines(self) -> Deadlines:
+        c = self.d.config
+        return Deadlines(c.waiting_timeout_s, c.waiting_timeout_s, c.transfer_timeout_s)
+
+    def _room(self, pool: LocalPool, room: int) -> SenderRoom:
+        sr = self.rooms.get((pool.pool_id, room))
+        if sr is None:
+            sr = SenderRoom(pool, room, RoomMachine(self._deadlines(), self.d.now()))
+            self.rooms[sr.key] = sr
+            self.d.room_changed("prefill", None, sr.machine.state, room=room, pool=pool.key)
+        return sr
+
+    # --- inputs -------------------------------------------------------------------------
+    def on_chunk(self, pool: LocalPool, msg: p.SendChunk) -> None:
+        """The engine produced pages of a room (validated by the caller)."""
+        sr = self._room(pool, msg.room)
+        if sr.machine.state.final:
+            raise PlanError(f"room {msg.room} already ended ({sr.machine.state.value})")
+        if sr.got_last:
+            raise PlanError(f"room {msg.room} already got its last chunk")
+        sr.chunks.append(Chunk(msg.pages, msg.is_last, msg.aux))
+        sr.got_last = msg.is_last
+        self._kick(sr)
+
+    def on_request(self, msg: p.TransferRequest) -> None:
+        """A decode daemon asks this sender rank to write a room."""
+        if msg.transfer_id in self._ended:
+            self.d.count_error("stale_message")
+            return
+        pool = self.d.prefill_pool(msg.prefill_engine_id, msg.sender_rank)
+        remote = self.d.remote_pools.get(msg.pool_key)
+        problem = None
+        if pool is None:
+            problem = f"no prefill rank {msg.prefill_engine_id}/{msg.sender_rank} is served here"
+        elif remote is None:
+            problem = f"decode pool {msg.pool_key} was never announced"
+        if problem:
+            self.d.count_error("bad_request")
+            self._reply(msg, ok=False, reason=problem)
+            return
+        assert pool is not None and remote is not None
+        sr = self._room(pool, msg.room)
+        try:
+            req = self._validate_request(sr, msg, remote)
+        except (PlanError, LayoutError) as exc:
+            self.d.count_error("bad_request")
+            self._reply(msg, ok=False, reason=str(exc))
+            self._fail(sr, f"bad request from {msg.src}: {exc}")
+            return
+        rkey = (msg.pool_key, remote.layout.tp_rank)
+        if rkey in sr.requests:
+            self.d.count_error("bad_request")
+            self._fail(sr, f"receiver {rkey} asked twice for room {msg.room}")
+            return
+        sr.requests[rkey] = req
+        if msg.enable_hisparse:
+            sr.path = "hisparse"
+        if sr.machine.state.final:
+            self._reply(msg, ok=False, reason=sr.machine.reason or "room already ended")
+            return
+        self._kick(sr)
+
+    def _validate_request(self, sr: SenderRoom, msg: p.TransferRequest,
+                          remote: RemotePool) -> ReceiverRequest:
+        local = sr.pool.layout
+        check_compatible(local, remote.layout)
+        if msg.enable_hisparse != remote.layout.hisparse:
+            raise PlanError("enable_hisparse does not match the receiver pool "
+                            f"(request {msg.enable_hisparse}, pool hisparse {remote.layout.hisparse})")
+        mapping = map_heads(local.total_kv_heads, local.tp_size, remote.layout.tp_size)
+        slices = mapping.slices_between(local.tp_rank, remote.layout.tp_rank)
+        if bool(slices) == msg.dummy:
+            raise PlanError(
+                f"receiver rank {remote.layout.tp_rank} asks for "
+                f"{'nothing' if msg.dummy else 'heads'} but sender rank {local.tp_rank} holds "
+                f"{'heads it needs' if slices else 'none of its heads'}")
+        expected = len(mapping.receivers_of(local.tp_rank))
+        if sr.expected is not None and sr.expected != expected:
+            raise PlanError(f"receivers disagree on the layout: {expected} vs {sr.expected} receivers")
+        sr.expected = expected
+        if not msg.dummy:
+            dst = msg.dst_indices
+            if msg.enable_hisparse:
+                remote.check_tokens(dst, "destination token indices")
+            else:
+                check_page_indices(dst, remote.layout.num_pages, "destination pages")
+        return ReceiverRequest(msg, remote, slices)
+
+    def on_abort(self, msg: p.AbortTransfer) -> None:
+        self._ended[msg.transfer_id] = None
+        self._trim()
+        asyncio.get_running_loop().create_task(self._abort(msg))
+
+    async def _abort(self, msg: p.AbortTransfer) -> None:
+        found = None
+        for sr in list(self.rooms.values()):
+            for req in sr.requests.values():
+                if req.msg.transfer_id == msg.transfer_id and req.msg.sender_rank == msg.sender_rank:
+                    found = (sr, req)
+        if found:
+            sr, req = found
+            req.aborted = True
+            async with sr.lock:  # fence: the batch in flight (if any) has finished
+                pass
+            self._fail(sr, f"aborted by receiver: {msg.reason or 'abort'}")
+        self.d.send_peer(msg.src, p.AbortAck(src=self.d.address, token=self.d.token, room=msg.room,
+                                             transfer_id=msg.transfer_id, pool_key=msg.pool_key,
+                                             sender_rank=msg.sender_rank))
+
+    def abort_from_engine(self, pool: LocalPool, room: int, reason: str) -> None:
+        sr = self.rooms.get((pool.pool_id, room))
+        if sr is not None:
+            self._fail(sr, reason)
+
+    # --- work ---------------------------------------------------------------------------
+    def _kick(self, sr: SenderRoom) -> None:
+        now = self.d.now()
+        if sr.expected is not None and len(sr.requests) >= sr.expected \
+                and sr.machine.state.value == "bootstrapping":
+            self._transition(sr, RoomInput.BOOTSTRAPPED, now)
+        if sr.machine.state.value in ("waiting_for_input", "transferring") and sr.chunks:
+            asyncio.get_running_loop().create_task(self._drain(sr))
+
+    async def _drain(self, sr: SenderRoom) -> None:
+        async with sr.lock:
+            while sr.chunks and not sr.machine.state.final:
+                chunk = sr.chunks.pop(0)
+                try:
+                    await self._write_chunk(sr, chunk)
+                except (PlanError, TransportError) as exc:
+                    self.d.count_error("transport" if isinstance(exc, TransportError) else "plan")
+                    self._fail(sr, str(exc))
+                    return
+                if chunk.is_last:
+                    self._complete(sr, chunk.aux)
+
+    async def _write_chunk(self, sr: SenderRoom, chunk: Chunk) -> None:
+        local = sr.pool.layout
+        src_tokens = pages_to_tokens(chunk.pages, local.page_size)
+        sr.src_pages_done += len(chunk.pages)
+        for req in sr.requests.values():
+            if req.dummy or req.aborted:
+                continue
+            dst_all = req.msg.dst_indices
+            if req.msg.enable_hisparse:
+                start = req.dst_cursor
+                remaining = len(dst_all) - start
+                if remaining <= 0:
+                    raise PlanError(f"sender sent more tokens than the receiver's {len(dst_all)}")
+                n = min(len(src_tokens), remaining)
+                if not chunk.is_last and n < len(src_tokens):
+                    raise PlanError(f"sender sent more tokens than the receiver's {len(dst_all)}")
+                src = expand_pages_to_tokens(chunk.pages, local.page_size, n)
+                dst = dst_all[start:start + n]
+                req.dst_cursor += n
+            else:
+                start = req.dst_cursor
+                if start + len(chunk.pages) > len(dst_all):
+                    raise PlanError(f"sender sent {start + len(chunk.pages)} pages, the receiver asked "
+                                    f"for {len(dst_all)}")
+                dst = pages_to_tokens(dst_all[start:start + len(chunk.pages)], req.remote.layout.page_size)
+                src = src_tokens
+                req.dst_cursor += len(chunk.pages)
+            if chunk.is_last and req.dst_cursor != len(dst_all):
+                raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
+                                f"{len(dst_all)} {'tokens' if req.msg.enable_hisparse else 'pages'} unwritten")
+            ops = WriteOps.concat([plan_direct_writes(local, sr.pool.buffers, src, req.remote.layout,
+                                                      req.remote.buffers, dst, s) for s in req.slices])
+            check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
+            check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
+            result = await self.d.transport.write(req.remote.session_id, ops.src, ops.dst, ops.length)
+            self.d.observe_batch(result)
+            sr.bytes_done += result.nbytes
+            self.d.send_peer(req.msg.src, self._status(req, ok=True, final=False, nbytes=sr.bytes_done))
+        if sr.machine.state.value == "waiting_for_input" or sr.machine.state.value == "transferring":
+            self._transition(sr, RoomInput.PROGRESS, self.d.now())
+
+    def _complete(self, sr: SenderRoom, aux: bytes) -> None:
+        sr.aux = aux
+        for req in sr.requests.values():
+            if not req.aborted:
+                req.reported = True
+                self.d.send_peer(req.msg.src, self._status(req, ok=True, final=True, aux=aux,
+                                                           nbytes=sr.bytes_done))
+        self._transition(sr, RoomInput.COMPLETED, self.d.now())
+        self._finish(sr)
+
+    def _fail(self, sr: SenderRoom, reason: str) -> None:
+        if not sr.machine.fail(self.d.now(), reason):
+            return
+        self.d.room_changed("prefill", None, sr.machine.state, room=sr.room, pool=sr.pool.key,
+                            reason=reason)
+        # Tell receivers only once no batch of this room is in flight.
+        asyncio.get_running_loop().create_task(self._fail_after_fence(sr, reason))
+
+    async def _fail_after_fence(self, sr: SenderRoom, reason: str) -> None:
+        async with sr.lock:
+            for req in sr.requests.values():
+                if not req.reported and not req.aborted:
+                    req.reported = True
+                    self.d.send_peer(req.msg.src, self._status(req, ok=False, final=True, reason=reason))
+            self._finish(sr)
+
+    def _finish(self, sr: SenderRoom) -> None:
+        for req in sr.requests.values():
+            self._ended[req.msg.transfer_id] = None
+        self._trim()
+        if self.rooms.get(sr.key) is sr:
+            del self.rooms[sr.key]
+        if not sr.engine_told:
+            sr.engine_told = True
+            self.d.tell_engine(sr.pool, p.RoomEvent(req_id=0, room=sr.room, state=sr.machine.state.value,
+                                                    reason=sr.machine.reason, bytes_done=sr.bytes_done,
+                                                    bytes_total=sr.bytes_done, released=True))
+
+    def _transition(self, sr: SenderRoom, event: RoomInput, now: float) -> None:
+        before = sr.machine.state
+        after = sr.machine.apply(event, now)
+        if after is not before:
+            self.d.room_changed("prefill", before, after, room=sr.room, pool=sr.pool.key)
+
+    def _status(self, req: ReceiverRequest, *, ok: bool, final: bool, reason: str = "",
+                aux: bytes = b"", nbytes: int = 0) -> p.TransferStatus:
+        m = req.msg
+        return p.TransferStatus(src=self.d.address, token=self.d.token, room=m.room,
+                                transfer_id=m.transfer_id, pool_key=m.pool_key,
+                                sender_rank=m.sender_rank, ok=ok, reason=reason, aux=aux,
+                                bytes_written=nbytes, final=final)
+
+    def _reply(self, msg: p.TransferRequest, *, ok: bool, reason: str) -> None:
+        self.d.send_peer(msg.src, p.TransferStatus(
+            src=self.d.address, token=self.d.token, room=msg.room, transfer_id=msg.transfer_id,
+            pool_key=msg.pool_key, sender_rank=msg.sender_rank, ok=ok, reason=reason, final=True))
+
+    def _trim(self) -> None:
+        while len(self._ended) > 100_000:
+            self._ended.popitem(last=False)
+
+    # --- housekeeping -------------------------------------------------------------------
+    def expire(self, now: float) -> None:
+        for sr in list(self.rooms.values()):
+            if sr.machine.expired(now):
+                self.d.count_error("timeout")
+                self._fail(sr, sr.machine.timeout_reason())
+
+    def peer_dead(self, peer: str) -> None:
+        for sr in list(self.rooms.values()):
+            if any(r.msg.src == peer for r in sr.requests.values()):
+                for r in sr.requests.values():
+                    if r.msg.src == peer:
+                        r.aborted = True
+                self._fail(sr, f"decode daemon {peer} stopped answering heartbeats")
+
+    def pool_closed(self, pool: LocalPool) -> None:
+        for sr in list(self.rooms.values()):
+            if sr.pool is pool:
+                self._fail(sr, "the prefill engine disconnected")
+
+    def snapshot(self) -> list[dict]:
+        now = self.d.now()
+        out = []
+        for sr in self.rooms.values():
+            peers = sorted({r.msg.src for r in sr.requests.values()})
+            out.append({"room": sr.room, "role": "prefill", "engine_id": sr.pool.layout.engine_id,
+                        "rank": sr.pool.layout.tp_rank, "peer": ",".join(peers) or "-",
+                        "state": sr.machine.state.value, "path": sr.path, "bytes_done": sr.bytes_done,
+                        "bytes_total": sr.bytes_total or sr.bytes_done,
+                        "age_s": round(now - sr.machine.created_at, 3),
+                        "senders_required": [], "senders_reported": []})
+        return out
