@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
+from kvd import protocol as p
 from kvd.hostpool import HostPool
 from kvd.layout import PoolLayout
-from kvd import protocol as p
 from kvd.protocol import ErrorReply, Message, ProtocolError, RoomEvent
 
 log = logging.getLogger("kvd.client")
@@ -100,13 +100,9 @@ class KvdConnectionError(KvdError, ConnectionError):
 
 
 ERROR_CLASSES: dict[str, type[KvdError]] = {
-    "protocol": KvdProtocolError,
-    "bad_request": KvdBadRequest,
-    "layout": KvdLayoutError,
-    "unknown_pool": KvdUnknownError,
-    "unknown_room": KvdUnknownError,
-    "registration": KvdRegistrationError,
-    "busy": KvdBusyError,
+    "protocol": KvdProtocolError, "bad_request": KvdBadRequest, "layout": KvdLayoutError,
+    "unknown_pool": KvdUnknownError, "unknown_room": KvdUnknownError,
+    "registration": KvdRegistrationError, "busy": KvdBusyError,
 }
 
 
@@ -117,8 +113,6 @@ def error_from_reply(reply: ErrorReply) -> KvdError:
     return cls(f"kvd refused the request [{reply.kind}]{where}: {reply.message}",
                kind=reply.kind, room=reply.room)
 
-
-# --- room status -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class RoomStatus:
@@ -174,15 +168,12 @@ class ReplyTracker:
         try:
             return p.decode(payload)
         except ProtocolError as exc:
-            req_id = 0
-            try:
+            items: Any = None
+            with contextlib.suppress(Exception):  # garbage bytes: no request to blame
                 items = msgpack.unpackb(payload, raw=False)
-                # req_id is the first field of every engine message: [version, type, req_id, ...]
-                if isinstance(items, list) and len(items) > 2 and type(items[2]) is int:
-                    req_id = items[2]
-            except Exception:  # garbage bytes: no request to blame
-                pass
-            raise _UndecodableFrame(f"undecodable message from kvd: {exc}", req_id) from None
+            # req_id is the first field of every engine message: [version, type, req_id, ...]
+            ok = isinstance(items, list) and len(items) > 2 and type(items[2]) is int
+            raise _UndecodableFrame(f"undecodable message from kvd: {exc}", items[2] if ok else 0) from None
 
     @staticmethod
     def is_push(msg: Message) -> bool:
@@ -197,13 +188,10 @@ class ReplyTracker:
             new = replace(new, released=True)
         self._stash[ev.room] = new  # re-insert: dict order is then oldest-first
         if len(self._stash) > 2 * self.max_released:
-            self._prune()
+            released = [room for room, st in self._stash.items() if st.released]
+            for room in released[:max(0, len(released) - self.max_released)]:
+                del self._stash[room]
         return new
-
-    def _prune(self) -> None:
-        released = [room for room, st in self._stash.items() if st.released]
-        for room in released[:max(0, len(released) - self.max_released)]:
-            del self._stash[room]
 
     @staticmethod
     def result(reply: Message, expected: type[T]) -> T:
@@ -221,27 +209,19 @@ class ReplyTracker:
         A prefill room spans several SendChunk calls: only its first chunk clears the stash,
         so a failure pushed between chunks is still seen by ``wait()``.
         """
-        if sending:
-            if room not in self._sending:
-                self._stash.pop(room, None)
-            if is_last:
-                self._sending.discard(room)
-            else:
-                self._sending.add(room)
-        else:
+        if not sending or room not in self._sending:
             self._stash.pop(room, None)
-
-    def stashed(self, room: int) -> RoomStatus | None:
-        return self._stash.get(room)
+        if sending and not is_last:
+            self._sending.add(room)
+        else:
+            self._sending.discard(room)
 
     def final(self, room: int) -> RoomStatus | None:
         """The room's final status if one was pushed, else None."""
-        st = self._stash.get(room)
-        return st if st is not None and st.done else None
+        return st if (st := self._stash.get(room)) is not None and st.done else None
 
     def released(self, room: int) -> RoomStatus | None:
-        st = self._stash.get(room)
-        return st if st is not None and st.released else None
+        return st if (st := self._stash.get(room)) is not None and st.released else None
 
     def forget(self, room: int) -> None:
         """Drop what is known of a room (the engine is done with it)."""
@@ -595,43 +575,37 @@ class AsyncKvdClient:
 
     async def register_pool(self, layout: PoolLayout, memory: dict[str, Any] | HostPool,
                             bootstrap: str = "") -> int:
-        """See :meth:`KvdClient.register_pool`."""
         return (await self._request(*self._t.register(layout, memory, bootstrap))).pool_id
 
     async def send(self, pool_id: int, room: int, pages: Pages, is_last: bool, aux: bytes = b"") -> None:
-        """See :meth:`KvdClient.send`."""
         await self._request(*self._t.send(pool_id, room, pages, is_last, aux))
 
     async def recv(self, pool_id: int, room: int, bootstrap_addr: str, prefill_engine_id: str,
                    pages: Pages, timeout_s: float = 0.0, enable_hisparse: bool = False) -> None:
-        """See :meth:`KvdClient.recv`."""
         await self._request(*self._t.recv(pool_id, room, bootstrap_addr, prefill_engine_id, pages,
                                           timeout_s, enable_hisparse))
 
     async def poll(self, room: int) -> RoomStatus:
-        """See :meth:`KvdClient.poll`."""
         return RoomStatus.from_event(await self._request(*self._t.poll(room)))
 
     async def wait(self, room: int, timeout: float | None = None) -> RoomStatus:
-        """See :meth:`KvdClient.wait`."""
         return ReplyTracker.check_final(await self._wait_for(room, timeout, self._t.final))
 
     async def wait_released(self, room: int, timeout: float | None = None) -> RoomStatus:
-        """See :meth:`KvdClient.wait_released`."""
         return await self._wait_for(room, timeout, self._t.released)
 
     async def abort(self, pool_id: int, room: int) -> None:
-        """See :meth:`KvdClient.abort`."""
         await self._request(*self._t.abort(pool_id, room))
 
     async def status(self) -> dict[str, Any]:
-        """See :meth:`KvdClient.status`."""
         return (await self._request(*self._t.status())).status
 
     def forget(self, room: int) -> None:
-        """See :meth:`KvdClient.forget`."""
         self._t.forget(room)
 
+
+for _name in ("register_pool", "send", "recv", "poll", "wait", "wait_released", "abort", "status", "forget"):
+    getattr(AsyncKvdClient, _name).__doc__ = getattr(KvdClient, _name).__doc__  # one text for both
 
 __all__ = [
     "AsyncKvdClient", "ERROR_CLASSES", "FINAL_STATES", "HostPool", "KvdBadRequest", "KvdBusyError",

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvd.config import CONFIG_ENV, Config, ConfigError, load_config
@@ -178,13 +178,15 @@ def render_status(st: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def resolve_socket_path(flag: str | None, config_path: str | None, env: dict[str, str] | None = None) -> str:
+def resolve_socket_path(
+    flag: str | None, config_path: str | None, env: Mapping[str, str] | None = None
+) -> str:
     """--socket, else $KVD_SOCKET_PATH, else the config file's socket.path, else the default.
 
     The config file is --config, else $KVD_CONFIG, else /etc/kvd/kvd.toml if it exists.
     Raises ``ConfigError`` if a config file is named but unusable.
     """
-    env = dict(os.environ) if env is None else env
+    env = os.environ if env is None else env
     if flag:
         return flag
     if env.get(_SOCKET_ENV):
@@ -203,11 +205,35 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser("status", help="show the daemon, its in-flight rooms and its peers")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    status.add_argument("--socket", metavar="PATH", help=f"kvd's Unix socket (default: ${_SOCKET_ENV}, the config, "
-                        f"else {Config().socket_path})")
-    status.add_argument("--config", metavar="PATH", help=f"kvd's config file, read for socket.path "
-                        f"(default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH} if present)")
+    status.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"kvd's Unix socket (default: ${_SOCKET_ENV}, the config, else {Config().socket_path})",
+    )
+    status.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"kvd's config file, read for socket.path "
+        f"(default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH} if present)",
+    )
     return parser
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause in one line: ``[Errno 2] No such file or directory``, not the wrappers.
+
+    The client wraps socket errors in its own (which name the path again); the OS error
+    at the bottom of the chain is what the operator acts on.
+    """
+    root: BaseException = exc
+    seen = {id(exc)}
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError):
+            root = cause
+        cause = cause.__cause__ or cause.__context__
+    return _one_line(root)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -232,10 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with KvdClient(socket_path, timeout=3.0) as client:
             st = client.status()
     except (OSError, KvdError, TimeoutError) as exc:
-        reason = _one_line(exc)
-        prefix = f"cannot reach kvd at {socket_path}: "
-        # The client may already say "cannot reach kvd at PATH: ..."; do not say it twice.
-        print(f"kvctl: {reason if reason.startswith('cannot reach kvd') else prefix + reason}", file=sys.stderr)
+        print(f"kvctl: cannot reach kvd at {socket_path}: {_reason(exc)}", file=sys.stderr)
         return 2
 
     if args.json:

@@ -244,8 +244,8 @@ class ReceiverSide:
             return
         if after is not before:
             self.d.room_changed("decode", before, after, room=rr.room, pool=rr.pool.key)
-            if after.final:
-                self._tell(rr)
+            if after is RoomState.FAILED:
+                self._tell(rr)  # success is told once, by the release that follows at once
 
     # --- housekeeping -------------------------------------------------------------------
     def expire(self, now: float) -> None:
