@@ -1,14 +1,10 @@
 """The library an inference engine links to talk to its node's kvd over the Unix socket.
 
-Two flavours with the same method names: :class:`KvdClient` (blocking, for a scheduler
-thread) and :class:`AsyncKvdClient` (asyncio). Every request carries a fresh ``req_id`` and
-gets exactly one reply with that id; the daemon also pushes :class:`~kvd.protocol.RoomEvent`
-frames with ``req_id`` 0 when a room of this connection ends or is released. Both flavours
-share :class:`ReplyTracker`, a pure (no I/O) object that turns replies into results or
-exceptions and keeps the latest pushed event per room, so ``wait()`` never misses an event
-that arrived while the client was waiting for some other reply.
-
-This module never touches the KV bytes themselves; pages are only named by index.
+:class:`KvdClient` (blocking) and :class:`AsyncKvdClient` (asyncio) have the same methods.
+Each request gets exactly one reply with its ``req_id``; the daemon also pushes RoomEvents
+(``req_id`` 0) when a room ends or is released. Both share :class:`ReplyTracker` (no I/O):
+replies -> results or exceptions, and a per-room stash of pushed events so ``wait()`` never
+misses one that arrived while the client read some other reply. KV bytes are never touched.
 """
 
 from __future__ import annotations
@@ -160,11 +156,8 @@ class ReplyTracker:
 
     @staticmethod
     def decode_frame(payload: bytes) -> Message:
-        """Decode one frame; raise _UndecodableFrame naming the request it probably answers.
-
-        Framing is intact when one message is bad (e.g. a newer daemon's unknown message
-        type), so only the request it answers fails and the connection goes on.
-        """
+        """Decode one frame, or raise _UndecodableFrame naming the request it likely answers:
+        framing is intact, so only that request fails and the connection goes on."""
         try:
             return p.decode(payload)
         except ProtocolError as exc:
@@ -176,8 +169,7 @@ class ReplyTracker:
             raise _UndecodableFrame(f"undecodable message from kvd: {exc}", items[2] if ok else 0) from None
 
     @staticmethod
-    def is_push(msg: Message) -> bool:
-        """True for an unasked event (RoomEvent with req_id 0)."""
+    def is_push(msg: Message) -> bool:  # an unasked event
         return isinstance(msg, RoomEvent) and msg.req_id == 0
 
     def on_push(self, ev: RoomEvent) -> RoomStatus:
@@ -204,11 +196,8 @@ class ReplyTracker:
         return reply
 
     def start_room(self, room: int, is_last: bool = True, sending: bool = False) -> None:
-        """Note that the engine starts (re)using a room id, so a previous use's events go.
-
-        A prefill room spans several SendChunk calls: only its first chunk clears the stash,
-        so a failure pushed between chunks is still seen by ``wait()``.
-        """
+        """A room id is (re)used: drop the previous use's events. Only a prefill room's first
+        chunk does, so a failure pushed between chunks still reaches ``wait()``."""
         if not sending or room not in self._sending:
             self._stash.pop(room, None)
         if sending and not is_last:
@@ -272,21 +261,17 @@ class ReplyTracker:
 def _pages(pages: Pages) -> np.ndarray:
     """Page (or token) indices as a 1-D int64 array, refusing floats and nested lists."""
     arr = np.asarray(pages)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+    if arr.size and (arr.ndim != 1 or arr.dtype.kind not in "iu"):
         raise KvdBadRequest(f"pages must be a 1-D sequence of integers, got {arr.dtype} shape {arr.shape}",
                             kind="bad_request")
-    return arr.astype(np.int64, copy=False)
+    return arr.astype(np.int64).reshape(-1)
 
 
 def _conn_error(path: str, what: str, exc: BaseException | None = None) -> KvdConnectionError:
     return KvdConnectionError(f"kvd at {path}: {what}" + (f": {exc}" if exc else ""), kind="connection")
 
 
-def _unreachable(path: str, exc: BaseException) -> KvdConnectionError:
-    return _conn_error(path, "cannot connect (is the daemon running, and may this user open its "
-                       f"socket?): {exc}")
+_UNREACHABLE = "cannot connect (is the daemon running, and may this user open its socket?)"
 
 
 # --- blocking client ---------------------------------------------------------------------------
@@ -311,7 +296,7 @@ class KvdClient:
             sock.connect(socket_path)
         except OSError as exc:
             sock.close()
-            raise _unreachable(socket_path, exc) from exc
+            raise _conn_error(socket_path, _UNREACHABLE, exc) from exc
         self._sock: socket.socket | None = sock
 
     def close(self) -> None:
@@ -342,8 +327,7 @@ class KvdClient:
                 raise KvdProtocolError(f"bad frame from kvd: {exc}", kind="protocol") from exc
             if payload is not None:
                 break
-            sock = self._sock
-            if sock is None:
+            if (sock := self._sock) is None:
                 raise _conn_error(self.socket_path, "client is closed")
             remaining = None if deadline is None else deadline - time.monotonic()
             try:
@@ -470,7 +454,7 @@ class AsyncKvdClient:
             reader, self._writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(self.socket_path), self.timeout)
         except (TimeoutError, OSError) as exc:
-            raise _unreachable(self.socket_path, exc) from exc
+            raise _conn_error(self.socket_path, _UNREACHABLE, exc) from exc
         self._error = None
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="kvd-client-reader")
         return self

@@ -81,18 +81,20 @@ def _hostname(value: object) -> str:
 
 
 def _int(value: object, *, low: int, high: int | None, what: str) -> int:
+    bad = _Invalid(f"expected {what}, got {_show(value)}")  # always quote what the operator wrote
     if isinstance(value, bool):  # bool is an int subclass; true/false is never a count
-        raise _Invalid(f"expected {what}, got {_show(value)}")
+        raise bad
+    number: object = value
     if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str):
+        number = int(value)
+    elif isinstance(value, str):
         try:
-            value = int(value.strip().replace("_", ""), 10)
+            number = int(value.strip().replace("_", ""), 10)
         except ValueError:
-            raise _Invalid(f"expected {what}, got {_show(value)}") from None
-    if not isinstance(value, int) or value < low or (high is not None and value > high):
-        raise _Invalid(f"expected {what}, got {_show(value)}")
-    return value
+            raise bad from None
+    if not isinstance(number, int) or number < low or (high is not None and number > high):
+        raise bad
+    return number
 
 
 def _positive_int(value: object) -> int:

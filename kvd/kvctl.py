@@ -128,7 +128,8 @@ def _totals(daemon: dict[str, Any]) -> str:
     if isinstance(bytes_total, dict):  # a daemon that reports both directions
         moved = ", ".join(f"{human_bytes(v)} {k}" for k, v in bytes_total.items())
     else:
-        moved = f"{human_bytes(bytes_total)} sent"
+        moved = human_bytes(bytes_total)
+        moved = moved if moved == _DASH else f"{moved} sent"
     errors = _dict(daemon.get("errors"))
     error_text = " ".join(f"{_text(k)}={_text(v)}" for k, v in sorted(errors.items(), key=str)) or "none"
     return (

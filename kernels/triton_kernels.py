@@ -1,0 +1,219 @@
+"""Fused Triton gather-to-staging and scatter-from-staging: every buffer and token in one launch.
+
+Staging layout (the same as ``reference.py``): one writer's block for a chunk of ``T``
+tokens is ``[buffer_0]...[buffer_{B-1}]`` in pool order, each slab ``[T][n][head_dim]``;
+a receiver's chunk region holds ``[writer_0 block | writer_1 block | ...]``.
+
+How it goes fast: a token's ``n * head_dim`` sent elements are one contiguous run in both
+the pool row and the staging slab, so each program copies a ``[BLOCK_T, run]`` tile of
+whole runs. Data moves as the widest integer unit (int32/int16/int8) that every address,
+stride and head offset allows, and the pointers carry a 16-byte alignment hint when it
+holds, so loads and stores become 128-bit vector accesses. Buffers may be separate
+allocations (each engine's pool arrives as CUDA IPC handles): their byte addresses go in
+an int64 table on the device, cast to pointers in the kernel. That table also works under
+``TRITON_INTERPRET=1`` on CPU tensors (the interpreter dereferences host addresses).
+
+What it must never do: touch memory outside the asked rows and heads. Token indices outside
+``[0, pool_tokens)`` are masked off in the kernel (never read or written); callers validate
+indices on the host beforehand (``reference.check_rows``) so such tokens are an error there.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import check_args, check_rows
+
+__all__ = ["LaunchConfig", "gather_triton", "is_interpreted", "launch_config", "scatter_triton",
+           "scatter_writers_triton"]
+
+_UNIT_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+_TABLE_CACHE_SIZE = 256
+_tables: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
+_sm_counts: dict[int, int] = {}
+
+
+@triton.jit
+def _staging_copy_kernel(
+    buf_table,  # *i64 [B]: byte address of element [0, 0, 0] of each pool buffer
+    staging,  # *unit: start of writer 0's block
+    token_idx,  # *i32 or *i64 [T]: pool rows, in staging order
+    head_offsets,  # *i64 [W]: units from a row's start to writer w's first head
+    num_tokens,  # T
+    pool_tokens,  # rows per pool buffer; indices outside [0, pool_tokens) are skipped
+    row_stride,  # units between consecutive pool rows
+    tiles_per_buffer,  # cdiv(T, BLOCK_T)
+    NUM_BUFFERS: tl.constexpr,
+    RUN: tl.constexpr,  # units of one token's sent heads (n * head_dim * itemsize / unit)
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # next power of two >= RUN
+    ALIGN: tl.constexpr,  # bytes: every run starts at a multiple of this (pool and staging)
+    GATHER: tl.constexpr,  # True: pool -> staging, False: staging -> pool
+):
+    pid = tl.program_id(0)
+    tile = pid % tiles_per_buffer
+    slab = pid // tiles_per_buffer  # writer * NUM_BUFFERS + buffer
+    buf = slab % NUM_BUFFERS
+    writer = slab // NUM_BUFFERS
+
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_chunk = t < num_tokens
+    row = tl.load(token_idx + t, mask=in_chunk, other=-1).to(tl.int64)
+    valid = in_chunk & (row >= 0) & (row < pool_tokens)
+
+    base = tl.load(buf_table + buf).to(tl.pointer_type(staging.dtype.element_ty))
+    head_off = tl.load(head_offsets + writer)
+    cols = tl.arange(0, BLOCK_R)
+    pool_ptrs = base + (row * row_stride + head_off)[:, None] + cols[None, :]
+    stage_rows = (slab.to(tl.int64) * num_tokens + t) * RUN
+    stage_ptrs = staging + stage_rows[:, None] + cols[None, :]
+    # Row starts are ALIGN-byte aligned (checked on the host): lets loads/stores vectorise.
+    pool_ptrs = tl.multiple_of(pool_ptrs, [1, ALIGN])
+    stage_ptrs = tl.multiple_of(stage_ptrs, [1, ALIGN])
+    if RUN == BLOCK_R:
+        mask = valid[:, None]
+    else:
+        mask = valid[:, None] & (cols < RUN)[None, :]
+    if GATHER:
+        data = tl.load(pool_ptrs, mask=mask, eviction_policy="evict_first")
+        tl.store(stage_ptrs, data, mask=mask)
+    else:
+        data = tl.load(stage_ptrs, mask=mask, eviction_policy="evict_first")
+        tl.store(pool_ptrs, data, mask=mask)
+
+
+def is_interpreted() -> bool:
+    """True when the kernel was built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_staging_copy_kernel, triton.runtime.jit.JITFunction)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shape of one launch: ``block_tokens`` runs per program, ``num_warps`` per program."""
+
+    block_tokens: int
+    num_warps: int
+
+
+def launch_config(run_bytes: int, num_tokens: int, num_slabs: int, sm_count: int = 132,
+                  block_bytes: int = 16384) -> LaunchConfig:
+    """Heuristic tile: ~``block_bytes`` per program, smaller when there are too few programs.
+
+    Small chunks shrink the tile so every SM still gets several programs (latency hiding).
+    """
+    row_bytes = triton.next_power_of_2(max(1, run_bytes))
+    target = block_bytes
+    total = num_slabs * num_tokens * row_bytes
+    while target > 4096 and total < target * 4 * sm_count:
+        target //= 2
+    block_tokens = max(1, min(triton.next_power_of_2(max(1, num_tokens)), target // row_bytes, 1024))
+    num_warps = 8 if block_tokens * row_bytes >= 32768 else 4
+    return LaunchConfig(block_tokens=block_tokens, num_warps=num_warps)
+
+
+def _device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of ``values`` on ``device``, cached: pools are registered once, so
+    the same tables come back every call and no host-to-device copy is paid per launch."""
+    key = (str(device), tuple(values))
+    table = _tables.get(key)
+    if table is None:
+        table = torch.tensor(list(values), dtype=torch.int64).to(device)
+        _tables[key] = table
+        if len(_tables) > _TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    if table.is_cuda:
+        # The launch may run on another stream than the table was made on: keep its memory
+        # from being reused by the caching allocator until that stream is past it.
+        table.record_stream(torch.cuda.current_stream(device))
+    return table
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def _alignment(values: Sequence[int]) -> int:
+    """Largest power of two <= 16 dividing every value (addresses, strides, offsets in bytes)."""
+    align = 16
+    for value in values:
+        while value % align:
+            align //= 2
+    return align
+
+
+def _launch(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: torch.Tensor,
+            head_starts: Sequence[int], num_heads: int, gather: bool,
+            config: LaunchConfig | None) -> None:
+    for head_start in head_starts:
+        check_args(buffers, token_idx, head_start, num_heads, staging, num_writers=len(head_starts))
+    first = buffers[0]
+    device = first.device
+    if device.type != "cuda" and not is_interpreted():
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before "
+                           "kvd_kernels is first imported; use the torch reference instead")
+    if device.type != "cuda":
+        check_rows(token_idx, first.shape[0])  # cheap on the host; keeps CPU runs honest
+    num_tokens = token_idx.numel()
+    if num_tokens == 0:
+        return
+    itemsize = first.element_size()
+    head_dim = first.shape[2]
+    run_bytes = num_heads * head_dim * itemsize
+    head_bytes = [h * head_dim * itemsize for h in head_starts]
+    row_stride_bytes = first.stride(0) * itemsize
+    align = _alignment([b.data_ptr() for b in buffers] + [staging.data_ptr(), run_bytes,
+                                                          row_stride_bytes, *head_bytes])
+    unit = min(align, 4)
+    stage = staging.view(_UNIT_DTYPES[unit])
+    run = run_bytes // unit
+    num_slabs = len(head_starts) * len(buffers)
+    if config is None:
+        config = launch_config(run_bytes, num_tokens, num_slabs, _sm_count(device))
+    tiles = triton.cdiv(num_tokens, config.block_tokens)
+    buf_table = _device_table([b.data_ptr() for b in buffers], device)
+    head_table = _device_table([h // unit for h in head_bytes], device)
+    _staging_copy_kernel[(num_slabs * tiles,)](
+        buf_table, stage, token_idx, head_table,
+        num_tokens, first.shape[0], row_stride_bytes // unit, tiles,
+        NUM_BUFFERS=len(buffers), RUN=run, BLOCK_T=config.block_tokens,
+        BLOCK_R=triton.next_power_of_2(run), ALIGN=align, GATHER=gather,
+        num_warps=config.num_warps,
+    )
+
+
+def gather_triton(buffers: Sequence[torch.Tensor], token_idx: torch.Tensor, head_start: int,
+                  num_heads: int, out: torch.Tensor, *, config: LaunchConfig | None = None) -> None:
+    """Gather heads ``[head_start, head_start+num_heads)`` of rows ``token_idx`` of all buffers
+    into the 1-D uint8 block ``out`` in one launch (asynchronous on the current stream)."""
+    _launch(out, buffers, token_idx, [head_start], num_heads, True, config)
+
+
+def scatter_triton(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: torch.Tensor,
+                   head_start: int, num_heads: int, *, config: LaunchConfig | None = None) -> None:
+    """Scatter one writer's block into heads ``[head_start, head_start+num_heads)`` of rows ``token_idx``."""
+    _launch(staging, buffers, token_idx, [head_start], num_heads, False, config)
+
+
+def scatter_writers_triton(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: torch.Tensor,
+                           head_starts: Sequence[int], num_heads: int, *,
+                           config: LaunchConfig | None = None) -> None:
+    """Scatter a whole chunk region ``[writer_0 | writer_1 | ...]`` in one launch.
+
+    Writer ``w``'s block (``num_heads`` heads each) lands at head ``head_starts[w]``.
+    """
+    if len(head_starts) == 0:
+        raise ValueError("scatter_writers needs at least one writer")
+    _launch(staging, buffers, token_idx, list(head_starts), num_heads, False, config)

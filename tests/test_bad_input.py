@@ -1,0 +1,221 @@
+"""Bad input from engines and peers against running daemons: clear errors, counters, and
+the daemon keeps serving every other room without writing outside registered memory."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from kvd import protocol as p
+from kvd.client import KvdBadRequest, KvdError, KvdLayoutError, KvdUnknownError, RoomFailed
+from kvd.hostpool import HostPool
+from kvd.layout import PoolLayout
+
+pytestmark = pytest.mark.e2e
+
+
+def layouts(prefill_tp: int = 1, decode_tp: int = 1, **kw):
+    base = dict(num_layers=2, total_kv_heads=4, head_dim=8, dtype="bfloat16", page_size=4, num_pages=16)
+    base.update(kw)
+    pre = [PoolLayout("P", "prefill", prefill_tp, r, **base) for r in range(prefill_tp)]
+    dec = [PoolLayout("D", "decode", decode_tp, r, **base) for r in range(decode_tp)]
+    return pre, dec
+
+
+def raw_request(sock_path: str, payload: bytes) -> p.Message:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(sock_path)
+        s.sendall(p.frame(payload))
+        fb = p.FrameBuffer()
+        while (x := fb.next_payload()) is None:
+            fb.feed(s.recv(65536))
+        return p.decode(x)
+
+
+def errors(d) -> dict:
+    return d.status()["daemon"]["errors"]
+
+
+@pytest.fixture
+def pools():
+    made: list[HostPool] = []
+
+    def make(layout: PoolLayout, fill: int | None = None) -> HostPool:
+        pool = HostPool.create(layout)
+        if fill is None:
+            rng = np.random.default_rng(layout.tp_rank + 1)
+            for i in range(layout.num_buffers):
+                buf = pool.buffer(i)
+                buf[...] = rng.integers(0, 256, buf.shape, dtype=np.uint8)
+        else:
+            pool.fill(fill)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+        pool.unlink()
+
+
+def good_room(pre_d, dec_d, pools, room: int) -> None:
+    """A normal 1->1 room that must still work after whatever bad input came before."""
+    (pl,), (dl,) = layouts()
+    with pre_d.client() as pc, dec_d.client() as dc:
+        ph, dh = pools(pl), pools(dl, fill=0xAB)
+        pid = pc.register_pool(pl, ph.memory, bootstrap=pre_d.address)
+        did = dc.register_pool(dl, dh.memory)
+        dc.recv(did, room, pre_d.address, "P", [5, 6])
+        pc.send(pid, room, [1, 2], True, aux=b"ok")
+        assert dc.wait(room, timeout=20).aux == b"ok"
+        for b in range(pl.num_buffers):
+            assert np.array_equal(ph.buffer(b)[4:12], dh.buffer(b)[20:28])
+
+
+def test_engine_garbage_and_wrong_types_get_clear_errors(pair, pools):
+    pre_d, dec_d = pair
+    reply = raw_request(dec_d.socket_path, b"\xc1 not msgpack")
+    assert isinstance(reply, p.ErrorReply) and reply.kind == "protocol"
+    bad = msgpack.packb([1, p.SendChunk.TYPE, 5, "pool", 1, b"", True])
+    reply = raw_request(dec_d.socket_path, bad)
+    assert reply.kind == "protocol" and "pool_id" in reply.message
+    reply = raw_request(dec_d.socket_path, msgpack.packb([1, 250, 1]))
+    assert reply.kind == "protocol" and "unknown message type" in reply.message
+    reply = raw_request(dec_d.socket_path, p.Heartbeat(src="x", token="", nonce=1).encode())
+    assert reply.kind == "protocol"
+    assert errors(dec_d)["protocol"] >= 4
+    good_room(pre_d, dec_d, pools, room=1)
+
+
+def test_bad_layouts_and_memory_are_refused_at_registration(pair, pools):
+    _, dec_d = pair
+    (dl,), _ = layouts()
+    with dec_d.client() as c:
+        with pytest.raises(KvdLayoutError, match="head_dim"):
+            c._request(p.RegisterPool(req_id=c._t.next_req_id(), layout={**dl.to_dict(), "head_dim": -1},
+                                      memory={"kind": "shm"}), p.PoolRegistered)
+        with pytest.raises(KvdError, match="cannot open shared-memory"):
+            c.register_pool(dl, {"kind": "shm", "name": "kvd-does-not-exist", "offsets":
+                                 [i * dl.buffer_bytes for i in range(dl.num_buffers)]})
+        small = pools(PoolLayout("D", "decode", 1, 0, 2, 4, 8, "bfloat16", 4, 2))
+        with pytest.raises(KvdError, match="needs"):
+            c.register_pool(PoolLayout("D", "decode", 1, 0, 2, 4, 8, "bfloat16", 4, 1024), small.memory)
+    assert errors(dec_d)["registration"] >= 2
+
+
+def test_indices_outside_the_pool_unknown_pool_and_room(pair, pools):
+    pre_d, dec_d = pair
+    (pl,), (dl,) = layouts()
+    with pre_d.client() as pc, dec_d.client() as dc:
+        pid = pc.register_pool(pl, pools(pl).memory, bootstrap=pre_d.address)
+        did = dc.register_pool(dl, pools(dl, fill=0).memory)
+        with pytest.raises(KvdBadRequest, match="outside"):
+            pc.send(pid, 3, [0, dl.num_pages], True)
+        with pytest.raises(KvdBadRequest, match="outside"):
+            dc.recv(did, 3, pre_d.address, "P", [-1, 2])
+        with pytest.raises(KvdUnknownError):
+            pc.send(pid + 100, 3, [0], True)
+        with pytest.raises(KvdUnknownError):
+            dc.poll(12345)
+        with pytest.raises(KvdBadRequest):
+            dc.send(did, 3, [0], True)  # a decode pool cannot send
+    assert errors(pre_d)["bad_request"] >= 1 and errors(pre_d)["unknown_pool"] >= 1
+    good_room(pre_d, dec_d, pools, room=2)
+
+
+def test_sender_pages_beyond_receiver_request_fail_the_room(pair, pools):
+    pre_d, dec_d = pair
+    (pl,), (dl,) = layouts()
+    with pre_d.client() as pc, dec_d.client() as dc:
+        pid = pc.register_pool(pl, pools(pl).memory, bootstrap=pre_d.address)
+        dh = pools(dl, fill=0xAB)
+        did = dc.register_pool(dl, dh.memory)
+        dc.recv(did, 4, pre_d.address, "P", [1])
+        pc.send(pid, 4, [1, 2, 3], True)  # three pages into a one-page request
+        with pytest.raises(RoomFailed, match="pages"):
+            dc.wait(4, timeout=20)
+        dc.wait_released(4, timeout=20)
+        assert all((dh.buffer(b) == 0xAB).all() for b in range(dl.num_buffers))
+    good_room(pre_d, dec_d, pools, room=5)
+
+
+def test_incompatible_layout_fails_the_room_naming_both(pair, pools):
+    pre_d, dec_d = pair
+    (pl,), _ = layouts()
+    dl = PoolLayout("D", "decode", 1, 0, 2, 4, 16, "bfloat16", 4, 16)  # head_dim differs
+    with pre_d.client() as pc, dec_d.client() as dc:
+        pc.register_pool(pl, pools(pl).memory, bootstrap=pre_d.address)
+        did = dc.register_pool(dl, pools(dl, fill=0).memory)
+        dc.recv(did, 6, pre_d.address, "P", [1])
+        with pytest.raises(RoomFailed) as err:
+            dc.wait(6, timeout=20)
+        assert "head_dim" in str(err.value) and "prefill P" in str(err.value) and "decode D" in str(err.value)
+
+
+def test_peer_garbage_and_forged_requests_are_counted_and_ignored(pair, pools):
+    pre_d, dec_d = pair
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(pre_d.address)
+    s.send(b"garbage")
+    s.send(msgpack.packb([1, p.TransferRequest.TYPE, "x"]))
+    # A forged request for an unknown pool: refused, nothing written.
+    s.send(p.TransferRequest(src="tcp://127.0.0.1:1", token="", room=1, transfer_id=1, pool_key="nope",
+                             prefill_engine_id="P", sender_rank=0, dst_indices=np.arange(3),
+                             dummy=False, deadline_s=1.0).encode())
+    time.sleep(0.5)
+    s.close()
+    errs = errors(pre_d)
+    assert errs["protocol"] >= 2 and errs["bad_request"] >= 1
+    good_room(pre_d, dec_d, pools, room=7)
+
+
+def test_engine_disconnect_mid_room_fails_it_and_daemon_serves_on(pair, pools):
+    pre_d, dec_d = pair
+    (pl,), (dl,) = layouts()
+    pc = pre_d.client()
+    with dec_d.client() as dc:
+        pid = pc.register_pool(pl, pools(pl).memory, bootstrap=pre_d.address)
+        did = dc.register_pool(dl, pools(dl, fill=0).memory)
+        dc.recv(did, 8, pre_d.address, "P", [1, 2])
+        pc.send(pid, 8, [1], False)
+        deadline = time.monotonic() + 10
+        while dc.poll(8).state != "transferring" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pc.close()  # the prefill engine dies mid-room
+        with pytest.raises(RoomFailed, match="disconnected"):
+            dc.wait(8, timeout=20)
+    good_room(pre_d, dec_d, pools, room=9)
+
+
+def test_dead_prefill_daemon_fails_decode_room_within_timeout(pair, pools):
+    pre_d, dec_d = pair
+    (pl,), (dl,) = layouts()
+    with pre_d.client() as pc, dec_d.client() as dc:
+        pc.register_pool(pl, pools(pl).memory, bootstrap=pre_d.address)
+        did = dc.register_pool(dl, pools(dl, fill=0).memory)
+        dc.recv(did, 10, pre_d.address, "P", [1, 2], timeout_s=6)
+        time.sleep(0.5)
+        pre_d.kill()
+        t0 = time.monotonic()
+        with pytest.raises(RoomFailed):
+            dc.wait(10, timeout=15)
+        assert time.monotonic() - t0 < 6.5
+        dc.wait_released(10, timeout=15)
+
+
+def test_recv_from_unreachable_prefill_times_out(pair, pools):
+    _, dec_d = pair
+    _, (dl,) = layouts()
+    with dec_d.client() as dc:
+        did = dc.register_pool(dl, pools(dl, fill=0).memory)
+        dc.recv(did, 11, "tcp://127.0.0.1:9", "P", [1], timeout_s=2)
+        with pytest.raises(RoomFailed):
+            dc.wait(11, timeout=15)
