@@ -4,7 +4,8 @@
 chunk of tokens into a contiguous staging block; ``scatter`` writes such a block back into
 a receiver's pool at its head offset. Block layout: ``[buffer_0]...[buffer_{B-1}]`` in pool
 order, each slab token-major ``[T][num_heads][head_dim]``; ``staging_block_bytes`` gives its
-size. CUDA tensors go to the fused Triton kernel (one launch), CPU tensors to the torch
+size. Wrap a pool's buffers once in ``PoolBuffers`` (validated once, device address table
+kept) and pass that on hot paths; a plain list works too. CUDA tensors go to the fused Triton kernel (one launch), CPU tensors to the torch
 reference unless ``use_triton=True`` (then the Triton interpreter: TRITON_INTERPRET=1 must be
 set before this package is imported). Never changes a bit of the data, never touches rows
 or heads outside the ones asked for.
@@ -16,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import check_rows, gather_reference, scatter_reference, staging_block_bytes
+from .reference import PoolBuffers, check_rows, gather_reference, scatter_reference, staging_block_bytes
 
-__all__ = ["check_rows", "gather", "gather_reference", "scatter", "scatter_reference", "scatter_writers",
+__all__ = ["PoolBuffers", "check_rows", "gather", "gather_reference", "scatter", "scatter_reference", "scatter_writers",
            "staging_block_bytes"]
 
 
@@ -26,8 +27,8 @@ def _want_triton(tensor: torch.Tensor, use_triton: bool | None) -> bool:
     return tensor.is_cuda if use_triton is None else use_triton
 
 
-def gather(buffers: Sequence[torch.Tensor], token_idx: torch.Tensor, head_start: int, num_heads: int,
-           out: torch.Tensor, *, use_triton: bool | None = None) -> None:
+def gather(buffers: Sequence[torch.Tensor] | PoolBuffers, token_idx: torch.Tensor, head_start: int,
+           num_heads: int, out: torch.Tensor, *, use_triton: bool | None = None) -> None:
     """Pack heads ``[head_start, head_start+num_heads)`` of rows ``token_idx`` of all ``buffers``
     (each ``[pool_tokens, local_heads, head_dim]``) into ``out`` (1-D uint8, one block).
 
@@ -41,7 +42,7 @@ def gather(buffers: Sequence[torch.Tensor], token_idx: torch.Tensor, head_start:
         gather_reference(buffers, token_idx, head_start, num_heads, out)
 
 
-def scatter(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: torch.Tensor,
+def scatter(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers, token_idx: torch.Tensor,
             head_start: int, num_heads: int, *, use_triton: bool | None = None) -> None:
     """Unpack one writer's block ``staging`` into heads ``[head_start, head_start+num_heads)``
     of rows ``token_idx``; every other row and head of the pool is left as it was."""
@@ -53,8 +54,9 @@ def scatter(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: t
         scatter_reference(staging, buffers, token_idx, head_start, num_heads)
 
 
-def scatter_writers(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: torch.Tensor,
-                    head_starts: Sequence[int], num_heads: int, *, use_triton: bool | None = None) -> None:
+def scatter_writers(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers,
+                    token_idx: torch.Tensor, head_starts: Sequence[int], num_heads: int, *,
+                    use_triton: bool | None = None) -> None:
     """Unpack a chunk region ``[writer_0 | writer_1 | ...]`` (one block per writer, ``num_heads``
     heads each); writer ``w`` lands at head ``head_starts[w]``. One launch on CUDA."""
     if not head_starts:
@@ -68,5 +70,6 @@ def scatter_writers(staging: torch.Tensor, buffers: Sequence[torch.Tensor], toke
         raise ValueError(f"staging of {staging.numel()} bytes does not split into "
                          f"{len(head_starts)} writer blocks")
     block = staging.numel() // len(head_starts)
+    pool = PoolBuffers.of(buffers)
     for w, head_start in enumerate(head_starts):
-        scatter_reference(staging[w * block:(w + 1) * block], buffers, token_idx, head_start, num_heads)
+        scatter_reference(staging[w * block:(w + 1) * block], pool, token_idx, head_start, num_heads)

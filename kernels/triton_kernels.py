@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_args, check_rows
+from .reference import PoolBuffers, check_args, check_rows
 
 __all__ = ["LaunchConfig", "gather_triton", "is_interpreted", "launch_config", "scatter_triton",
            "scatter_writers_triton"]
@@ -76,7 +76,7 @@ def _staging_copy_kernel(
     # Row starts are ALIGN-byte aligned (checked on the host): lets loads/stores vectorise.
     pool_ptrs = tl.multiple_of(pool_ptrs, [1, ALIGN])
     stage_ptrs = tl.multiple_of(stage_ptrs, [1, ALIGN])
-    if RUN == BLOCK_R:
+    if RUN == BLOCK_R:  # noqa: SIM108 - a compile-time branch, kept plain for the Triton frontend
         mask = valid[:, None]
     else:
         mask = valid[:, None] & (cols < RUN)[None, :]
@@ -145,70 +145,74 @@ def _sm_count(device: torch.device) -> int:
     return _sm_counts[index]
 
 
-def _alignment(values: Sequence[int]) -> int:
-    """Largest power of two <= 16 dividing every value (addresses, strides, offsets in bytes)."""
-    align = 16
+def _alignment(values: Sequence[int], align: int = 16) -> int:
+    """Largest power of two <= ``align`` dividing every value (addresses, strides, offsets in bytes)."""
     for value in values:
         while value % align:
             align //= 2
     return align
 
 
-def _launch(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: torch.Tensor,
-            head_starts: Sequence[int], num_heads: int, gather: bool,
-            config: LaunchConfig | None) -> None:
+def _pool_table(pool: PoolBuffers) -> torch.Tensor:
+    """The pool's buffer addresses on its device: made once per wrapped pool (plain lists hit
+    the address-keyed cache), so launches pay no host-to-device copy."""
+    if pool.table is None:
+        pool.table = _device_table(pool.ptrs, pool.device)
+    elif pool.table.is_cuda:
+        pool.table.record_stream(torch.cuda.current_stream(pool.device))
+    return pool.table
+
+
+def _launch(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers, token_idx: torch.Tensor,
+            head_starts: Sequence[int], num_heads: int, gather: bool, config: LaunchConfig | None) -> None:
+    pool = PoolBuffers.of(buffers)
     for head_start in head_starts:
-        check_args(buffers, token_idx, head_start, num_heads, staging, num_writers=len(head_starts))
-    first = buffers[0]
-    device = first.device
+        check_args(pool, token_idx, head_start, num_heads, staging, num_writers=len(head_starts))
+    device = pool.device
     if device.type != "cuda" and not is_interpreted():
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before "
                            "kvd_kernels is first imported; use the torch reference instead")
     if device.type != "cuda":
-        check_rows(token_idx, first.shape[0])  # cheap on the host; keeps CPU runs honest
+        check_rows(token_idx, pool.pool_tokens)  # cheap on the host; keeps CPU runs honest
     num_tokens = token_idx.numel()
     if num_tokens == 0:
         return
-    itemsize = first.element_size()
-    head_dim = first.shape[2]
-    run_bytes = num_heads * head_dim * itemsize
-    head_bytes = [h * head_dim * itemsize for h in head_starts]
-    row_stride_bytes = first.stride(0) * itemsize
-    align = _alignment([b.data_ptr() for b in buffers] + [staging.data_ptr(), run_bytes,
-                                                          row_stride_bytes, *head_bytes])
+    unit_bytes = pool.head_dim * pool.itemsize
+    run_bytes = num_heads * unit_bytes
+    head_bytes = [h * unit_bytes for h in head_starts]
+    align = _alignment([staging.data_ptr(), run_bytes, *head_bytes], pool.align)
     unit = min(align, 4)
     stage = staging.view(_UNIT_DTYPES[unit])
     run = run_bytes // unit
-    num_slabs = len(head_starts) * len(buffers)
+    num_slabs = len(head_starts) * len(pool)
     if config is None:
         config = launch_config(run_bytes, num_tokens, num_slabs, _sm_count(device))
     tiles = triton.cdiv(num_tokens, config.block_tokens)
-    buf_table = _device_table([b.data_ptr() for b in buffers], device)
-    head_table = _device_table([h // unit for h in head_bytes], device)
     _staging_copy_kernel[(num_slabs * tiles,)](
-        buf_table, stage, token_idx, head_table,
-        num_tokens, first.shape[0], row_stride_bytes // unit, tiles,
-        NUM_BUFFERS=len(buffers), RUN=run, BLOCK_T=config.block_tokens,
+        _pool_table(pool), stage, token_idx, _device_table([h // unit for h in head_bytes], device),
+        num_tokens, pool.pool_tokens, pool.row_stride * pool.itemsize // unit, tiles,
+        NUM_BUFFERS=len(pool), RUN=run, BLOCK_T=config.block_tokens,
         BLOCK_R=triton.next_power_of_2(run), ALIGN=align, GATHER=gather,
         num_warps=config.num_warps,
     )
 
 
-def gather_triton(buffers: Sequence[torch.Tensor], token_idx: torch.Tensor, head_start: int,
+def gather_triton(buffers: Sequence[torch.Tensor] | PoolBuffers, token_idx: torch.Tensor, head_start: int,
                   num_heads: int, out: torch.Tensor, *, config: LaunchConfig | None = None) -> None:
     """Gather heads ``[head_start, head_start+num_heads)`` of rows ``token_idx`` of all buffers
     into the 1-D uint8 block ``out`` in one launch (asynchronous on the current stream)."""
     _launch(out, buffers, token_idx, [head_start], num_heads, True, config)
 
 
-def scatter_triton(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: torch.Tensor,
-                   head_start: int, num_heads: int, *, config: LaunchConfig | None = None) -> None:
+def scatter_triton(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers,
+                   token_idx: torch.Tensor, head_start: int, num_heads: int, *,
+                   config: LaunchConfig | None = None) -> None:
     """Scatter one writer's block into heads ``[head_start, head_start+num_heads)`` of rows ``token_idx``."""
     _launch(staging, buffers, token_idx, [head_start], num_heads, False, config)
 
 
-def scatter_writers_triton(staging: torch.Tensor, buffers: Sequence[torch.Tensor], token_idx: torch.Tensor,
-                           head_starts: Sequence[int], num_heads: int, *,
+def scatter_writers_triton(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers,
+                           token_idx: torch.Tensor, head_starts: Sequence[int], num_heads: int, *,
                            config: LaunchConfig | None = None) -> None:
     """Scatter a whole chunk region ``[writer_0 | writer_1 | ...]`` in one launch.
 

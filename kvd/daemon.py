@@ -384,6 +384,7 @@ class Daemon:
             task.cancel()
         await self.engines.stop()
         await self.peers.stop()
+        self.metrics.stop_http()
         for pool in self.pools.values():
             pool.opened.close()
         if self.transport is not None:

@@ -277,9 +277,12 @@ class PoolRegistered:
 
 
 @_message(3, Field("req_id", "int"), Field("pool_id", "int"), Field("room", "int"),
-          Field("pages", "indices"), Field("is_last", "bool"), Field("aux", "bytes", b""))
+          Field("pages", "indices"), Field("is_last", "bool"), Field("aux", "bytes", b""),
+          Field("page_offset", "int", -1))
 class SendChunk:
-    """Prefill: the pages of one chunk of ``room`` are computed; aux rides with the last chunk."""
+    """Prefill: the pages of one chunk of ``room`` are computed; aux rides with the last chunk.
+    page_offset: pages of the room sent before this chunk (-1: unknown). A chunk at offset > 0
+    for a room that is not in flight is a late chunk of an ended room, not a new room."""
 
 
 @_message(4, Field("req_id", "int"), Field("pool_id", "int"), Field("room", "int"),

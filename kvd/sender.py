@@ -74,6 +74,7 @@ class SenderRoom:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     got_last: bool = False
     src_pages_done: int = 0
+    pages_received: int = 0
     bytes_done: int = 0
     bytes_total: int = 0
     aux: bytes = b""
@@ -109,7 +110,15 @@ class SenderSide:
     # --- inputs -------------------------------------------------------------------------
     def on_chunk(self, pool: LocalPool, msg: p.SendChunk) -> None:
         """The engine produced pages of a room (validated by the caller)."""
+        live = self.rooms.get((pool.pool_id, msg.room))
+        if live is None and msg.page_offset > 0:
+            raise PlanError(f"room {msg.room} is not in flight (it ended, or its first chunk never "
+                            f"came): chunk at page offset {msg.page_offset} dropped")
+        if live is not None and msg.page_offset >= 0 and msg.page_offset != live.pages_received:
+            raise PlanError(f"room {msg.room}: chunk at page offset {msg.page_offset}, expected "
+                            f"{live.pages_received} (a chunk was lost or repeated)")
         sr = self._room(pool, msg.room)
+        sr.pages_received += len(msg.pages)
         if sr.machine.state.final:
             raise PlanError(f"room {msg.room} already ended ({sr.machine.state.value})")
         if sr.got_last:

@@ -104,10 +104,12 @@ def run_case(shape: Shape, tokens: int, page_size: int, device: str, timed: bool
     pool_tokens -= pool_tokens % page_size
     num_buffers = 2 * shape.num_layers
     # Separate allocations per buffer, as pools opened from CUDA IPC handles are.
-    sender = [_random_bits((pool_tokens, shape.sender_heads, shape.head_dim), shape.dtype, device, gen)
-              for _ in range(num_buffers)]
-    receiver = [_random_bits((pool_tokens, shape.receiver_heads, shape.head_dim), shape.dtype, device, gen)
-                for _ in range(num_buffers)]
+    sender_bufs = [_random_bits((pool_tokens, shape.sender_heads, shape.head_dim), shape.dtype, device, gen)
+                   for _ in range(num_buffers)]
+    receiver_bufs = [_random_bits((pool_tokens, shape.receiver_heads, shape.head_dim), shape.dtype, device,
+                                  gen) for _ in range(num_buffers)]
+    # Wrapped once, as the daemon does at registration: launches skip the per-buffer checks.
+    sender, receiver = kk.PoolBuffers(sender_bufs), kk.PoolBuffers(receiver_bufs)
     send_idx = _token_indices(tokens, page_size, pool_tokens, device, gen)
     recv_idx = _token_indices(tokens, page_size, pool_tokens, device, gen)
     itemsize = torch.empty((), dtype=shape.dtype).element_size()
@@ -144,7 +146,7 @@ def run_case(shape: Shape, tokens: int, page_size: int, device: str, timed: bool
     record("gather", block, gather, check_gather)
     for w in range(writers):  # every writer block holds real data for the scatter checks
         staging[w * block:(w + 1) * block].copy_(torch.roll(expect, w * 4096))
-    before = [b.clone() for b in receiver]
+    before = [b.clone() for b in receiver_bufs]
 
     def scatter(cfg: Any) -> None:
         tk.scatter_triton(staging[:block], receiver, recv_idx, shape.scatter_starts[-1], shape.send_heads,
@@ -153,11 +155,11 @@ def run_case(shape: Shape, tokens: int, page_size: int, device: str, timed: bool
     def check_scatter() -> bool:
         want = [b.clone() for b in before]
         kk.scatter_reference(staging[:block], want, recv_idx, shape.scatter_starts[-1], shape.send_heads)
-        return _same(receiver, want)
+        return _same(receiver_bufs, want)
 
     record("scatter", block, scatter, check_scatter)
     if writers > 1:
-        for dst, src in zip(receiver, before, strict=True):
+        for dst, src in zip(receiver_bufs, before, strict=True):
             dst.copy_(src)
 
         def scatter_all(cfg: Any) -> None:
@@ -168,7 +170,7 @@ def run_case(shape: Shape, tokens: int, page_size: int, device: str, timed: bool
             want = [b.clone() for b in before]
             kk.scatter_writers(staging, want, recv_idx, shape.scatter_starts, shape.send_heads,
                                use_triton=False)
-            return _same(receiver, want)
+            return _same(receiver_bufs, want)
 
         record(f"scatter{writers}w", block * writers, scatter_all, check_all)
     return rows

@@ -1,0 +1,412 @@
+"""Tests of kvd.client: the pure reply handling, both clients against a scripted fake daemon
+on a real Unix socket, and HostPool. No real daemon, no Mooncake."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from kvd import protocol as p
+from kvd.client import (
+    AsyncKvdClient,
+    KvdBadRequest,
+    KvdBusyError,
+    KvdClient,
+    KvdConnectionError,
+    KvdError,
+    KvdLayoutError,
+    KvdProtocolError,
+    KvdRegistrationError,
+    KvdTimeout,
+    KvdUnknownError,
+    ReplyTracker,
+    RoomFailed,
+    RoomStatus,
+)
+from kvd.hostpool import ALIGN, HostPool
+from kvd.layout import PoolLayout
+
+LAYOUT = PoolLayout(engine_id="eng", role="prefill", tp_size=2, tp_rank=1, num_layers=2,
+                    total_kv_heads=4, head_dim=8, dtype="bfloat16", page_size=4, num_pages=3)
+
+# room numbers script the fake daemon's behaviour
+OK_ROOM, FAIL_ROOM, SILENT_ROOM, EARLY_ROOM = 11, 12, 13, 14
+
+
+# --- pure ReplyTracker ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, cls", [
+    ("protocol", KvdProtocolError), ("bad_request", KvdBadRequest), ("layout", KvdLayoutError),
+    ("unknown_pool", KvdUnknownError), ("unknown_room", KvdUnknownError),
+    ("registration", KvdRegistrationError), ("busy", KvdBusyError), ("something_new", KvdError),
+])
+def test_error_kinds_map_to_classes(kind: str, cls: type[KvdError]) -> None:
+    with pytest.raises(cls) as info:
+        ReplyTracker.result(p.ErrorReply(req_id=3, kind=kind, message="the reason", room=42), p.Ok)
+    err = info.value
+    assert type(err) is cls and err.kind == kind and err.room == 42
+    assert "the reason" in str(err) and kind in str(err) and "room 42" in str(err)
+
+
+def test_result_of_wrong_type_is_protocol_error() -> None:
+    assert isinstance(ReplyTracker.result(p.Ok(req_id=1), p.Ok), p.Ok)
+    with pytest.raises(KvdProtocolError, match="expected PoolRegistered"):
+        ReplyTracker.result(p.Ok(req_id=1), p.PoolRegistered)
+
+
+def test_req_ids_increase_from_one() -> None:
+    t = ReplyTracker()
+    assert [t.next_req_id() for _ in range(3)] == [1, 2, 3]
+    msg, expected = t.poll(5)
+    assert msg.req_id == 4 and expected is p.RoomEvent
+
+
+def ev(room: int, state: str, released: bool = False, reason: str = "", aux: bytes = b"") -> p.RoomEvent:
+    return p.RoomEvent(req_id=0, room=room, state=state, reason=reason, aux=aux, released=released)
+
+
+def test_stash_latest_wins_and_released_sticks() -> None:
+    t = ReplyTracker()
+    assert t.is_push(ev(1, "failed")) and not t.is_push(p.RoomEvent(req_id=5, room=1, state="failed"))
+    assert t.final(1) is None and t.released(1) is None
+    t.on_push(ev(1, "failed", released=True, reason="aborted"))
+    merged = t.on_push(ev(1, "failed", released=False, reason="later"))
+    assert merged.released and merged.reason == "later"
+    assert t.final(1) == merged and t.released(1) == merged
+    with pytest.raises(RoomFailed, match="later") as info:
+        ReplyTracker.check_final(merged)
+    assert info.value.room == 1 and info.value.status is merged
+    ok = t.on_push(ev(2, "success", released=True, aux=b"tok"))
+    assert ReplyTracker.check_final(ok).aux == b"tok" and ok.done
+
+
+def test_start_room_clears_previous_use_but_not_between_chunks() -> None:
+    t = ReplyTracker()
+    t.on_push(ev(7, "success", released=True))
+    t.send(1, 7, [0], is_last=False, aux=b"")          # first chunk of a new use: old event goes
+    assert t.final(7) is None
+    t.on_push(ev(7, "failed", reason="peer gone"))
+    t.send(1, 7, [1], is_last=True, aux=b"x")          # later chunk: the failure stays
+    assert t.final(7) is not None and t.final(7).reason == "peer gone"
+    t.recv(1, 7, "tcp://x", "p", [3], 0.0, False)      # a recv always starts afresh
+    assert t.final(7) is None
+    t.on_push(ev(8, "success"))
+    t.forget(8)
+    assert t.final(8) is None
+
+
+def test_stash_is_bounded_but_keeps_rooms_in_flight() -> None:
+    t = ReplyTracker(max_released=4)
+    t.on_push(ev(1000, "failed"))  # final but not released: must survive pruning
+    for room in range(20):
+        t.on_push(ev(room, "success", released=True))
+    assert t.final(1000) is not None
+    assert len(t._stash) <= 2 * 4 + 1
+    assert t.final(19) is not None
+
+
+def test_pages_are_validated() -> None:
+    t = ReplyTracker()
+    msg, _ = t.send(1, 2, np.array([3, 4], dtype=np.int32), True, b"")
+    assert msg.pages.dtype == np.int64 and msg.pages.tolist() == [3, 4]
+    assert t.send(1, 2, [], True, b"")[0].pages.tolist() == []
+    with pytest.raises(KvdBadRequest):
+        t.send(1, 2, [1.5], True, b"")
+    with pytest.raises(KvdBadRequest):
+        t.send(1, 2, [[1, 2]], True, b"")
+    reg, expected = t.register(LAYOUT, {"kind": "shm", "name": "x", "offsets": [0]}, "tcp://h:1")
+    assert expected is p.PoolRegistered and reg.layout == LAYOUT.to_dict() and reg.bootstrap == "tcp://h:1"
+
+
+def test_undecodable_frame_names_its_request() -> None:
+    with pytest.raises(KvdProtocolError) as info:
+        ReplyTracker.decode_frame(msgpack.packb([1, 99, 17]))
+    assert info.value.req_id == 17  # type: ignore[attr-defined]
+    with pytest.raises(KvdProtocolError) as info:
+        ReplyTracker.decode_frame(b"\xc1garbage")
+    assert info.value.req_id == 0  # type: ignore[attr-defined]
+
+
+# --- a scripted fake daemon ----------------------------------------------------------------------
+
+class FakeKvd:
+    """Speaks the engine protocol on a Unix socket from its own thread, so the blocking client
+    can be tested too. Behaviour is scripted by room number and bootstrap_addr."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.received: list[p.Message] = []
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> FakeKvd:
+        self._thread.start()
+        assert self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_unix_server(self._serve, path=self.path)
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames = p.FrameBuffer()
+        try:
+            while data := await reader.read(65536):
+                frames.feed(data)
+                while (payload := frames.next_payload()) is not None:
+                    msg = p.decode(payload)
+                    self.received.append(msg)
+                    for out in self.answer(msg):
+                        if out is None:
+                            writer.close()
+                            return
+                        writer.write(p.frame(out if isinstance(out, bytes) else p.encode(out)))
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    def answer(msg: Any) -> list[p.Message | bytes | None]:
+        rid = msg.req_id
+        if isinstance(msg, p.RegisterPool):
+            if msg.layout.get("engine_id") == "bad":
+                return [p.ErrorReply(req_id=rid, kind="registration", message="cannot register VMM memory")]
+            return [p.PoolRegistered(req_id=rid, pool_id=7)]
+        if isinstance(msg, p.SendChunk):
+            out: list[Any] = [p.Ok(req_id=rid)]
+            if msg.is_last:
+                out.append(ev(msg.room, "success", released=True))
+            return out
+        if isinstance(msg, p.RecvRoom):
+            addr = msg.bootstrap_addr
+            if addr.startswith("error:"):
+                return [p.ErrorReply(req_id=rid, kind=addr[6:], message="scripted", room=msg.room)]
+            if addr == "garbage":
+                return [msgpack.packb([1, 99, rid]), ev(OK_ROOM, "success", released=True)]
+            if addr == "close":
+                return [None]
+            aux = b"first-token:" + msg.pages.tobytes()[:8]
+            done = p.RoomEvent(req_id=0, room=msg.room, state="success", aux=aux, bytes_done=64,
+                               bytes_total=64, released=True)
+            if msg.room == FAIL_ROOM:
+                return [p.Ok(req_id=rid), ev(msg.room, "failed", reason="peer heartbeat lost", released=True)]
+            if msg.room == SILENT_ROOM:
+                return [p.Ok(req_id=rid)]
+            if msg.room == EARLY_ROOM:  # the event overtakes the reply
+                return [done, p.Ok(req_id=rid)]
+            return [p.Ok(req_id=rid), done]
+        if isinstance(msg, p.PollRoom):
+            if msg.room == 999:
+                return [p.ErrorReply(req_id=rid, kind="unknown_room", message="no such room", room=999)]
+            return [p.RoomEvent(req_id=rid, room=msg.room, state="transferring", bytes_done=10,
+                                bytes_total=64)]
+        if isinstance(msg, p.AbortRoom):
+            return [p.Ok(req_id=rid), ev(msg.room, "failed", reason="aborted by engine"),
+                    ev(msg.room, "failed", reason="aborted by engine", released=True)]
+        if isinstance(msg, p.StatusRequest):
+            return [ev(OK_ROOM, "success", released=True),  # a push before the reply
+                    p.StatusReply(req_id=rid, status={"daemon": {"write_ops_total": 3}})]
+        return [p.ErrorReply(req_id=rid, kind="protocol", message="unexpected")]
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Iterator[str]:
+    # AF_UNIX paths are limited to ~108 bytes; pytest's tmp_path can be longer.
+    path = f"/tmp/kvd-test-{os.getpid()}-{id(tmp_path)}.sock"
+    yield path
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+@pytest.fixture
+def fake(sock_path: str) -> Iterator[FakeKvd]:
+    with FakeKvd(sock_path) as server:
+        yield server
+
+
+@pytest.fixture(params=["sync", "async"])
+async def client(request: pytest.FixtureRequest, fake: FakeKvd) -> AsyncIterator[Any]:
+    if request.param == "sync":
+        c: Any = KvdClient(fake.path, timeout=5)
+        yield c
+        c.close()
+    else:
+        async with AsyncKvdClient(fake.path, timeout=5) as ac:
+            yield ac
+
+
+async def call(client: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+    """Call a method of either flavour (async ones are awaited)."""
+    result = getattr(client, name)(*args, **kwargs)
+    return await result if inspect.isawaitable(result) else result
+
+
+# --- round trips, both flavours ------------------------------------------------------------------
+
+async def test_register_send_and_wait_success(client: Any, fake: FakeKvd) -> None:
+    pool_id = await call(client, "register_pool", LAYOUT, {"kind": "shm", "name": "n", "offsets": [0]},
+                         bootstrap="tcp://127.0.0.1:5000")
+    assert pool_id == 7
+    await call(client, "send", pool_id, 5, [0, 1], is_last=False)
+    await call(client, "send", pool_id, 5, np.array([2]), is_last=True, aux=b"aux-5")
+    st = await call(client, "wait", 5, timeout=2)
+    assert st.state == "success" and st.released and st.done
+    sent = [m for m in fake.received if isinstance(m, p.SendChunk)]
+    assert [m.req_id for m in fake.received] == [1, 2, 3]
+    assert sent[1].aux == b"aux-5" and sent[1].is_last and sent[0].pages.tolist() == [0, 1]
+
+
+async def test_recv_success_carries_aux(client: Any, fake: FakeKvd) -> None:
+    await call(client, "recv", 7, OK_ROOM, "tcp://127.0.0.1:5000", "prefill-0", [3, 4],
+               timeout_s=5.0, enable_hisparse=True)
+    st = await call(client, "wait", OK_ROOM, timeout=2)
+    assert st.aux.startswith(b"first-token:") and st.bytes_done == 64
+    recv = fake.received[-1]
+    assert isinstance(recv, p.RecvRoom) and recv.enable_hisparse and recv.timeout_s == 5.0
+    assert recv.prefill_engine_id == "prefill-0" and recv.pages.tolist() == [3, 4]
+
+
+async def test_event_pushed_before_reply_is_not_lost(client: Any) -> None:
+    await call(client, "recv", 7, EARLY_ROOM, "tcp://x", "p", [1])
+    assert (await call(client, "wait", EARLY_ROOM, timeout=2)).state == "success"
+
+
+async def test_wait_raises_room_failed(client: Any) -> None:
+    await call(client, "recv", 7, FAIL_ROOM, "tcp://x", "p", [1])
+    with pytest.raises(RoomFailed, match="peer heartbeat lost") as info:
+        await call(client, "wait", FAIL_ROOM, timeout=2)
+    assert info.value.room == FAIL_ROOM and info.value.status.released
+
+
+async def test_wait_times_out(client: Any) -> None:
+    await call(client, "recv", 7, SILENT_ROOM, "tcp://x", "p", [1])
+    with pytest.raises(KvdTimeout) as info:
+        await call(client, "wait", SILENT_ROOM, timeout=0.2)
+    assert isinstance(info.value, TimeoutError)
+    # the connection is still usable afterwards
+    assert (await call(client, "poll", SILENT_ROOM)).state == "transferring"
+
+
+async def test_poll_and_unknown_room(client: Any) -> None:
+    st = await call(client, "poll", 3)
+    assert st == RoomStatus(room=3, state="transferring", bytes_done=10, bytes_total=64) and not st.done
+    with pytest.raises(KvdUnknownError, match="no such room"):
+        await call(client, "poll", 999)
+
+
+async def test_abort_then_wait_released(client: Any) -> None:
+    await call(client, "abort", 7, 21)
+    st = await call(client, "wait_released", 21, timeout=2)
+    assert st.released and st.state == "failed" and "aborted" in st.reason
+
+
+async def test_status_with_push_before_reply(client: Any) -> None:
+    assert (await call(client, "status"))["daemon"]["write_ops_total"] == 3
+    assert (await call(client, "wait", OK_ROOM, timeout=0.5)).state == "success"  # came from the stash
+
+
+@pytest.mark.parametrize("kind, cls", [("layout", KvdLayoutError), ("busy", KvdBusyError),
+                                       ("unknown_pool", KvdUnknownError), ("bad_request", KvdBadRequest)])
+async def test_error_replies_raise_their_class(client: Any, kind: str, cls: type[KvdError]) -> None:
+    with pytest.raises(cls, match="scripted") as info:
+        await call(client, "recv", 7, 30, f"error:{kind}", "p", [1])
+    assert info.value.room == 30
+
+
+async def test_registration_error(client: Any) -> None:
+    bad = PoolLayout(**{**LAYOUT.to_dict(), "engine_id": "bad"})
+    with pytest.raises(KvdRegistrationError, match="VMM"):
+        await call(client, "register_pool", bad, {"kind": "shm", "name": "n", "offsets": [0]})
+
+
+async def test_undecodable_reply_fails_only_its_request(client: Any) -> None:
+    with pytest.raises(KvdProtocolError):
+        await call(client, "recv", 7, 40, "garbage", "p", [1])
+    assert (await call(client, "poll", 1)).state == "transferring"
+
+
+async def test_closed_connection(client: Any) -> None:
+    with pytest.raises(KvdConnectionError):
+        await call(client, "recv", 7, 41, "close", "p", [1])
+    with pytest.raises(KvdConnectionError):
+        await call(client, "status")
+
+
+async def test_unreachable_socket(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.sock")
+    with pytest.raises(KvdConnectionError, match="is the daemon running"):
+        KvdClient(missing)
+    with pytest.raises(KvdConnectionError):
+        await AsyncKvdClient(missing).connect()
+
+
+async def test_async_waiters_run_concurrently(fake: FakeKvd) -> None:
+    async with AsyncKvdClient(fake.path, timeout=5) as c:
+        waiters = [asyncio.create_task(c.wait(room, timeout=2)) for room in (50, 51, 52)]
+        await asyncio.sleep(0)
+        await asyncio.gather(*(c.recv(7, room, "tcp://x", "p", [room]) for room in (50, 51, 52)))
+        assert [st.room for st in await asyncio.gather(*waiters)] == [50, 51, 52]
+
+
+def test_sync_client_as_context_manager(fake: FakeKvd) -> None:
+    with KvdClient(fake.path, timeout=5) as c:
+        assert c.status()["daemon"]["write_ops_total"] == 3
+    with pytest.raises(KvdConnectionError, match="closed"):
+        c.status()
+
+
+# --- HostPool ------------------------------------------------------------------------------------
+
+def test_host_pool_create_view_unlink() -> None:
+    with HostPool.create(LAYOUT) as pool:
+        mem = pool.memory
+        assert mem["kind"] == "shm" and mem["name"] == pool.name and pool.name.startswith("kvd-eng-1-")
+        assert len(mem["offsets"]) == LAYOUT.num_buffers == 4
+        assert all(off % ALIGN == 0 for off in mem["offsets"])
+        assert mem["size"] >= mem["offsets"][-1] + LAYOUT.buffer_bytes
+        buf = pool.buffer(2)
+        assert buf.shape == (LAYOUT.num_tokens, LAYOUT.local_heads, LAYOUT.head_bytes) and buf.dtype == np.uint8
+        assert not buf.any()
+        buf[5, 1, 3] = 0xAB
+        shm_file = Path("/dev/shm") / pool.name
+        if shm_file.exists():  # Linux: check the bytes really live in the segment
+            raw = shm_file.read_bytes()
+            off = mem["offsets"][2] + (5 * LAYOUT.local_heads + 1) * LAYOUT.head_bytes + 3
+            assert raw[off] == 0xAB
+        with pytest.raises(IndexError):
+            pool.buffer(4)
+        del buf
+    assert not (Path("/dev/shm") / pool.name).exists()
+    with pytest.raises(ValueError, match="closed"):
+        pool.buffer(0)
+
+
+def test_host_pool_name_is_sanitised() -> None:
+    layout = PoolLayout(**{**LAYOUT.to_dict(), "engine_id": "a/b c"})
+    with HostPool.create(layout) as pool:
+        assert "/" not in pool.name and " " not in pool.name
+        pool.fill(7)
+        assert int(pool.buffer(0)[0, 0, 0]) == 7
