@@ -176,8 +176,8 @@ class CopyingKvd:
     def __init__(self, path: str) -> None:
         self.path = path
         self.pools: dict[int, tuple[PoolLayout, np.ndarray, list[int], Any]] = {}
-        self.sent: dict[tuple[str, int], dict[int, tuple[list[int], bytes, Any]]] = {}
-        self.wanted: dict[int, tuple[int, list[int], str, Any]] = {}
+        self.sent: dict[tuple[str, int], dict[int, tuple[list[int], bytes, Any, bool]]] = {}
+        self.wanted: dict[tuple[int, int], tuple[list[int], str, Any]] = {}
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
@@ -210,7 +210,9 @@ class CopyingKvd:
             writer.close()
 
     def _handle(self, msg: Any, writer: asyncio.StreamWriter) -> None:
-        out = (lambda m, w=writer: w.write(p.frame(p.encode(m))))
+        def out(m: p.Message, w: asyncio.StreamWriter = writer) -> None:
+            w.write(p.frame(p.encode(m)))
+
         if isinstance(msg, p.RegisterPool):
             lay = PoolLayout.from_dict(msg.layout)
             mem = np.memmap(f"/dev/shm/{msg.memory['name']}", dtype=np.uint8, mode="r+")
@@ -222,10 +224,10 @@ class CopyingKvd:
         if isinstance(msg, p.SendChunk):
             lay = self.pools[msg.pool_id][0]
             ranks = self.sent.setdefault((lay.engine_id, msg.room), {})
-            pages = ranks.get(msg.pool_id, ([], b"", out))[0] + msg.pages.tolist()
-            ranks[msg.pool_id] = (pages, msg.aux, out)
+            pages = ranks.get(msg.pool_id, ([], b"", out, False))[0] + msg.pages.tolist()
+            ranks[msg.pool_id] = (pages, msg.aux, out, msg.is_last)
         elif isinstance(msg, p.RecvRoom):
-            self.wanted[msg.room] = (msg.pool_id, msg.pages.tolist(), msg.prefill_engine_id, out)
+            self.wanted[msg.pool_id, msg.room] = (msg.pages.tolist(), msg.prefill_engine_id, out)
         self._try_copy()
 
     def _view(self, pool_id: int, b: int) -> np.ndarray:
@@ -233,9 +235,10 @@ class CopyingKvd:
         return mem[offsets[b]:offsets[b] + lay.buffer_bytes].reshape(lay.num_tokens, lay.local_heads, -1)
 
     def _try_copy(self) -> None:
-        for room, (dpool, dpages, engine, dout) in list(self.wanted.items()):
+        for (dpool, room), (dpages, engine, dout) in list(self.wanted.items()):
             ranks = self.sent.get((engine, room), {})
-            if not ranks or len(ranks) < self.pools[next(iter(ranks))][0].tp_size:
+            done = [pid for pid, sent in ranks.items() if sent[3]]
+            if not done or len(done) < self.pools[done[0]][0].tp_size:
                 continue
             dl = self.pools[dpool][0]
             aux = b""
@@ -250,9 +253,9 @@ class CopyingKvd:
                     self._view(dpool, b)[dst_tok, j] = self._view(spool, b)[src_tok, jj]
                 aux = ranks[spool][1]
             dout(p.RoomEvent(req_id=0, room=room, state="success", aux=aux, released=True))
-            for _pages, _aux, sout in ranks.values():
+            for *_, sout, _last in ranks.values():
                 sout(p.RoomEvent(req_id=0, room=room, state="success", released=True))
-            del self.wanted[room]
+            del self.wanted[dpool, room]
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")

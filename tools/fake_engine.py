@@ -15,10 +15,11 @@ driver can start every rank's transfers at once and time one batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,15 @@ def _wait_all(client: KvdClient, rooms: Sequence[RoomPlan], timeout: float,
     return done
 
 
+@contextlib.contextmanager
+def _errors_to(report: RankReport) -> Iterator[None]:
+    """A rank that cannot go on (daemon gone, request refused) still returns its report."""
+    try:
+        yield
+    except (KvdError, OSError, ValueError) as exc:
+        report.error = f"{type(exc).__name__}: {exc}"
+
+
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -141,7 +151,8 @@ def run_prefill_rank(socket_path: str, layout: PoolLayout, rooms: Sequence[RoomP
     ``on_ready(pool_id)`` runs after registration and may block (a start barrier).
     """
     report = RankReport(role="prefill", rank=layout.tp_rank)
-    with HostPool.create(layout) as pool, KvdClient(socket_path, timeout=min(timeout, 60.0)) as client:
+    with _errors_to(report), HostPool.create(layout) as pool, \
+            KvdClient(socket_path, timeout=min(timeout, 60.0)) as client:
         fill_prefill(pool, layout, seed)
         report.pool_id = client.register_pool(layout, pool, bootstrap=bootstrap)
         if on_ready is not None:
@@ -171,7 +182,8 @@ def run_decode_rank(socket_path: str, layout: PoolLayout, rooms: Sequence[RoomPl
     succeeded.
     """
     report = RankReport(role="decode", rank=layout.tp_rank)
-    with HostPool.create(layout) as pool, KvdClient(socket_path, timeout=min(timeout, 60.0)) as client:
+    with _errors_to(report), HostPool.create(layout) as pool, \
+            KvdClient(socket_path, timeout=min(timeout, 60.0)) as client:
         fill_canary(pool, canary)
         report.pool_id = client.register_pool(layout, pool)
         if on_ready is not None:
@@ -239,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdin.readline()
 
     report = RankReport(role=args.role, rank=args.tp_rank)
-    try:
+    with _errors_to(report):  # a bad layout never reaches run_*
         layout = build_layout(args.role, args.engine_id, args.tp_size, args.tp_rank, args.layers,
                               args.kv_heads, args.head_dim, args.dtype, args.page_size, args.num_pages,
                               args.mla, args.hisparse)
@@ -249,8 +261,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             report = run_decode_rank(args.socket, layout, rooms, args.bootstrap, args.prefill_engine_id,
                                      args.page_size, args.seed, args.canary, args.timeout, ready)
-    except (KvdError, ValueError, OSError) as exc:
-        report.error = f"{type(exc).__name__}: {exc}"
     print(report.to_json(), flush=True)
     if report.error:
         return 2
