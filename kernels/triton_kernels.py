@@ -65,7 +65,7 @@ def _staging_copy_kernel(
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     in_chunk = t < num_tokens
     row = tl.load(token_idx + t, mask=in_chunk, other=-1).to(tl.int64)
-    valid = in_chunk
+    valid = in_chunk & (row >= 0) & (row < pool_tokens)
 
     base = tl.load(buf_table + buf).to(tl.pointer_type(staging.dtype.element_ty))
     head_off = tl.load(head_offsets + writer)

@@ -103,11 +103,9 @@ class HostPool:
             self.unlink()
         self._array = None
         shm, self._shm = self._shm, None
-        try:
+        # A caller may still hold a buffer view; the mapping then goes when the last view does.
+        with contextlib.suppress(BufferError):
             shm.close()
-        except BufferError:
-            # A caller still holds a buffer view; the mapping goes when the last view does.
-            pass
 
     def __enter__(self) -> HostPool:
         return self

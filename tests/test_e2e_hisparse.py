@@ -1,0 +1,31 @@
+"""HiSparse end to end: prefill pages (size 16 / 64) written straight into a decode host
+pool of page size 1, lengths ending mid-page, byte for byte, over real daemons."""
+
+from __future__ import annotations
+
+import pytest
+from e2e_cluster import run_cluster
+
+pytestmark = pytest.mark.e2e
+
+
+def _check(reports) -> None:
+    bad = [(r.role, r.rank, r.rooms_failed, r.mismatches[:3], r.error) for r in reports if not r.ok]
+    assert not bad, bad
+    assert any(r.role == "decode" and r.bytes > 0 for r in reports)
+
+
+@pytest.mark.parametrize("page_size, prefill_tp, decode_tp, kv_heads, mla", [
+    (16, 1, 1, 4, False),
+    (64, 1, 1, 4, False),
+    (16, 4, 1, 8, False),   # hetero TP: per-slice into host memory
+    (16, 4, 1, 2, False),   # GQA replicas
+    (64, 2, 2, 8, False),
+    (16, 1, 1, 1, True),    # MLA latent pool
+    (64, 4, 1, 1, True),
+])
+def test_hisparse_byte_exact(pair, page_size, prefill_tp, decode_tp, kv_heads, mla):
+    prefill, decode = pair
+    _check(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, kv_heads=kv_heads,
+                       mla=mla, hisparse=True, page_size=page_size, num_pages=16, pages_per_room=3,
+                       head_dim=8, layers=2))
