@@ -219,3 +219,47 @@ def test_recv_from_unreachable_prefill_times_out(pair, pools):
         dc.recv(did, 11, "tcp://127.0.0.1:9", "P", [1], timeout_s=2)
         with pytest.raises(RoomFailed):
             dc.wait(11, timeout=15)
+
+
+def _hisparse_layouts():
+    pl = PoolLayout("P", "prefill", 1, 0, 2, 4, 8, "bfloat16", 16, 8)
+    hl = PoolLayout("D", "decode", 1, 0, 2, 4, 8, "bfloat16", 1, 128, hisparse=True)
+    return pl, hl
+
+
+def test_hisparse_bad_claims_fail_cleanly(pair, pools):
+    """Page-size claims that do not match, lengths beyond the pages sent, tokens outside
+    the host pool: clear error, room failed, nothing written outside, daemon serves on."""
+    pre_d, dec_d = pair
+    pl, hl = _hisparse_layouts()
+    with pre_d.client() as pc, dec_d.client() as dc:
+        ph = pools(pl)
+        pid = pc.register_pool(pl, ph, bootstrap=pre_d.address)
+        hh = pools(hl, fill=0xAB)
+        hid = dc.register_pool(hl, hh)
+        # Tokens outside the host pool: refused at once.
+        with pytest.raises(KvdBadRequest, match="outside"):
+            dc.recv(hid, 20, pre_d.address, "P", [0, 1, 128], enable_hisparse=True)
+        # A HiSparse pool receiving without the flag (a page-size claim that does not match).
+        dc.recv(hid, 21, pre_d.address, "P", [0, 1])
+        with pytest.raises(RoomFailed, match="(?i)hisparse"):
+            dc.wait(21, timeout=20)
+        # Length beyond the pages sent: 40 tokens asked, one page of 16 sent.
+        dc.recv(hid, 22, pre_d.address, "P", list(range(40)), enable_hisparse=True)
+        pc.send(pid, 22, [3], True)
+        with pytest.raises(RoomFailed, match="unwritten"):
+            dc.wait(22, timeout=20)
+        dc.wait_released(22, timeout=20)
+        # More pages sent than the length needs (last page would be empty).
+        dc.recv(hid, 23, pre_d.address, "P", list(range(10)), enable_hisparse=True)
+        pc.send(pid, 23, [1, 2], True)
+        with pytest.raises(RoomFailed):
+            dc.wait(23, timeout=20)
+        dc.wait_released(23, timeout=20)
+        assert all((hh.buffer(b) == 0xAB).all() for b in range(hl.num_buffers))
+        # The daemon still serves a good HiSparse room: 20 tokens from two pages.
+        dc.recv(hid, 24, pre_d.address, "P", list(range(100, 120)), enable_hisparse=True)
+        pc.send(pid, 24, [5, 6], True, aux=b"h")
+        assert dc.wait(24, timeout=20).aux == b"h"
+        for b in range(hl.num_buffers):
+            assert np.array_equal(hh.buffer(b)[100:120], ph.buffer(b)[5 * 16:5 * 16 + 20])

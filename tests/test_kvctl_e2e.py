@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kvd.hostpool import HostPool
+from kvd.kvctl import main as kvctl_main
 from kvd.layout import PoolLayout
 
 pytestmark = pytest.mark.e2e
@@ -28,6 +29,14 @@ def kvctl(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the real ``kvctl`` CLI in a subprocess, as an operator would."""
     return subprocess.run([sys.executable, "-m", "kvd.kvctl", *args], capture_output=True, text=True,
                           timeout=30, cwd=ROOT)
+
+
+def kvctl_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``kvctl.main`` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    capsys.readouterr()
+    rc = kvctl_main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
 def free_port() -> int:
@@ -58,6 +67,9 @@ def host_pools() -> Iterator[Callable[[PoolLayout], HostPool]]:
 
 def test_status_table_and_json_against_a_real_daemon(daemons: Callable[..., Any]) -> None:
     d = daemons("solo")
+    st_mode = os.stat(d.socket_path).st_mode
+    assert stat.S_ISSOCK(st_mode) and stat.S_IMODE(st_mode) == 0o660  # never world-accessible
+
     res = kvctl("status", "--socket", d.socket_path)
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
@@ -75,8 +87,8 @@ def test_status_table_and_json_against_a_real_daemon(daemons: Callable[..., Any]
     assert st["rooms"] == [] and st["peers"] == []
 
 
-def test_status_shows_a_room_in_flight(pair: tuple[Any, Any],
-                                       host_pools: Callable[[PoolLayout], HostPool]) -> None:
+def test_status_shows_a_room_in_flight(pair: tuple[Any, Any], host_pools: Callable[[PoolLayout], HostPool],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     pre_d, dec_d = pair
     pl, dl = layouts()
     room = 4711
@@ -96,9 +108,9 @@ def test_status_shows_a_room_in_flight(pair: tuple[Any, Any],
             time.sleep(0.1)
         assert mine.get("senders_required") == [0], mine
 
-        res = kvctl("status", "--json", "--socket", dec_d.socket_path)
-        assert res.returncode == 0, res.stderr
-        st = json.loads(res.stdout)
+        rc, out, err = kvctl_here(capsys, "status", "--json", "--socket", dec_d.socket_path)
+        assert rc == 0, err
+        st = json.loads(out)
         (r,) = [x for x in st["rooms"] if x["room"] == room]
         assert r["role"] == "decode" and r["engine_id"] == "D" and r["rank"] == 0
         assert r["state"] in ("bootstrapping", "waiting_for_input")
@@ -106,9 +118,9 @@ def test_status_shows_a_room_in_flight(pair: tuple[Any, Any],
         assert pre_d.address in r["peer"]
         assert any(p["peer"] == pre_d.address for p in st["peers"]), st["peers"]
 
-        res = kvctl("status", "--socket", dec_d.socket_path)
-        assert res.returncode == 0, res.stderr
-        lines = res.stdout.splitlines()
+        rc, out, err = kvctl_here(capsys, "status", "--socket", dec_d.socket_path)
+        assert rc == 0, err
+        lines = out.splitlines()
         assert any(line.startswith("ROOM") and "STATE" in line and "SENDERS" in line for line in lines)
         (row,) = [line for line in lines if line.startswith(str(room))]
         cells = row.split()
@@ -129,21 +141,15 @@ def test_stopped_daemon_exits_2_with_one_line(daemons: Callable[..., Any]) -> No
     assert "cannot reach kvd" in res.stderr and d.socket_path in res.stderr
 
 
-def test_killed_daemon_stale_socket_exits_2(daemons: Callable[..., Any]) -> None:
+def test_killed_daemon_stale_socket_exits_2(daemons: Callable[..., Any],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     d = daemons("killed")
     d.kill()
     assert os.path.exists(d.socket_path)  # SIGKILL leaves the socket file behind
-    res = kvctl("status", "--socket", d.socket_path)
-    assert res.returncode == 2
-    assert len(res.stderr.strip().splitlines()) == 1
-    assert "refused" in res.stderr.lower()
-
-
-def test_socket_mode_is_0660(daemons: Callable[..., Any]) -> None:
-    d = daemons("mode")
-    st = os.stat(d.socket_path)
-    assert stat.S_ISSOCK(st.st_mode)
-    assert stat.S_IMODE(st.st_mode) == 0o660
+    rc, out, err = kvctl_here(capsys, "status", "--socket", d.socket_path)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "refused" in err.lower()
 
 
 def test_second_daemon_on_a_live_socket_refuses_to_start(daemons: Callable[..., Any], tmp_path: Path) -> None:
@@ -163,18 +169,18 @@ def test_second_daemon_on_a_live_socket_refuses_to_start(daemons: Callable[..., 
     assert first.status()["daemon"]["pid"] == first.proc.pid
 
 
-def test_stale_socket_file_is_replaced(daemons: Callable[..., Any], tmp_path: Path) -> None:
+def test_stale_socket_file_is_replaced(daemons: Callable[..., Any], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "stale.sock"  # the path the fixture gives a daemon named "stale"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(path))
     s.close()  # bound, never listened, closed: the file stays, nobody answers
-    before = os.stat(path).st_ino
+    os.chmod(path, 0o600)
     assert stat.S_ISSOCK(os.stat(path).st_mode)
 
-    d = daemons("stale")
-    assert d.socket_path == str(path)
-    st = os.stat(path)
-    assert st.st_ino != before
-    assert stat.S_IMODE(st.st_mode) == 0o660
-    res = kvctl("status", "--socket", d.socket_path)
-    assert res.returncode == 0, res.stderr
+    d = daemons("stale")  # the fixture returns only once a status request was answered there
+    assert d.socket_path == str(path) and d.alive()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    rc, out, err = kvctl_here(capsys, "status", "--json", "--socket", d.socket_path)
+    assert rc == 0, err
+    assert json.loads(out)["daemon"]["pid"] == d.proc.pid
