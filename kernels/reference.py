@@ -7,7 +7,8 @@ buffer per layer), each slab token-major ``[T][num_heads][head_dim]``.
 
 What it must never do: change a value's bits (data is moved as same-width integers, so
 NaN payloads and fp8 codes survive), or touch pool rows and heads outside the ones asked
-for. Out-of-range indices raise (torch indexing checks them).
+for. Out-of-range token indices raise IndexError (``check_rows``; torch alone would wrap
+negative ones).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["PoolBuffers", "check_args", "check_rows", "gather_reference", "int_view_dtype", "scatter_reference", "staging_block_bytes"]
+__all__ = ["PoolBuffers", "check_args", "check_rows", "gather_reference", "int_view_dtype", "scatter_reference",
+           "staging_block_bytes"]
 
 _INT_BY_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

@@ -56,6 +56,7 @@ class Daemon:
         self.remote_pools: dict[str, RemotePool] = {}
         # Directory of prefill engines whose bootstrap is this daemon: engine -> rank -> (layout, daemon).
         self.directory: dict[str, dict[int, tuple[PoolLayout, str]]] = {}
+        self.conflicts: dict[str, str] = {}
         self._engine_info: dict[tuple[str, str], p.EngineInfo] = {}
         self._info_waiters: dict[tuple[str, str], list[asyncio.Future]] = {}
         self._announced: dict[tuple[str, str, str], asyncio.Future] = {}
@@ -121,7 +122,14 @@ class Daemon:
             directory = msg.bootstrap or self.address
             announce = p.RankAnnounce(src=self.address, token=self.token, layout=layout.to_dict())
             if directory == self.address:
-                self.on_rank_announce(announce)
+                try:
+                    self.on_rank_announce(announce)
+                except LayoutError:
+                    del self.pools[pool_id]
+                    for base, _ in opened.regions:
+                        self.transport.unregister(base)
+                    opened.close()
+                    raise
             else:
                 self.send_peer(directory, announce)
         log.info("pool_registered", pool=pool.key, layout=layout.describe(),
@@ -154,28 +162,32 @@ class Daemon:
 
     # --- directory (this daemon as a prefill engine's bootstrap) -----------------------------
     def on_rank_announce(self, msg: p.RankAnnounce) -> None:
+        """Record which daemon serves a prefill rank; ranks that disagree on the layout are refused
+        and the conflict is reported to every decode daemon that asks (its rooms fail at once)."""
         layout = PoolLayout.from_dict(msg.layout)
         ranks = self.directory.setdefault(layout.engine_id, {})
+        shape = {k: v for k, v in layout.to_dict().items() if k != "tp_rank"}
         for other, _ in ranks.values():
-            if other.tp_rank != layout.tp_rank:
-                same = {k: v for k, v in other.to_dict().items() if k != "tp_rank"} == \
-                    {k: v for k, v in layout.to_dict().items() if k != "tp_rank"}
-                if not same:
-                    self.count_error("layout")
-                    log.warning("rank_layout_mismatch", engine=layout.engine_id, rank=layout.tp_rank,
-                                layout=layout.describe(), other=other.describe())
-                    return
+            if other.tp_rank != layout.tp_rank and \
+                    {k: v for k, v in other.to_dict().items() if k != "tp_rank"} != shape:
+                self.count_error("layout")
+                problem = (f"prefill ranks of engine {layout.engine_id!r} disagree on the layout: "
+                           f"[{layout.describe()}] vs [{other.describe()}]")
+                self.conflicts[layout.engine_id] = problem
+                log.warning("rank_layout_mismatch", engine=layout.engine_id, error=problem)
+                raise LayoutError(problem)
         ranks[layout.tp_rank] = (layout, msg.src)
 
     def engine_info_reply(self, engine_id: str) -> p.EngineInfo:
         ranks = self.directory.get(engine_id, {})
-        ready_ = bool(ranks) and len(ranks) == next(iter(ranks.values()))[0].tp_size
+        conflict = self.conflicts.get(engine_id, "")
+        ready_ = not conflict and bool(ranks) and len(ranks) == next(iter(ranks.values()))[0].tp_size
         ordered = [ranks[r] for r in sorted(ranks)] if ready_ else []
         return p.EngineInfo(src=self.address, token=self.token, engine_id=engine_id, ready=ready_,
                             tp_size=ordered[0][0].tp_size if ordered else 0,
                             layouts=[lay.to_dict() for lay, _ in ordered],
                             daemons=[d for _, d in ordered],
-                            error="" if ranks else f"no rank of engine {engine_id!r} registered here")
+                            error=conflict or ("" if ranks else f"no rank of engine {engine_id!r} registered here"))
 
     async def engine_info(self, bootstrap: str, engine_id: str, machine: RoomMachine) -> p.EngineInfo:
         """Topology of a prefill engine, asked of its directory until every rank is there."""
@@ -186,6 +198,8 @@ class Daemon:
                 raise TimeoutError(f"prefill engine {engine_id!r} at {bootstrap} did not become ready")
             if bootstrap == self.address:
                 info = self.engine_info_reply(engine_id)
+                if engine_id in self.conflicts:
+                    raise LayoutError(info.error)
                 if info.ready:
                     self._engine_info[key] = info
                     break
@@ -200,6 +214,8 @@ class Daemon:
                     pass
                 if key in self._engine_info:
                     break
+                if fut.done() and "disagree" in fut.result().error:
+                    raise LayoutError(fut.result().error)
             await asyncio.sleep(0.1)
             if machine.state.final:
                 raise ConnectionError(machine.reason or "room ended")

@@ -65,7 +65,13 @@ def run_cluster(prefill, decode, *, prefill_tp: int, decode_tp: int, kv_heads: i
                 layers: int = 2, head_dim: int = 16, page_size: int = 4, num_pages: int = 64,
                 rooms: int = 3, pages_per_room: int = 5, mla: bool = False, hisparse: bool = False,
                 chunk_pages: int = 2, dtype: str = "bfloat16") -> list:
-    """Run a whole transfer; returns every rank's RankReport (asserting is the caller's job)."""
+    """Run a whole transfer; returns every rank's RankReport (asserting is the caller's job).
+
+    ``prefill`` may be a list of daemons: prefill rank r registers with daemon r % len, and
+    the first daemon is the engine's directory (a prefill engine spread over several nodes).
+    """
+    prefills = prefill if isinstance(prefill, list | tuple) else [prefill]
+    prefill = prefills[0]
     if hisparse:
         plan = hisparse_plan(rooms, pages_per_room, num_pages, page_size, num_pages * page_size)
     else:
@@ -76,7 +82,8 @@ def run_cluster(prefill, decode, *, prefill_tp: int, decode_tp: int, kv_heads: i
     for r in range(prefill_tp):
         lay = build_layout("prefill", "P", prefill_tp, r, layers, kv_heads, head_dim, dtype, page_size,
                            num_pages, mla=mla)
-        procs.append(ctx.Process(target=_prefill, args=(q, prefill.socket_path, lay, plan, prefill.address,
+        home = prefills[r % len(prefills)]
+        procs.append(ctx.Process(target=_prefill, args=(q, home.socket_path, lay, plan, prefill.address,
                                                         chunk_pages)))
     for r in range(decode_tp):
         lay = build_layout("decode", "D", decode_tp, r, layers, kv_heads, head_dim, dtype, page_size,

@@ -32,3 +32,33 @@ def test_mla_byte_exact(pair, prefill_tp, decode_tp):
     prefill, decode = pair
     _check(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, mla=True,
                        head_dim=24))
+
+
+def test_prefill_ranks_served_by_several_daemons(daemons):
+    """A prefill engine spread over two nodes: ranks 0,2 on one daemon (the directory), 1,3 on
+    another; the decode daemon discovers which daemon serves each rank."""
+    flags = ("--timeouts-waiting-s", "20")
+    node_a, node_b, decode = daemons("pa", *flags), daemons("pb", *flags), daemons("d", *flags)
+    _check(run_cluster([node_a, node_b], decode, prefill_tp=4, decode_tp=2, kv_heads=8))
+
+
+def test_prefill_ranks_that_disagree_on_layout_are_refused(pair):
+    import numpy as np
+
+    from kvd.client import KvdLayoutError, RoomFailed
+    from kvd.hostpool import HostPool
+    from kvd.layout import PoolLayout
+
+    prefill, decode = pair
+    a = PoolLayout("P", "prefill", 2, 0, 2, 4, 8, "bfloat16", 4, 8)
+    b = PoolLayout("P", "prefill", 2, 1, 2, 4, 16, "bfloat16", 4, 8)  # head_dim differs
+    d = PoolLayout("D", "decode", 1, 0, 2, 4, 8, "bfloat16", 4, 8)
+    with HostPool.create(a) as ha, HostPool.create(b) as hb, HostPool.create(d) as hd, \
+            prefill.client() as pc, decode.client() as dc:
+        pc.register_pool(a, ha, bootstrap=prefill.address)
+        with pytest.raises(KvdLayoutError, match="disagree"):
+            pc.register_pool(b, hb, bootstrap=prefill.address)
+        did = dc.register_pool(d, hd)
+        dc.recv(did, 1, prefill.address, "P", np.arange(2))
+        with pytest.raises(RoomFailed, match="disagree"):
+            dc.wait(1, timeout=20)

@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import kvd_kernels as kk
 import numpy as np
 import pytest
 import torch
-
-import kvd_kernels as kk
 from kvd_kernels.reference import PoolBuffers, int_view_dtype
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -227,6 +227,14 @@ def _unlink_leftover_shm(engine_ids: Sequence[str]) -> None:
                 leftover.unlink(missing_ok=True)
 
 
+def _error_of(line: str) -> str:
+    """The error of a rank's JSON report, or the raw line."""
+    try:
+        return str(json.loads(line).get("error") or line)
+    except (ValueError, AttributeError):
+        return line
+
+
 def _write_ops(daemon: Daemon) -> int | None:
     try:
         return int(daemon.status().get("daemon", {}).get("write_ops_total"))
@@ -265,7 +273,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         for rank in ranks:
             line = rank.next_line(deadline)
             if not line.startswith("READY"):
-                raise RuntimeError(f"{rank.name}: expected READY, got {line!r}")
+                raise RuntimeError(f"{rank.name} did not get ready: {_error_of(line)}")
         ops_before = [_write_ops(d) for d in daemons]
         for rank in ranks:  # the barrier: every rank starts its transfers now
             rank.go()
@@ -273,7 +281,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         reports = {rank.name: json.loads(rank.next_line(deadline)) for rank in ranks}
         ops_after = [_write_ops(d) for d in daemons]
         return report(args, plan, reports, daemons, ops_before, ops_after)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         tails = "".join(f"\n--- {d.name} log (last lines) ---\n{d.log_tail()}" for d in daemons)
         raise RuntimeError(f"{exc}{tails}") from None
     finally:
@@ -326,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="kvd-demo-", dir="/tmp" if os.path.isdir("/tmp") else None))
     try:
         return run(args, workdir)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # ValueError: a rank printed no valid JSON report
         print(f"demo failed: {exc}", file=sys.stderr)
         return 2
     finally:
