@@ -2,92 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kvd.client import KvdClient
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
+from tools.cluster import DaemonProc, free_port, start_daemon  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class DaemonProc:
-    name: str
-    socket_path: str
-    port: int
-    proc: subprocess.Popen
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
-
-    def client(self, timeout: float = 10.0) -> KvdClient:
-        return KvdClient(self.socket_path, timeout=timeout)
-
-    def status(self) -> dict:
-        with self.client() as c:
-            return c.status()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-def start_daemon(tmp: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> DaemonProc:
-    """Start `python -m kvd` and wait until its socket answers a status request."""
-    sock = str(tmp / f"{name}.sock")
-    port = free_port()
-    log_path = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "kvd", "--socket-path", sock, "--peer-port", str(port),
-           "--node-hostname", "127.0.0.1", "--log-format", "json",
-           "--timeouts-heartbeat-interval-s", "0.5", *extra]
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, **(env or {})})
-    d = DaemonProc(name, sock, port, proc, log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"kvd {name} exited with {proc.returncode}:\n{d.log()}")
-        try:
-            d.status()
-            return d
-        except OSError:
-            time.sleep(0.1)
-        except Exception:
-            time.sleep(0.1)
-    d.stop()
-    raise RuntimeError(f"kvd {name} did not come up:\n{d.log()}")
-
+__all__ = ["DaemonProc", "free_port", "start_daemon"]
 
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:

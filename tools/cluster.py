@@ -1,0 +1,187 @@
+"""Start real kvd daemons and fake engine rank processes on loopback; run one transfer.
+
+Shared by the end-to-end tests and the benchmarks: every prefill and decode rank is its
+own process (tools/fake_engine.py's run_*_rank) talking to a real kvd over its socket, and
+the daemons move the bytes with Mooncake over loopback TCP. All ranks start their
+transfers at one barrier, so a speed is the bytes and wall time of one and the same batch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from kvd.client import KvdClient  # noqa: E402
+from tools.fake_engine import RoomPlan, build_layout, run_decode_rank, run_prefill_rank  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DaemonProc:
+    name: str
+    socket_path: str
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def client(self, timeout: float = 10.0) -> KvdClient:
+        return KvdClient(self.socket_path, timeout=timeout)
+
+    def status(self) -> dict:
+        with self.client() as c:
+            return c.status()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start_daemon(tmp: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> DaemonProc:
+    """Start `python -m kvd` and wait until its socket answers a status request."""
+    sock = str(tmp / f"{name}.sock")
+    port = free_port()
+    log_path = tmp / f"{name}.log"
+    cmd = [sys.executable, "-m", "kvd", "--socket-path", sock, "--peer-port", str(port),
+           "--node-hostname", "127.0.0.1", "--log-format", "json",
+           "--timeouts-heartbeat-interval-s", "0.5", *extra]
+    with open(log_path, "w") as log_file:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, **(env or {})})
+    d = DaemonProc(name, sock, port, proc, log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"kvd {name} exited with {proc.returncode}:\n{d.log()}")
+        try:
+            d.status()
+            return d
+        except OSError:
+            time.sleep(0.1)
+        except Exception:
+            time.sleep(0.1)
+    d.stop()
+    raise RuntimeError(f"kvd {name} did not come up:\n{d.log()}")
+
+
+def _prefill(q, barrier, sock, layout, rooms, bootstrap, chunk_pages, timeout):
+    r = run_prefill_rank(sock, layout, rooms, seed=7, chunk_pages=chunk_pages, bootstrap=bootstrap,
+                         timeout=timeout, on_ready=lambda _pool: barrier.wait())
+    q.put(r)
+
+
+def _decode(q, barrier, sock, layout, rooms, bootstrap, prefill_page_size, timeout):
+    r = run_decode_rank(sock, layout, rooms, bootstrap, "P", prefill_page_size, seed=7, timeout=timeout,
+                        on_ready=lambda _pool: barrier.wait())
+    q.put(r)
+
+
+def make_plan(rooms: int, pages_per_room: int, src_pages: int, dst_pages: int, seed: int = 0,
+              length_cut: bool = False, page_size: int = 1) -> list[RoomPlan]:
+    """Random, non-overlapping page choices on both sides (so untouched pages are checked too)."""
+    rng = random.Random(seed)
+    src = rng.sample(range(src_pages), rooms * pages_per_room)
+    dst = rng.sample(range(dst_pages), rooms * pages_per_room)
+    plans = []
+    for i in range(rooms):
+        s = src[i * pages_per_room:(i + 1) * pages_per_room]
+        d = dst[i * pages_per_room:(i + 1) * pages_per_room]
+        length = None
+        if length_cut:  # HiSparse: the request ends mid-page; dst are token indices
+            length = (pages_per_room - 1) * page_size + rng.randint(1, page_size)
+        plans.append(RoomPlan(room=1000 + i, src_pages=s, dst_pages=d, length=length))
+    return plans
+
+
+def hisparse_plan(rooms: int, pages_per_room: int, src_pages: int, page_size: int, dst_tokens: int,
+                  seed: int = 0) -> list[RoomPlan]:
+    rng = random.Random(seed)
+    src = rng.sample(range(src_pages), rooms * pages_per_room)
+    plans = []
+    free = rng.sample(range(dst_tokens), rooms * pages_per_room * page_size)
+    for i in range(rooms):
+        length = (pages_per_room - 1) * page_size + rng.randint(1, page_size)
+        d = free[i * pages_per_room * page_size:][:length]
+        plans.append(RoomPlan(room=2000 + i, src_pages=src[i * pages_per_room:(i + 1) * pages_per_room],
+                              dst_pages=d, length=length))
+    return plans
+
+
+def run_cluster(prefill, decode, *, prefill_tp: int, decode_tp: int, kv_heads: int = 8,
+                layers: int = 2, head_dim: int = 16, page_size: int = 4, num_pages: int = 64,
+                rooms: int = 3, pages_per_room: int = 5, mla: bool = False, hisparse: bool = False,
+                chunk_pages: int = 2, dtype: str = "bfloat16", timeout: float = 60.0) -> list:
+    """Run a whole transfer; returns every rank's RankReport (asserting is the caller's job).
+
+    ``prefill`` may be a list of daemons: prefill rank r registers with daemon r % len, and
+    the first daemon is the engine's directory (a prefill engine spread over several nodes).
+    """
+    prefills = prefill if isinstance(prefill, list | tuple) else [prefill]
+    prefill = prefills[0]
+    if hisparse:
+        plan = hisparse_plan(rooms, pages_per_room, num_pages, page_size, num_pages * page_size)
+    else:
+        plan = make_plan(rooms, pages_per_room, num_pages, num_pages)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    barrier = ctx.Barrier(prefill_tp + decode_tp)
+    procs = []
+    for r in range(prefill_tp):
+        lay = build_layout("prefill", "P", prefill_tp, r, layers, kv_heads, head_dim, dtype, page_size,
+                           num_pages, mla=mla)
+        home = prefills[r % len(prefills)]
+        procs.append(ctx.Process(target=_prefill, args=(q, barrier, home.socket_path, lay, plan,
+                                                        prefill.address, chunk_pages, timeout)))
+    for r in range(decode_tp):
+        lay = build_layout("decode", "D", decode_tp, r, layers, kv_heads, head_dim, dtype, page_size,
+                           num_pages, mla=mla, hisparse=hisparse)
+        procs.append(ctx.Process(target=_decode, args=(q, barrier, decode.socket_path, lay, plan,
+                                                       prefill.address, page_size, timeout)))
+    for proc in procs:
+        proc.start()
+    reports = [q.get(timeout=timeout + 60) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    return reports
+
+
+def throughput(reports) -> tuple[int, float]:
+    """(decode bytes, seconds) of one run: from the first rank's start to the last rank's end."""
+    dec = [r for r in reports if r.role == "decode"]
+    nbytes = sum(r.bytes for r in dec)
+    seconds = max(r.t_end for r in reports) - min(r.t_start for r in reports)
+    return nbytes, seconds
