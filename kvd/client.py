@@ -148,6 +148,7 @@ class ReplyTracker:
         self._next_id = 0
         self._stash: dict[int, RoomStatus] = {}
         self._sending: set[int] = set()
+        self._sent_pages: dict[int, int] = {}  # pages sent so far per prefill room in flight
         self.max_released = max_released
 
     def next_req_id(self) -> int:
@@ -234,9 +235,16 @@ class ReplyTracker:
 
     def send(self, pool_id: int, room: int, pages: Pages, is_last: bool,
              aux: bytes) -> tuple[Message, type[p.Ok]]:
-        msg = p.SendChunk(req_id=self.next_req_id(), pool_id=pool_id, room=room, pages=_pages(pages),
-                          is_last=bool(is_last), aux=bytes(aux))
+        arr = _pages(pages)
+        offset = self._sent_pages.get(room, 0) if room in self._sending else 0
+        msg = p.SendChunk(req_id=self.next_req_id(), pool_id=pool_id, room=room, pages=arr,
+                          is_last=bool(is_last), aux=bytes(aux), page_offset=offset)
         self.start_room(room, is_last=is_last, sending=True)
+        # The page offset tells kvd a late chunk of an ended room from a new room's first chunk.
+        if is_last:
+            self._sent_pages.pop(room, None)
+        else:
+            self._sent_pages[room] = offset + len(arr)
         return msg, p.Ok
 
     def recv(self, pool_id: int, room: int, bootstrap_addr: str, prefill_engine_id: str, pages: Pages,

@@ -22,7 +22,7 @@ import structlog
 from . import __version__
 from . import protocol as p
 from .config import Config
-from .engine_api import EngineServer
+from .engine_api import EngineServer, prepare_socket_path
 from .layout import LayoutError, PoolLayout, check_compatible
 from .memory import open_pool
 from .metrics import Metrics
@@ -365,6 +365,7 @@ class Daemon:
     async def start(self) -> None:
         c = self.config
         loop = asyncio.get_running_loop()
+        prepare_socket_path(c.socket_path)  # refuse a live socket before binding anything else
         self.transport = await loop.run_in_executor(None, lambda: MooncakeTransport(
             c.hostname, c.protocol, c.devices, c.workers, c.queues, c.max_batch_ops))
         await self.peers.start()

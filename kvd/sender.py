@@ -227,22 +227,39 @@ class SenderSide:
             asyncio.get_running_loop().create_task(self._drain(sr))
 
     async def _drain(self, sr: SenderRoom) -> None:
+        """Write every chunk that is ready: all of them planned first, then one batch per
+        receiver (receivers in parallel), so a burst of small chunks costs one round trip."""
         async with sr.lock:
             while sr.chunks and not sr.machine.state.final:
-                chunk = sr.chunks.pop(0)
+                chunks, sr.chunks = sr.chunks, []
                 try:
-                    await self._write_chunk(sr, chunk)
+                    planned: dict[int, tuple[ReceiverRequest, list[WriteOps]]] = {}
+                    for chunk in chunks:
+                        for req, ops in self._plan_chunk(sr, chunk):
+                            planned.setdefault(id(req), (req, []))[1].append(ops)
+                    await asyncio.gather(*(self._write(sr, req, WriteOps.concat(parts))
+                                           for req, parts in planned.values()))
                 except (PlanError, TransportError) as exc:
                     self.d.count_error("transport" if isinstance(exc, TransportError) else "plan")
                     self._fail(sr, str(exc))
                     return
-                if chunk.is_last:
-                    self._complete(sr, chunk.aux)
+                if sr.machine.state.value in ("waiting_for_input", "transferring"):
+                    self._transition(sr, RoomInput.PROGRESS, self.d.now())
+                if chunks[-1].is_last:
+                    self._complete(sr, chunks[-1].aux)
 
-    async def _write_chunk(self, sr: SenderRoom, chunk: Chunk) -> None:
+    async def _write(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps) -> None:
+        result = await self.d.transport.write(req.remote.session_id, ops.src, ops.dst, ops.length)
+        self.d.observe_batch(result)
+        sr.bytes_done += result.nbytes
+        self.d.send_peer(req.msg.src, self._status(req, ok=True, final=False, nbytes=sr.bytes_done))
+
+    def _plan_chunk(self, sr: SenderRoom, chunk: Chunk) -> list[tuple[ReceiverRequest, WriteOps]]:
+        """Write ops of one chunk for every live receiver, bounds-checked on both sides."""
         local = sr.pool.layout
         src_tokens = pages_to_tokens(chunk.pages, local.page_size)
         sr.src_pages_done += len(chunk.pages)
+        out = []
         for req in sr.requests.values():
             if req.dummy or req.aborted:
                 continue
@@ -273,12 +290,8 @@ class SenderSide:
                                                       req.remote.buffers, dst, s) for s in req.slices])
             check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
             check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
-            result = await self.d.transport.write(req.remote.session_id, ops.src, ops.dst, ops.length)
-            self.d.observe_batch(result)
-            sr.bytes_done += result.nbytes
-            self.d.send_peer(req.msg.src, self._status(req, ok=True, final=False, nbytes=sr.bytes_done))
-        if sr.machine.state.value == "waiting_for_input" or sr.machine.state.value == "transferring":
-            self._transition(sr, RoomInput.PROGRESS, self.d.now())
+            out.append((req, ops))
+        return out
 
     def _complete(self, sr: SenderRoom, aux: bytes) -> None:
         sr.aux = aux

@@ -71,7 +71,7 @@ class MooncakeTransport:
         self._pool = concurrent.futures.ThreadPoolExecutor(max(workers, queues),
                                                            thread_name_prefix="kvd-mooncake")
         # One semaphore per dispatch queue: at most `per_queue` batches of that queue in flight.
-        per_queue = max(1, workers // max(1, queues))
+        per_queue = max(2, workers // max(1, queues))
         self._queues = [asyncio.Semaphore(per_queue) for _ in range(max(1, queues))]
         self._registered: dict[int, int] = {}
 

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rooms", type=int, default=1)
     ap.add_argument("--chunk-pages", type=int, default=64)
     ap.add_argument("--mla", action="store_true")
+    ap.add_argument("--scattered", action="store_true",
+                    help="random pages on both sides (default: each room is one contiguous page run)")
     ap.add_argument("--hisparse", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args(argv)
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                                   kv_heads=args.kv_heads, layers=args.layers, head_dim=args.head_dim,
                                   page_size=args.page_size, num_pages=num_pages, rooms=args.rooms,
                                   pages_per_room=pages_per_room, mla=args.mla, hisparse=args.hisparse,
-                                  chunk_pages=args.chunk_pages, timeout=900)
+                                  chunk_pages=args.chunk_pages, timeout=900,
+                                  contiguous=not args.scattered)
             write_ops = prefill.status()["daemon"]["write_ops_total"]
         finally:
             prefill.stop()

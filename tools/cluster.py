@@ -111,11 +111,15 @@ def _decode(q, barrier, sock, layout, rooms, bootstrap, prefill_page_size, timeo
 
 
 def make_plan(rooms: int, pages_per_room: int, src_pages: int, dst_pages: int, seed: int = 0,
-              length_cut: bool = False, page_size: int = 1) -> list[RoomPlan]:
-    """Random, non-overlapping page choices on both sides (so untouched pages are checked too)."""
+              length_cut: bool = False, page_size: int = 1, contiguous: bool = False) -> list[RoomPlan]:
+    """Random, non-overlapping page choices on both sides (so untouched pages are checked too);
+    ``contiguous``: each room's pages are one run on both sides (a fresh pool's allocation)."""
     rng = random.Random(seed)
-    src = rng.sample(range(src_pages), rooms * pages_per_room)
-    dst = rng.sample(range(dst_pages), rooms * pages_per_room)
+    if contiguous:
+        src, dst = list(range(rooms * pages_per_room)), list(range(rooms * pages_per_room))
+    else:
+        src = rng.sample(range(src_pages), rooms * pages_per_room)
+        dst = rng.sample(range(dst_pages), rooms * pages_per_room)
     plans = []
     for i in range(rooms):
         s = src[i * pages_per_room:(i + 1) * pages_per_room]
@@ -144,7 +148,8 @@ def hisparse_plan(rooms: int, pages_per_room: int, src_pages: int, page_size: in
 def run_cluster(prefill, decode, *, prefill_tp: int, decode_tp: int, kv_heads: int = 8,
                 layers: int = 2, head_dim: int = 16, page_size: int = 4, num_pages: int = 64,
                 rooms: int = 3, pages_per_room: int = 5, mla: bool = False, hisparse: bool = False,
-                chunk_pages: int = 2, dtype: str = "bfloat16", timeout: float = 60.0) -> list:
+                chunk_pages: int = 2, dtype: str = "bfloat16", timeout: float = 60.0,
+                contiguous: bool = False) -> list:
     """Run a whole transfer; returns every rank's RankReport (asserting is the caller's job).
 
     ``prefill`` may be a list of daemons: prefill rank r registers with daemon r % len, and
@@ -155,7 +160,7 @@ def run_cluster(prefill, decode, *, prefill_tp: int, decode_tp: int, kv_heads: i
     if hisparse:
         plan = hisparse_plan(rooms, pages_per_room, num_pages, page_size, num_pages * page_size)
     else:
-        plan = make_plan(rooms, pages_per_room, num_pages, num_pages)
+        plan = make_plan(rooms, pages_per_room, num_pages, num_pages, contiguous=contiguous)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     barrier = ctx.Barrier(prefill_tp + decode_tp)
