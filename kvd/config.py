@@ -358,7 +358,7 @@ class Config:
     devices: str = ""
     workers: int = 4
     queues: int = 4
-    max_batch_ops: int = 65536
+    max_batch_ops: int = 1024
     bootstrap_timeout_s: float = 30.0
     waiting_timeout_s: float = 300.0
     transfer_timeout_s: float = 120.0

@@ -10,6 +10,7 @@ them, keeps the pools, the peer directory and the one state object that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -208,10 +209,8 @@ class Daemon:
                 self._info_waiters.setdefault(key, []).append(fut)
                 self.send_peer(bootstrap, p.EngineQuery(src=self.address, token=self.token,
                                                         engine_id=engine_id))
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(fut, timeout=0.5)
-                except TimeoutError:
-                    pass
                 if key in self._engine_info:
                     break
                 if fut.done() and "disagree" in fut.result().error:

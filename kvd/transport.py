@@ -51,7 +51,7 @@ class MooncakeTransport:
     """Mooncake TransferEngine with the P2P handshake (no metadata server)."""
 
     def __init__(self, hostname: str, protocol: str = "tcp", devices: str = "", workers: int = 4,
-                 queues: int = 4, max_batch_ops: int = 65536) -> None:
+                 queues: int = 4, max_batch_ops: int = 1024) -> None:
         try:
             from mooncake.engine import TransferEngine
         except ImportError as exc:  # pragma: no cover - install problem

@@ -46,7 +46,7 @@ def test_defaults() -> None:
     assert c.socket_mode == 0o660
     assert c.peer_port == 17500
     assert c.protocol == "tcp"
-    assert (c.workers, c.queues, c.max_batch_ops) == (4, 4, 65536)
+    assert (c.workers, c.queues, c.max_batch_ops) == (4, 4, 1024)
     assert (c.bootstrap_timeout_s, c.waiting_timeout_s, c.transfer_timeout_s) == (30.0, 300.0, 120.0)
     assert (c.heartbeat_interval_s, c.heartbeat_misses, c.abort_fence_s) == (2.0, 3, 10.0)
     assert c.staging_enabled is False

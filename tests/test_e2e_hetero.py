@@ -4,7 +4,6 @@ every kind of prefill/decode TP combination on the direct (per-slice) path."""
 from __future__ import annotations
 
 import pytest
-
 from e2e_cluster import run_cluster
 
 pytestmark = pytest.mark.e2e
