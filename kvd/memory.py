@@ -9,6 +9,7 @@ daemon maps it, never frees it, and never unlinks a segment.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -36,10 +37,9 @@ class OpenedPool:
         for obj in self._keep:
             close = getattr(obj, "close", None)
             if close is not None:
-                try:
+                # A view still exported: the mapping then goes with the process.
+                with contextlib.suppress(BufferError, ValueError):
                     close()
-                except (BufferError, ValueError):
-                    pass  # a view still exported; the mapping goes with the process
         self._keep.clear()
 
 

@@ -132,11 +132,17 @@ def make_plan(rooms: int, pages_per_room: int, src_pages: int, dst_pages: int, s
 
 
 def hisparse_plan(rooms: int, pages_per_room: int, src_pages: int, page_size: int, dst_tokens: int,
-                  seed: int = 0) -> list[RoomPlan]:
+                  seed: int = 0, contiguous: bool = False) -> list[RoomPlan]:
+    """HiSparse rooms: each ends mid-page; destinations are host-pool token indices, random
+    (scattered) or, with ``contiguous``, one run per room (a fresh host allocator)."""
     rng = random.Random(seed)
-    src = rng.sample(range(src_pages), rooms * pages_per_room)
+    if contiguous:
+        src = list(range(rooms * pages_per_room))
+        free = list(range(rooms * pages_per_room * page_size))
+    else:
+        src = rng.sample(range(src_pages), rooms * pages_per_room)
+        free = rng.sample(range(dst_tokens), rooms * pages_per_room * page_size)
     plans = []
-    free = rng.sample(range(dst_tokens), rooms * pages_per_room * page_size)
     for i in range(rooms):
         length = (pages_per_room - 1) * page_size + rng.randint(1, page_size)
         d = free[i * pages_per_room * page_size:][:length]
@@ -158,7 +164,8 @@ def run_cluster(prefill, decode, *, prefill_tp: int, decode_tp: int, kv_heads: i
     prefills = prefill if isinstance(prefill, list | tuple) else [prefill]
     prefill = prefills[0]
     if hisparse:
-        plan = hisparse_plan(rooms, pages_per_room, num_pages, page_size, num_pages * page_size)
+        plan = hisparse_plan(rooms, pages_per_room, num_pages, page_size, num_pages * page_size,
+                             contiguous=contiguous)
     else:
         plan = make_plan(rooms, pages_per_room, num_pages, num_pages, contiguous=contiguous)
     ctx = mp.get_context("spawn")
