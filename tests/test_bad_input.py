@@ -263,3 +263,40 @@ def test_hisparse_bad_claims_fail_cleanly(pair, pools):
         assert dc.wait(24, timeout=20).aux == b"h"
         for b in range(hl.num_buffers):
             assert np.array_equal(hh.buffer(b)[100:120], ph.buffer(b)[5 * 16:5 * 16 + 20])
+
+
+def test_peer_asking_for_heads_the_sender_does_not_have(pair, pools):
+    """A (forged) decode peer announces a TP-2 pool and asks prefill rank 0 of a TP-2 engine
+    to write receiver rank 1's heads, which rank 0 does not hold: refused with a reason,
+    counted, and the daemon keeps serving."""
+    pre_d, dec_d = pair
+    pl = PoolLayout("P", "prefill", 2, 0, 2, 4, 8, "bfloat16", 4, 16)
+    with pre_d.client() as pc:
+        pc.register_pool(pl, pools(pl), bootstrap=pre_d.address)
+        ctx = zmq.Context.instance()
+        inbox = ctx.socket(zmq.ROUTER)
+        port = inbox.bind_to_random_port("tcp://127.0.0.1")
+        me = f"tcp://127.0.0.1:{port}"
+        out = ctx.socket(zmq.DEALER)
+        out.setsockopt(zmq.LINGER, 0)
+        out.connect(pre_d.address)
+        forged = PoolLayout("D", "decode", 2, 1, 2, 4, 8, "bfloat16", 4, 16)
+        out.send(p.PoolAnnounce(src=me, token="", pool_key="forged", layout=forged.to_dict(),
+                                buffers=[4096 * (i + 1) for i in range(forged.num_buffers)],
+                                session_id="127.0.0.1:1", prefill_engine_id="P").encode())
+        out.send(p.TransferRequest(src=me, token="", room=5, transfer_id=77, pool_key="forged",
+                                   prefill_engine_id="P", sender_rank=0, dst_indices=np.arange(2),
+                                   dummy=False, deadline_s=5.0).encode())
+        replies = []
+        poller = zmq.Poller()
+        poller.register(inbox, zmq.POLLIN)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(isinstance(r, p.TransferStatus) for r in replies):
+            if poller.poll(200):
+                replies.append(p.decode(inbox.recv_multipart()[-1]))
+        out.close()
+        inbox.close(linger=0)
+    status = next(r for r in replies if isinstance(r, p.TransferStatus))
+    assert not status.ok and "none of its heads" in status.reason
+    assert errors(pre_d)["bad_request"] >= 1
+    good_room(pre_d, dec_d, pools, room=30)
