@@ -4,15 +4,9 @@ every kind of prefill/decode TP combination on the direct (per-slice) path."""
 from __future__ import annotations
 
 import pytest
-from e2e_cluster import run_cluster
+from e2e_cluster import check_reports, run_cluster
 
 pytestmark = pytest.mark.e2e
-
-
-def _check(reports) -> None:
-    bad = [(r.role, r.rank, r.rooms_failed, r.mismatches[:3], r.error) for r in reports if not r.ok]
-    assert not bad, bad
-    assert any(r.role == "decode" and r.bytes > 0 for r in reports)
 
 
 @pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads", [
@@ -23,13 +17,13 @@ def _check(reports) -> None:
 ])
 def test_hetero_tp_byte_exact(pair, prefill_tp, decode_tp, kv_heads):
     prefill, decode = pair
-    _check(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, kv_heads=kv_heads))
+    check_reports(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, kv_heads=kv_heads))
 
 
 @pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 4), (4, 1), (1, 1)])
 def test_mla_byte_exact(pair, prefill_tp, decode_tp):
     prefill, decode = pair
-    _check(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, mla=True,
+    check_reports(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, mla=True,
                        head_dim=24))
 
 
@@ -38,7 +32,7 @@ def test_prefill_ranks_served_by_several_daemons(daemons):
     another; the decode daemon discovers which daemon serves each rank."""
     flags = ("--timeouts-waiting-s", "20")
     node_a, node_b, decode = daemons("pa", *flags), daemons("pb", *flags), daemons("d", *flags)
-    _check(run_cluster([node_a, node_b], decode, prefill_tp=4, decode_tp=2, kv_heads=8))
+    check_reports(run_cluster([node_a, node_b], decode, prefill_tp=4, decode_tp=2, kv_heads=8))
 
 
 def test_prefill_ranks_that_disagree_on_layout_are_refused(pair):

@@ -197,3 +197,8 @@ def throughput(reports) -> tuple[int, float]:
     nbytes = sum(r.bytes for r in dec)
     seconds = max(r.t_end for r in reports) - min(r.t_start for r in reports)
     return nbytes, seconds
+
+
+def failures(reports) -> list[tuple]:
+    """(role, rank, failed rooms, first mismatches, error) of every rank that was not ok."""
+    return [(r.role, r.rank, r.rooms_failed, r.mismatches[:3], r.error) for r in reports if not r.ok]
