@@ -329,7 +329,13 @@ FIELDS: tuple[Field, ...] = (
     Field("staging", "pool_bytes", "staging_pool_bytes", parse_size,
           "size of the receive staging pool (int bytes or '4GiB', '64MiB')"),
     Field("staging", "chunk_tokens", "staging_chunk_tokens", _positive_int,
-          "tokens per staging chunk for contexts larger than the free space"),
+          "most tokens per staged chunk (a room larger than one chunk goes chunk by chunk)"),
+    Field("staging", "chunk_bytes", "staging_chunk_bytes", parse_size,
+          "most bytes per staged chunk region (all writers of the chunk together)"),
+    Field("staging", "prefetch_chunks", "staging_prefetch_chunks", _positive_int,
+          "chunk regions a room may hold at once (reserved ahead of the writes)"),
+    Field("staging", "kernel_threads", "staging_kernel_threads", _positive_int,
+          "threads that run gather/scatter kernels (CPU reference, or CUDA stream waits)"),
     Field("metrics", "address", "metrics_address", _address,
           "'host:port' to serve Prometheus /metrics on (empty = off)"),
     Field("log", "format", "log_format", _choice("auto", "console", "json"),
@@ -368,6 +374,9 @@ class Config:
     staging_enabled: bool = False
     staging_pool_bytes: int = 4 << 30
     staging_chunk_tokens: int = 8192
+    staging_chunk_bytes: int = 64 << 20
+    staging_prefetch_chunks: int = 2
+    staging_kernel_threads: int = 2
     metrics_address: str = ""
     log_format: str = "auto"
     log_level: str = "info"

@@ -62,7 +62,14 @@ class Daemon:
         self._info_waiters: dict[tuple[str, str], list[asyncio.Future]] = {}
         self._announced: dict[tuple[str, str, str], asyncio.Future] = {}
         self.errors: Counter[str] = Counter()
+        self.room_paths: Counter[str] = Counter()  # decode rooms started, by path
         self.address = ""
+        # Staged path: one registered staging pool per device, kernel tensors per pool.
+        self.staging: dict[str, Any] = {}  # device -> kvd.stagemem.StagingPool
+        self._pool_tensors: dict[int, Any] = {}
+        self._pool_device: dict[int, str] = {}
+        self._peer_staging: dict[tuple[str, str], bool] = {}
+        self._kernels: Any = None
         self._stop = asyncio.Event()
 
     # --- small services the room modules use ---------------------------------------------
@@ -98,23 +105,67 @@ class Daemon:
                 return pool
         return None
 
+    # --- staging (torch is imported only once staging is on) --------------------------------
+    @property
+    def kernels(self) -> Any:
+        """The gather/scatter runner (kvd.stagemem.KernelRunner), made on first use."""
+        if self._kernels is None:
+            from .stagemem import KernelRunner
+
+            self._kernels = KernelRunner(self.config.staging_kernel_threads)
+        return self._kernels
+
+    def staging_pool(self, pool: LocalPool) -> Any:
+        """The staging pool of a local pool's device (None: staging off for it)."""
+        device = self._pool_device.get(pool.pool_id)
+        return self.staging.get(device) if device else None
+
+    def pool_tensors(self, pool: LocalPool) -> Any:
+        """The pool's buffers as kernel tensors (built once, at registration)."""
+        return self._pool_tensors[pool.pool_id]
+
+    def _ensure_staging(self, device: str) -> Any:
+        from .stagemem import StagingPool
+
+        stage = self.staging.get(device)
+        if stage is None:
+            assert self.transport is not None
+            stage = StagingPool(device, self.config.staging_pool_bytes)
+            self.transport.register(stage.base, stage.nbytes)
+            self.staging[device] = stage
+            log.info("staging_ready", device=device, bytes=stage.nbytes, receive_bytes=stage.recv_bytes)
+        return stage
+
     # --- pools ----------------------------------------------------------------------------
     def register_pool(self, conn_id: int, msg: p.RegisterPool) -> LocalPool:
         """Open, check and register an engine's pool (raises LayoutError / ValueError / TransportError)."""
         layout = PoolLayout.from_dict(msg.layout)
         if layout.role == "prefill" and self.prefill_pool(layout.engine_id, layout.tp_rank):
             raise LayoutError(f"prefill rank {layout.engine_id}/{layout.tp_rank} is already registered")
+        if self.config.staging_enabled and layout.is_mla:
+            raise LayoutError("MLA pools cannot use the staging path (staging.enabled is on): MLA "
+                              "sends whole rows and needs no gather; run this engine's daemon with "
+                              "staging.enabled = false (KVD_STAGING_ENABLED=0)")
         opened = open_pool(layout, msg.memory)
         assert self.transport is not None
         try:
             for base, length in opened.regions:
                 self.transport.register(base, length)
+            tensors = None
+            if self.config.staging_enabled and not layout.hisparse:
+                from .stagemem import device_of, pool_tensors
+
+                tensors = pool_tensors(layout, opened)
+                self._ensure_staging(device_of(opened))
         except Exception:
             for base, _ in opened.regions:
                 self.transport.unregister(base)
             opened.close()
             raise
         pool_id = self._next_pool
+        if tensors is not None:
+            self._pool_tensors[pool_id] = tensors
+            self._pool_device[pool_id] = device_of(opened)
         self._next_pool += 1
         pool = LocalPool(pool_id, f"{self.address}#{self.boot_id}#{pool_id}", layout, opened, conn_id,
                          bootstrap=msg.bootstrap)
@@ -152,6 +203,8 @@ class Daemon:
             for pool in closing:
                 if pool.pool_id not in busy:
                     del self.pools[pool.pool_id]
+                    self._pool_tensors.pop(pool.pool_id, None)
+                    self._pool_device.pop(pool.pool_id, None)
                     for base, _ in pool.opened.regions:
                         assert self.transport is not None
                         self.transport.unregister(base)
@@ -232,17 +285,20 @@ class Daemon:
                 fut.set_result(msg)
 
     async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str,
-                            machine: RoomMachine) -> None:
+                            machine: RoomMachine) -> bool:
+        """Announce a decode pool to a sender daemon once; True if both sides will stage."""
         key = (daemon, pool.key, engine_id)
         fut = self._announced.get(key)
         if fut is None or (fut.done() and fut.exception() is not None):
             fut = asyncio.get_running_loop().create_future()
             self._announced[key] = fut
             assert self.transport is not None
+            stage = self.staging_pool(pool)
             self.send_peer(daemon, p.PoolAnnounce(
                 src=self.address, token=self.token, pool_key=pool.key, layout=pool.layout.to_dict(),
                 buffers=list(pool.buffers), session_id=self.transport.session_id,
-                prefill_engine_id=engine_id))
+                prefill_engine_id=engine_id, staging_base=stage.base if stage else 0,
+                staging_bytes=stage.recv_bytes if stage else 0))
         deadline = machine.deadline
         timeout = max(0.1, deadline - self.now()) if deadline is not None else None
         try:
@@ -250,6 +306,7 @@ class Daemon:
         except TimeoutError:
             self._announced.pop(key, None)
             raise TimeoutError(f"prefill daemon {daemon} did not accept pool {pool.key}") from None
+        return self.staging_pool(pool) is not None and self._peer_staging.get((daemon, pool.key), False)
 
     def on_pool_announce(self, msg: p.PoolAnnounce) -> None:
         error = ""
@@ -264,18 +321,24 @@ class Daemon:
             if sender is None:
                 raise LayoutError(f"no rank of prefill engine {msg.prefill_engine_id!r} is served here")
             check_compatible(sender, layout)
+            if msg.staging_base < 0 or msg.staging_bytes < 0:
+                raise LayoutError(f"staging range [{msg.staging_base}, +{msg.staging_bytes}) is invalid")
             self.remote_pools[msg.pool_key] = RemotePool(msg.pool_key, layout, list(msg.buffers),
-                                                         msg.session_id, msg.src)
+                                                         msg.session_id, msg.src,
+                                                         staging_base=msg.staging_base,
+                                                         staging_bytes=msg.staging_bytes)
         except (LayoutError, ValueError) as exc:
             self.count_error("layout")
             error = str(exc)
+        staging = not error and self.config.staging_enabled and msg.staging_bytes > 0 and bool(self.staging)
         self.send_peer(msg.src, p.PoolAck(src=self.address, token=self.token, pool_key=msg.pool_key,
-                                          ok=not error, error=error))
+                                          ok=not error, error=error, staging=staging))
 
     def on_pool_ack(self, msg: p.PoolAck) -> None:
         for (daemon, pool_key, _), fut in self._announced.items():
             if daemon == msg.src and pool_key == msg.pool_key and not fut.done():
                 if msg.ok:
+                    self._peer_staging[(daemon, pool_key)] = msg.staging
                     fut.set_result(True)
                 else:
                     fut.set_exception(LayoutError(msg.error))
@@ -307,6 +370,10 @@ class Daemon:
                 self.senders.on_abort(msg)
             case p.AbortAck():
                 self.receivers.on_abort_ack(msg)
+            case p.StagingGrant():
+                self.senders.on_grant(msg)
+            case p.ChunkWritten():
+                self.receivers.on_chunk_written(msg)
             case _:
                 self.count_error("protocol")
 
@@ -337,9 +404,9 @@ class Daemon:
                 "hostname": self.config.hostname, "peer_address": self.address,
                 "transport": {"protocol": t.protocol if t else "-", "devices": t.devices if t else "-",
                               "session_id": t.session_id if t else "-"},
-                "staging": {"enabled": self.config.staging_enabled, "pool_bytes": 0,
-                            "reserved_bytes": 0, "in_use_bytes": 0, "waiting_rooms": 0},
+                "staging": self._staging_snapshot(),
                 "errors": dict(self.errors),
+                "rooms_by_path": dict(self.room_paths),
                 "bytes_total": int(counts.get("bytes_sent", 0)),
                 "write_ops_total": int(counts.get("write_ops", 0)),
                 "pools": [{"pool_id": x.pool_id, "key": x.key, "layout": x.layout.describe()}
@@ -348,6 +415,20 @@ class Daemon:
             "rooms": rooms,
             "peers": self.peers.snapshot(rooms),
         }
+
+    def _staging_snapshot(self) -> dict[str, Any]:
+        pools = [stage.stats() for stage in self.staging.values()]
+        return {"enabled": self.config.staging_enabled,
+                "pool_bytes": sum(x["pool_bytes"] for x in pools),
+                "reserved_bytes": sum(x["reserved_bytes"] for x in pools),
+                "in_use_bytes": sum(x["in_use_bytes"] for x in pools),
+                "waiting_rooms": sum(x["waiting"] for x in pools),
+                "whole": all(x["whole"] for x in pools),
+                "staged_rooms": sum(1 for rr in self.receivers.rooms.values() if rr.staged)
+                + sum(1 for sr in self.senders.rooms.values() if sr.path == "staged"),
+                "kernel_seconds": {k: round(v, 4) for k, v in
+                                   (self._kernels.busy_s.items() if self._kernels else ())},
+                "pools": pools}
 
     def _update_room_gauges(self) -> None:
         counts: Counter[tuple[str, str]] = Counter()
@@ -401,6 +482,11 @@ class Daemon:
         await self.engines.stop()
         await self.peers.stop()
         self.metrics.stop_http()
+        for stage in self.staging.values():
+            stage.close()
+        if self._kernels is not None:
+            self._kernels.close()
+        self._pool_tensors.clear()
         for pool in self.pools.values():
             pool.opened.close()
         if self.transport is not None:

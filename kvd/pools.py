@@ -55,6 +55,8 @@ class RemotePool:
     buffers: list[int]
     session_id: str
     daemon: str
+    staging_base: int = 0  # the receiver's staging pool (staged path); 0 bytes: none
+    staging_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
     def regions(self) -> list[tuple[int, int]]:

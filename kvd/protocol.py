@@ -365,26 +365,35 @@ class EngineInfo:
 
 @_message(37, Field("src", "str"), Field("token", "str"), Field("pool_key", "str"),
           Field("layout", "map"), Field("buffers", "ints"), Field("session_id", "str"),
-          Field("prefill_engine_id", "str"))
+          Field("prefill_engine_id", "str"), Field("staging_base", "int", 0, since=2),
+          Field("staging_bytes", "int", 0, since=2))
 class PoolAnnounce:
     """Decode daemon -> prefill daemon, once per (decode pool, prefill engine): the receiver's
-    layout and registered buffer addresses, so per-room requests stay small."""
+    layout and registered buffer addresses, so per-room requests stay small. A receiver with
+    a staging pool names its registered range (``staging_bytes`` 0: none, or an older peer)."""
 
 
 @_message(38, Field("src", "str"), Field("token", "str"), Field("pool_key", "str"),
-          Field("ok", "bool"), Field("error", "str", ""))
+          Field("ok", "bool"), Field("error", "str", ""), Field("staging", "bool", False, since=2))
 class PoolAck:
-    """Prefill daemon accepts (or refuses, naming both layouts) a decode pool."""
+    """Prefill daemon accepts (or refuses, naming both layouts) a decode pool. ``staging``:
+    it will take the staged path for this pool (an older peer leaves it False: per-slice)."""
 
 
 @_message(39, Field("src", "str"), Field("token", "str"), Field("room", "int"),
           Field("transfer_id", "int"), Field("pool_key", "str"), Field("prefill_engine_id", "str"),
           Field("sender_rank", "int"), Field("dst_indices", "indices"), Field("dummy", "bool"),
-          Field("deadline_s", "float"), Field("enable_hisparse", "bool", False, since=2))
+          Field("deadline_s", "float"), Field("enable_hisparse", "bool", False, since=2),
+          Field("chunk_tokens", "int", 0, since=2), Field("writer", "int", 0, since=2),
+          Field("writers", "int", 0, since=2))
 class TransferRequest:
     """Decode -> prefill, per room and sender rank: where to write (page indices, or token
     indices into a HiSparse host pool). A dummy request has nothing to write; it only lets
-    a replica sender finish. transfer_id tells a reused room id's transfers apart."""
+    a replica sender finish. transfer_id tells a reused room id's transfers apart.
+
+    ``chunk_tokens`` > 0 asks for the staged path: the room goes in chunks of that many
+    tokens, this sender's block is number ``writer`` of ``writers`` in each chunk's region,
+    and each region's offset follows in a StagingGrant."""
 
 
 @_message(40, Field("src", "str"), Field("token", "str"), Field("room", "int"),
@@ -409,8 +418,24 @@ class AbortAck:
     """Prefill -> decode: every write of the room has finished or will never be issued."""
 
 
+@_message(43, Field("src", "str"), Field("token", "str"), Field("room", "int"),
+          Field("transfer_id", "int"), Field("pool_key", "str"), Field("sender_rank", "int"),
+          Field("chunk", "int"), Field("offset", "int"))
+class StagingGrant:
+    """Decode -> prefill (staged path): chunk ``chunk``'s region starts at ``offset`` in the
+    receiver's staging pool. Sent as space frees up, a few chunks ahead of the writes."""
+
+
+@_message(44, Field("src", "str"), Field("token", "str"), Field("room", "int"),
+          Field("transfer_id", "int"), Field("pool_key", "str"), Field("sender_rank", "int"),
+          Field("chunk", "int"), Field("nbytes", "int"))
+class ChunkWritten:
+    """Prefill -> decode (staged path): this sender's block of a chunk has landed."""
+
+
 PEER_MESSAGES = (Heartbeat, HeartbeatAck, RankAnnounce, EngineQuery, EngineInfo, PoolAnnounce,
-                 PoolAck, TransferRequest, TransferStatus, AbortTransfer, AbortAck)
+                 PoolAck, TransferRequest, TransferStatus, AbortTransfer, AbortAck, StagingGrant,
+                 ChunkWritten)
 ENGINE_REQUESTS = (RegisterPool, SendChunk, RecvRoom, PollRoom, AbortRoom, StatusRequest)
 
 __all__ = [
@@ -419,5 +444,6 @@ __all__ = [
     "RegisterPool", "PoolRegistered", "SendChunk", "RecvRoom", "PollRoom", "AbortRoom",
     "StatusRequest", "StatusReply", "Ok", "ErrorReply", "RoomEvent",
     "Heartbeat", "HeartbeatAck", "RankAnnounce", "EngineQuery", "EngineInfo", "PoolAnnounce",
-    "PoolAck", "TransferRequest", "TransferStatus", "AbortTransfer", "AbortAck",
+    "PoolAck", "TransferRequest", "TransferStatus", "AbortTransfer", "AbortAck", "StagingGrant",
+    "ChunkWritten",
 ]

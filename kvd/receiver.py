@@ -20,12 +20,23 @@ import structlog
 
 from . import protocol as p
 from .layout import LayoutError, PoolLayout, check_compatible
-from .planner import PlanError, map_heads
+from .planner import PlanError, map_heads, pages_to_tokens
 from .pools import LocalPool
+from .ring import RingError, RingSlot
 from .rooms import CompletionTracker, Deadlines, RoomError, RoomInput, RoomMachine, RoomState
+from .staging import (
+    ChunkLedger,
+    StagedWriter,
+    StagingError,
+    block_bytes_per_token,
+    plan_chunks,
+    staged_writers,
+    staging_applies,
+)
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .stagemem import StagingPool
 
 log = structlog.get_logger("kvd.receiver")
 
@@ -38,6 +49,21 @@ class SenderLink:
     final: bool = False      # sent a final status: it will write nothing more
     acked: bool = False      # answered our abort
     bytes_written: int = 0
+
+
+@dataclass
+class StagedReceive:
+    """A room on the staged path: its writers, chunk ledger and the regions it holds."""
+
+    writers: tuple[StagedWriter, ...]
+    ledger: ChunkLedger
+    stage: StagingPool
+    dst_tokens: np.ndarray
+    slots: dict[int, RingSlot] = field(default_factory=dict)  # chunk -> receive-ring region
+    landed: dict[int, int] = field(default_factory=dict)  # chunk -> bytes peers wrote into it
+    scattering: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
 
 
 @dataclass
@@ -58,6 +84,7 @@ class ReceiverRoom:
     abort_sent: bool = False
     dead_since: float | None = None
     task: asyncio.Task | None = None
+    staged: StagedReceive | None = None
 
     @property
     def bytes_done(self) -> int:
@@ -107,8 +134,11 @@ class ReceiverSide:
             for s in mapping.notified_senders(local.tp_rank):
                 rr.senders[s] = SenderLink(s, info.daemons[s], dummy=s not in required)
             rr.tracker = CompletionTracker(required)
+            willing = True
             for daemon in sorted(rr.peers()):
-                await self.d.announce_pool(daemon, rr.pool, rr.prefill_engine_id, rr.machine)
+                willing &= await self.d.announce_pool(daemon, rr.pool, rr.prefill_engine_id, rr.machine)
+            if willing and not staging_applies(layouts[0], local, hisparse=rr.hisparse):
+                rr.staged = self._plan_staged(rr, mapping)
         except (LayoutError, PlanError) as exc:
             self.d.count_error("layout")
             self.fail(rr, str(exc))
@@ -118,14 +148,129 @@ class ReceiverSide:
             return
         if rr.machine.state.final:
             return
+        st = rr.staged
         for link in rr.senders.values():
+            writer = st.ledger.writer_index(link.rank) if st and not link.dummy else 0
             self.d.send_peer(link.daemon, p.TransferRequest(
                 src=self.d.address, token=self.d.token, room=rr.room, transfer_id=rr.transfer_id,
                 pool_key=rr.pool.key, prefill_engine_id=rr.prefill_engine_id, sender_rank=link.rank,
                 dst_indices=np.empty(0, np.int64) if link.dummy else rr.dst_indices,
                 dummy=link.dummy, deadline_s=rr.machine.deadlines.waiting_for_input,
-                enable_hisparse=rr.hisparse))
+                enable_hisparse=rr.hisparse,
+                chunk_tokens=st.ledger.geometry.chunk_tokens if st and not link.dummy else 0,
+                writer=writer, writers=len(st.writers) if st and not link.dummy else 0))
         self._apply(rr, RoomInput.BOOTSTRAPPED)
+        self.d.room_paths["hisparse" if rr.hisparse else "staged" if st else "direct"] += 1
+        if st is not None:
+            st.task = asyncio.get_running_loop().create_task(self._grant_chunks(rr, st))
+
+    # --- staged path --------------------------------------------------------------------
+    def _plan_staged(self, rr: ReceiverRoom, mapping) -> StagedReceive | None:
+        """Chunk plan of a staged room, or None (per-slice) when staging cannot express it."""
+        stage = self.d.staging_pool(rr.pool)
+        writers = staged_writers(mapping, rr.pool.layout.tp_rank)
+        if stage is None or writers is None or len(rr.dst_indices) == 0:
+            return None
+        local, c = rr.pool.layout, self.d.config
+        geometry = plan_chunks(len(rr.dst_indices) * local.page_size,
+                               block_bytes_per_token(local, writers[0].num_heads), len(writers),
+                               max_tokens=c.staging_chunk_tokens,
+                               max_region_bytes=min(c.staging_chunk_bytes, stage.recv_bytes // 2),
+                               page_size=local.page_size)
+        return StagedReceive(writers, ChunkLedger(geometry, tuple(w.sender_rank for w in writers)), stage,
+                             pages_to_tokens(rr.dst_indices, local.page_size))
+
+    async def _grant_chunks(self, rr: ReceiverRoom, st: StagedReceive) -> None:
+        """Reserve chunk regions a few ahead of the writes (the first ones at once: prefetch),
+        waiting for space when the pool is full, and tell every writer where each one is."""
+        ledger = st.ledger
+        try:
+            while not ledger.all_granted and not rr.machine.state.final:
+                while ledger.outstanding >= self.d.config.staging_prefetch_chunks:
+                    st.wake.clear()
+                    await st.wake.wait()
+                    if rr.machine.state.final:
+                        return
+                size = ledger.geometry.region_bytes(ledger.next_grant)
+                deadline = rr.machine.deadline
+                slot = await st.stage.recv.alloc(size, max(0.1, deadline - self.d.now()) if deadline else None)
+                if rr.machine.state.final or rr.released:
+                    st.stage.recv.free(slot.slot_id)
+                    return
+                chunk = ledger.grant(slot.offset)
+                st.slots[chunk] = slot
+                for w in st.writers:
+                    link = rr.senders[w.sender_rank]
+                    self.d.send_peer(link.daemon, p.StagingGrant(
+                        src=self.d.address, token=self.d.token, room=rr.room, transfer_id=rr.transfer_id,
+                        pool_key=rr.pool.key, sender_rank=w.sender_rank, chunk=chunk, offset=slot.offset))
+        except TimeoutError:
+            self.d.count_error("staging")
+            self.fail(rr, f"no staging space for {ledger.geometry.region_bytes(ledger.next_grant)} bytes "
+                          f"before the room's deadline (pool {st.stage.recv_bytes} bytes)")
+        except RingError as exc:
+            self.d.count_error("staging")
+            self.fail(rr, f"staging: {exc}")
+
+    def on_chunk_written(self, msg: p.ChunkWritten) -> None:
+        rr = self._lookup(msg.transfer_id, msg.pool_key, msg.room)
+        if rr is None:
+            return
+        link = rr.senders.get(msg.sender_rank)
+        st = rr.staged
+        try:
+            if link is None or link.daemon != msg.src or st is None:
+                raise StagingError(f"chunk report from unexpected sender rank {msg.sender_rank} at {msg.src}")
+            complete = st.ledger.report(msg.chunk, msg.sender_rank, msg.nbytes)
+        except StagingError as exc:
+            self.d.count_error("bad_peer_message")
+            self.fail(rr, str(exc))
+            return
+        link.bytes_written += msg.nbytes
+        st.landed[msg.chunk] = st.landed.get(msg.chunk, 0) + msg.nbytes
+        st.stage.data_bytes += msg.nbytes
+        if rr.machine.state in (RoomState.WAITING_FOR_INPUT, RoomState.TRANSFERRING):
+            self._apply(rr, RoomInput.PROGRESS)
+        if complete and not rr.machine.state.final:
+            st.scattering += 1
+            asyncio.get_running_loop().create_task(self._scatter(rr, st, msg.chunk))
+
+    async def _scatter(self, rr: ReceiverRoom, st: StagedReceive, chunk: int) -> None:
+        """Unpack one complete chunk into the pool, free its region, let the next one be granted."""
+        geometry = st.ledger.geometry
+        start, end = geometry.tokens(chunk)
+        try:
+            await self.d.kernels.scatter(st.stage.view(st.slots[chunk].offset, geometry.region_bytes(chunk)),
+                                         self.d.pool_tensors(rr.pool), st.dst_tokens[start:end],
+                                         [w.dst_head_offset for w in st.writers], st.writers[0].num_heads)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            st.scattering -= 1
+            self.d.count_error("staging")
+            self.fail(rr, f"scatter of chunk {chunk} failed: {exc}")
+            return
+        st.scattering -= 1
+        st.ledger.scattered.add(chunk)
+        self._free_region(st, chunk)
+        st.wake.set()
+        if rr.machine.state.final:
+            self._maybe_release(rr)
+        else:
+            self._maybe_complete(rr)
+
+    def _free_region(self, st: StagedReceive, chunk: int) -> None:
+        slot = st.slots.pop(chunk, None)
+        if slot is not None:
+            st.stage.recv.free(slot.slot_id)
+        st.stage.data_bytes -= st.landed.pop(chunk, 0)
+
+    def _maybe_complete(self, rr: ReceiverRoom) -> None:
+        if rr.tracker is None or not rr.tracker.done or rr.machine.state.final:
+            return
+        if rr.staged is not None and not rr.staged.ledger.done:
+            return  # every sender finished; the last scatters are still running
+        self._apply(rr, RoomInput.COMPLETED)
+        self.d.observe_room(self.d.now() - rr.machine.created_at)
+        self._maybe_release(rr)
 
     # --- peer messages ------------------------------------------------------------------
     def _lookup(self, transfer_id: int, pool_key: str, room: int) -> ReceiverRoom | None:
@@ -163,16 +308,17 @@ class ReceiverSide:
         assert rr.tracker is not None
         try:
             rr.tracker.report(msg.sender_rank, True)
-        except RoomError as exc:
+            missing = rr.staged.ledger.missing_from(msg.sender_rank) if rr.staged else []
+            if missing:
+                raise StagingError(f"sender rank {msg.sender_rank} finished without writing chunks "
+                                   f"{missing[:4]} of {rr.staged.ledger.geometry.num_chunks}")  # type: ignore[union-attr]
+        except (RoomError, StagingError) as exc:
             self.d.count_error("bad_peer_message")
             self.fail(rr, str(exc))
             return
         if msg.aux and not rr.aux:
             rr.aux = msg.aux
-        if rr.tracker.done and not rr.machine.state.final:
-            self._apply(rr, RoomInput.COMPLETED)
-            self.d.observe_room(self.d.now() - rr.machine.created_at)
-            self._maybe_release(rr)
+        self._maybe_complete(rr)
 
     def on_abort_ack(self, msg: p.AbortAck) -> None:
         rr = self._by_transfer.get(msg.transfer_id)
@@ -212,8 +358,11 @@ class ReceiverSide:
         if rr.machine.state is RoomState.SUCCESS:
             return []
         fence_over = rr.dead_since is not None and now - rr.dead_since >= self.d.config.abort_fence_s
-        return [s.rank for s in rr.senders.values()
-                if not (s.dummy or s.final or s.acked or fence_over)]
+        writers = [s.rank for s in rr.senders.values()
+                   if not (s.dummy or s.final or s.acked or fence_over)]
+        if rr.staged is not None and rr.staged.scattering:
+            writers.append(-1)  # this daemon's own scatter into the pages
+        return writers
 
     def _maybe_release(self, rr: ReceiverRoom) -> None:
         if rr.released or not rr.machine.state.final:
@@ -226,6 +375,12 @@ class ReceiverSide:
         self._by_transfer.pop(rr.transfer_id, None)
         if rr.task is not None and not rr.task.done():
             rr.task.cancel()
+        st = rr.staged
+        if st is not None:  # no writer can land any more: the regions go back to the pool
+            if st.task is not None and not st.task.done():
+                st.task.cancel()
+            for chunk in list(st.slots):
+                self._free_region(st, chunk)
         self._tell(rr)
 
     def _tell(self, rr: ReceiverRoom) -> None:
@@ -287,7 +442,7 @@ class ReceiverSide:
                         "peer": ",".join(sorted(rr.peers())) or rr.bootstrap_addr,
                         "state": rr.machine.state.value + ("" if not rr.machine.state.final or rr.released
                                                            else " (unreleased)"),
-                        "path": "hisparse" if rr.hisparse else "direct",
+                        "path": "hisparse" if rr.hisparse else "staged" if rr.staged else "direct",
                         "bytes_done": rr.bytes_done, "bytes_total": rr.bytes_total,
                         "age_s": round(now - rr.machine.created_at, 3),
                         "senders_required": sorted(tracker.required) if tracker else [],

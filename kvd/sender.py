@@ -31,13 +31,28 @@ from .planner import (
     plan_direct_writes,
 )
 from .pools import LocalPool, RemotePool, check_page_indices
+from .ring import RingError
 from .rooms import Deadlines, RoomInput, RoomMachine
+from .staging import ChunkGeometry, StagingError, block_bytes_per_token, check_grant
 from .transport import TransportError
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = structlog.get_logger("kvd.sender")
+
+
+@dataclass
+class StagedSend:
+    """A request on the staged path: chunk geometry, the receiver's grants, progress."""
+
+    geometry: ChunkGeometry
+    writer: int
+    grants: dict[int, int] = field(default_factory=dict)  # chunk -> region offset at the receiver
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    started: bool = False
+    done: bool = False
+    chunks_written: int = 0
 
 
 @dataclass
@@ -50,6 +65,8 @@ class ReceiverRequest:
     dst_cursor: int = 0  # pages (or HiSparse tokens) of dst_indices already written
     aborted: bool = False
     reported: bool = False
+    staged: StagedSend | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # fence of this request's staged writes
 
     @property
     def dummy(self) -> bool:
@@ -80,6 +97,18 @@ class SenderRoom:
     aux: bytes = b""
     path: str = "direct"
     engine_told: bool = False
+    direct_done: bool = False  # every chunk of the per-slice requests is written
+    src_tokens: list[np.ndarray] = field(default_factory=list)  # room tokens so far (staged path)
+    src_token_count: int = 0
+
+    def tokens_upto(self, end: int) -> np.ndarray:
+        """The room's first ``end`` source tokens (the engine's chunks, concatenated once)."""
+        if len(self.src_tokens) > 1:
+            self.src_tokens = [np.concatenate(self.src_tokens)]
+        return self.src_tokens[0][:end]
+
+    def staged(self) -> list[ReceiverRequest]:
+        return [r for r in self.requests.values() if r.staged is not None]
 
     @property
     def key(self) -> tuple[int, int]:
@@ -94,6 +123,7 @@ class SenderSide:
         self.rooms: dict[tuple[int, int], SenderRoom] = {}
         # transfer ids that ended or were aborted: a late request for one is dropped.
         self._ended: OrderedDict[int, None] = OrderedDict()
+        self._staged: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
 
     def _deadlines(self) -> Deadlines:
         c = self.d.config
@@ -125,6 +155,10 @@ class SenderSide:
             raise PlanError(f"room {msg.room} already got its last chunk")
         sr.chunks.append(Chunk(msg.pages, msg.is_last, msg.aux))
         sr.got_last = msg.is_last
+        sr.src_tokens.append(pages_to_tokens(msg.pages, pool.layout.page_size))
+        sr.src_token_count += len(msg.pages) * pool.layout.page_size
+        for req in sr.staged():
+            req.staged.wake.set()  # type: ignore[union-attr]
         self._kick(sr)
 
     def on_request(self, msg: p.TransferRequest) -> None:
@@ -160,6 +194,9 @@ class SenderSide:
         sr.requests[rkey] = req
         if msg.enable_hisparse:
             sr.path = "hisparse"
+        if req.staged is not None:
+            sr.path = "staged"
+            self._staged[(msg.transfer_id, msg.sender_rank)] = (sr, req)
         if sr.machine.state.final:
             self._reply(msg, ok=False, reason=sr.machine.reason or "room already ended")
             return
@@ -189,7 +226,50 @@ class SenderSide:
                 remote.check_tokens(dst, "destination token indices")
             else:
                 check_page_indices(dst, remote.layout.num_pages, "destination pages")
-        return ReceiverRequest(msg, remote, slices)
+        staged = None
+        if msg.chunk_tokens and not msg.dummy:
+            staged = self._validate_staged(sr, msg, remote, slices)
+        return ReceiverRequest(msg, remote, slices, staged=staged)
+
+    def _validate_staged(self, sr: SenderRoom, msg: p.TransferRequest, remote: RemotePool,
+                         slices: tuple[HeadSlice, ...]) -> StagedSend:
+        if self.d.staging_pool(sr.pool) is None:
+            raise StagingError("the receiver asked for the staged path but staging is off on this daemon")
+        if remote.staging_bytes <= 0:
+            raise StagingError(f"decode pool {remote.key} announced no staging pool")
+        if len(slices) != 1:
+            raise StagingError(f"the staged path needs one head run per pair, this pair has {len(slices)}")
+        if msg.enable_hisparse:
+            raise StagingError("HiSparse rooms do not take the staged path")
+        if not 0 <= msg.writer < msg.writers:
+            raise StagingError(f"writer {msg.writer} outside the chunk's {msg.writers} writers")
+        local = sr.pool.layout
+        geometry = ChunkGeometry(len(msg.dst_indices) * local.page_size, msg.chunk_tokens, msg.writers,
+                                 block_bytes_per_token(local, slices[0].num_heads))
+        if geometry.region_bytes(0) > remote.staging_bytes:
+            raise StagingError(f"a chunk region of {geometry.region_bytes(0)} bytes exceeds the receiver's "
+                               f"{remote.staging_bytes}-byte staging pool")
+        return StagedSend(geometry, msg.writer)
+
+    def on_grant(self, msg: p.StagingGrant) -> None:
+        """The receiver reserved chunk ``msg.chunk``'s region: check it lies in its staging pool."""
+        found = self._staged.get((msg.transfer_id, msg.sender_rank))
+        if found is None or found[1].msg.pool_key != msg.pool_key or found[1].msg.src != msg.src:
+            self.d.count_error("stale_message")
+            return
+        sr, req = found
+        st = req.staged
+        assert st is not None
+        try:
+            check_grant(st.geometry, msg.chunk, msg.offset, req.remote.staging_bytes)
+            if msg.chunk in st.grants or msg.chunk < st.chunks_written:
+                raise StagingError(f"chunk {msg.chunk} granted twice")
+        except StagingError as exc:
+            self.d.count_error("bad_peer_message")
+            self._fail(sr, f"bad staging grant from {msg.src}: {exc}")
+            return
+        st.grants[msg.chunk] = msg.offset
+        st.wake.set()
 
     def on_abort(self, msg: p.AbortTransfer) -> None:
         self._ended[msg.transfer_id] = None
@@ -205,7 +285,9 @@ class SenderSide:
         if found:
             sr, req = found
             req.aborted = True
-            async with sr.lock:  # fence: the batch in flight (if any) has finished
+            if req.staged is not None:
+                req.staged.wake.set()
+            async with sr.lock, req.lock:  # fence: the batch in flight (if any) has finished
                 pass
             self._fail(sr, f"aborted by receiver: {msg.reason or 'abort'}")
         self.d.send_peer(msg.src, p.AbortAck(src=self.d.address, token=self.d.token, room=msg.room,
@@ -223,8 +305,14 @@ class SenderSide:
         if sr.expected is not None and len(sr.requests) >= sr.expected \
                 and sr.machine.state.value == "bootstrapping":
             self._transition(sr, RoomInput.BOOTSTRAPPED, now)
-        if sr.machine.state.value in ("waiting_for_input", "transferring") and sr.chunks:
-            asyncio.get_running_loop().create_task(self._drain(sr))
+        if sr.machine.state.value in ("waiting_for_input", "transferring"):
+            if sr.chunks:
+                asyncio.get_running_loop().create_task(self._drain(sr))
+            for req in sr.staged():
+                assert req.staged is not None
+                if not req.staged.started:
+                    req.staged.started = True
+                    asyncio.get_running_loop().create_task(self._run_staged(sr, req))
 
     async def _drain(self, sr: SenderRoom) -> None:
         """Write every chunk that is ready: all of them planned first, then one batch per
@@ -246,7 +334,101 @@ class SenderSide:
                 if sr.machine.state.value in ("waiting_for_input", "transferring"):
                     self._transition(sr, RoomInput.PROGRESS, self.d.now())
                 if chunks[-1].is_last:
-                    self._complete(sr, chunks[-1].aux)
+                    sr.aux = chunks[-1].aux
+                    sr.direct_done = True
+                    self._maybe_complete(sr)
+
+    # --- staged path --------------------------------------------------------------------
+    async def _run_staged(self, sr: SenderRoom, req: ReceiverRequest) -> None:
+        """Gather chunk c+1 while chunk c is on the wire; one bulk write per chunk, in order."""
+        st = req.staged
+        assert st is not None
+        stage = self.d.staging_pool(sr.pool)
+        assert stage is not None
+        writing: asyncio.Task | None = None
+        try:
+            for chunk in range(st.geometry.num_chunks):
+                start, end = st.geometry.tokens(chunk)
+                while not self._staged_ready(sr, req, chunk, end):
+                    st.wake.clear()
+                    if not self._staged_ready(sr, req, chunk, end):
+                        await st.wake.wait()
+                if req.aborted or sr.machine.state.final:
+                    return
+                block = st.geometry.block_bytes(chunk)
+                slot = await stage.send.alloc(block, self._time_left(sr))
+                try:
+                    await self.d.kernels.gather(self.d.pool_tensors(sr.pool), sr.tokens_upto(end)[start:],
+                                                req.slices[0].src_head_offset, req.slices[0].num_heads,
+                                                stage.send_view(slot.offset, block))
+                except BaseException:
+                    stage.send.free(slot.slot_id)
+                    raise
+                if writing is not None:
+                    await writing
+                writing = asyncio.get_running_loop().create_task(self._write_staged(sr, req, chunk, slot))
+            if writing is not None:
+                await writing
+                writing = None
+            st.done = True
+            self._maybe_complete(sr)
+        except (PlanError, TransportError, RingError, TimeoutError, RuntimeError, ValueError, IndexError) as exc:
+            if req.aborted or sr.machine.state.final:
+                return  # the room ended under us: its failure is already reported
+            self.d.count_error("transport" if isinstance(exc, TransportError) else "staging")
+            self._fail(sr, f"staged write to {req.msg.src} failed: {exc or 'no staging space in time'}")
+        finally:
+            if writing is not None:
+                await asyncio.gather(writing, return_exceptions=True)
+
+    def _staged_ready(self, sr: SenderRoom, req: ReceiverRequest, chunk: int, end: int) -> bool:
+        """Whether chunk ``chunk`` can go (its tokens exist and its region is granted); raises when
+        the engine's last chunk leaves the room's token count different from the receiver's."""
+        st = req.staged
+        assert st is not None
+        if req.aborted or sr.machine.state.final:
+            return True
+        total = st.geometry.total_tokens
+        if sr.src_token_count > total or (sr.got_last and sr.src_token_count != total):
+            raise PlanError(f"the prefill engine sent {sr.src_token_count} tokens{'' if sr.got_last else ' so far'}, "
+                            f"the receiver asked for {total}")
+        return sr.src_token_count >= end and chunk in st.grants
+
+    async def _write_staged(self, sr: SenderRoom, req: ReceiverRequest, chunk: int, slot) -> None:
+        st = req.staged
+        stage = self.d.staging_pool(sr.pool)
+        assert st is not None and stage is not None
+        try:
+            async with req.lock:  # an abort answered after this lock sees no later write
+                if req.aborted or sr.machine.state.final:
+                    raise PlanError("room ended while its chunk was gathered")
+                dst, nbytes = st.geometry.slot(st.grants[chunk], chunk, st.writer)
+                src = np.array([stage.send_address(slot.offset)], np.int64)
+                result = await self.d.transport.write(
+                    req.remote.session_id, src, np.array([req.remote.staging_base + dst], np.int64),
+                    np.array([nbytes], np.int64))
+        finally:
+            stage.send.free(slot.slot_id)
+        self.d.observe_batch(result)
+        sr.bytes_done += result.nbytes
+        st.chunks_written = chunk + 1
+        del st.grants[chunk]
+        m = req.msg
+        self.d.send_peer(m.src, p.ChunkWritten(src=self.d.address, token=self.d.token, room=m.room,
+                                               transfer_id=m.transfer_id, pool_key=m.pool_key,
+                                               sender_rank=m.sender_rank, chunk=chunk, nbytes=nbytes))
+        if sr.machine.state.value in ("waiting_for_input", "transferring"):
+            self._transition(sr, RoomInput.PROGRESS, self.d.now())
+
+    def _time_left(self, sr: SenderRoom) -> float:
+        deadline = sr.machine.deadline
+        return max(0.1, deadline - self.d.now()) if deadline is not None else 60.0
+
+    def _maybe_complete(self, sr: SenderRoom) -> None:
+        if sr.machine.state.final or not sr.direct_done:
+            return
+        if all(r.staged is None or r.staged.done or r.aborted for r in sr.requests.values()):
+            self._complete(sr, sr.aux)
 
     async def _write(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps) -> None:
         result = await self.d.transport.write(req.remote.session_id, ops.src, ops.dst, ops.length)
@@ -261,7 +443,7 @@ class SenderSide:
         sr.src_pages_done += len(chunk.pages)
         out = []
         for req in sr.requests.values():
-            if req.dummy or req.aborted:
+            if req.dummy or req.aborted or req.staged is not None:
                 continue
             dst_all = req.msg.dst_indices
             if req.msg.enable_hisparse:
@@ -312,6 +494,10 @@ class SenderSide:
         asyncio.get_running_loop().create_task(self._fail_after_fence(sr, reason))
 
     async def _fail_after_fence(self, sr: SenderRoom, reason: str) -> None:
+        for req in sr.staged():
+            req.staged.wake.set()  # type: ignore[union-attr]
+            async with req.lock:
+                pass
         async with sr.lock:
             for req in sr.requests.values():
                 if not req.reported and not req.aborted:
@@ -322,6 +508,7 @@ class SenderSide:
     def _finish(self, sr: SenderRoom) -> None:
         for req in sr.requests.values():
             self._ended[req.msg.transfer_id] = None
+            self._staged.pop((req.msg.transfer_id, req.msg.sender_rank), None)
         self._trim()
         if self.rooms.get(sr.key) is sr:
             del self.rooms[sr.key]
