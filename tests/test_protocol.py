@@ -43,13 +43,42 @@ def test_round_trip_every_message_type():
             assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
 
 
+def _cut_before(msg: p.Message, field: str) -> bytes:
+    """``msg`` as a peer from before ``field`` (and every later field) was added sends it."""
+    raw = msgpack.unpackb(msg.encode())
+    return msgpack.packb(raw[:2 + p.field_names(type(msg)).index(field)], use_bin_type=True)
+
+
 def test_older_peer_without_appended_field_gets_defaults():
     """A version-1 peer does not send enable_hisparse (added later): it parses as False."""
-    raw = msgpack.unpackb(_request(enable_hisparse=True).encode())
-    older = msgpack.packb(raw[:-1], use_bin_type=True)
-    msg = p.decode(older)
+    msg = p.decode(_cut_before(_request(enable_hisparse=True), "enable_hisparse"))
     assert isinstance(msg, p.TransferRequest) and msg.enable_hisparse is False
     assert msg.room == 7 and list(msg.dst_indices) == [3, 4, 9]
+
+
+def test_peer_without_staging_fields_asks_for_the_per_slice_path():
+    """Staging fields are appended: a peer that predates them asks for chunk_tokens 0 (per-slice),
+    announces no staging pool, and acks without staging; nothing fails to parse."""
+    req = p.decode(_cut_before(_request(chunk_tokens=64, writer=1, writers=4), "chunk_tokens"))
+    assert (req.chunk_tokens, req.writer, req.writers) == (0, 0, 0)
+    announce = p.PoolAnnounce(src="s", token="", pool_key="k", layout={}, buffers=[1, 2], session_id="x",
+                              prefill_engine_id="P", staging_base=4096, staging_bytes=1 << 20)
+    old = p.decode(_cut_before(announce, "staging_base"))
+    assert (old.staging_base, old.staging_bytes) == (0, 0)
+    ack = p.decode(_cut_before(p.PoolAck(src="s", token="", pool_key="k", ok=True, staging=True), "staging"))
+    assert ack.staging is False and ack.ok is True
+
+
+def test_staging_messages_round_trip_and_name_bad_fields():
+    grant = p.StagingGrant(src="s", token="t", room=1, transfer_id=2, pool_key="k", sender_rank=3,
+                           chunk=4, offset=1 << 33)
+    back = p.decode(grant.encode())
+    assert isinstance(back, p.StagingGrant) and (back.chunk, back.offset) == (4, 1 << 33)
+    raw = msgpack.unpackb(p.ChunkWritten(src="s", token="t", room=1, transfer_id=2, pool_key="k",
+                                         sender_rank=3, chunk=4, nbytes=5).encode())
+    raw[-1] = "five"
+    with pytest.raises(p.ProtocolError, match="ChunkWritten.nbytes"):
+        p.decode(msgpack.packb(raw))
 
 
 def test_newer_peer_with_extra_trailing_fields_is_understood():

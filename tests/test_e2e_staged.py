@@ -1,0 +1,143 @@
+"""The staged path end to end, byte for byte: real daemons with staging on, real Mooncake TCP,
+fake engine rank processes; chunking of long contexts through a small staging pool; the
+per-slice fallback for a peer without staging; MLA refused; what kvctl shows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from e2e_cluster import check_reports, run_cluster
+
+from kvd.client import KvdLayoutError
+from kvd.hostpool import HostPool
+from kvd.layout import PoolLayout
+
+pytestmark = pytest.mark.e2e
+
+STAGED = ("--staging-enabled", "--staging-pool-bytes", "4MiB", "--staging-chunk-tokens", "8",
+          "--timeouts-waiting-s", "20", "--timeouts-transfer-s", "20")
+
+
+def staged_pair(daemons, prefill_flags=STAGED, decode_flags=STAGED):
+    return daemons("prefill", *prefill_flags), daemons("decode", *decode_flags)
+
+
+def paths(daemon) -> dict:
+    return daemon.status()["daemon"]["rooms_by_path"]
+
+
+def staging(daemon) -> dict:
+    return daemon.status()["daemon"]["staging"]
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads, page_size", [
+    (2, 1, 4, 4), (4, 1, 8, 4), (1, 2, 4, 4), (1, 4, 8, 1), (2, 4, 8, 4), (4, 2, 8, 16), (8, 2, 8, 4),
+    (4, 2, 2, 4), (2, 4, 2, 4), (2, 8, 2, 2),  # GQA: replicated heads, dummy senders
+    (3, 1, 6, 4), (1, 3, 6, 4), (6, 2, 6, 4),  # TP sizes that are not powers of two
+])
+def test_staged_hetero_tp_byte_exact(daemons, prefill_tp, decode_tp, kv_heads, page_size):
+    prefill, decode = staged_pair(daemons)
+    check_reports(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, kv_heads=kv_heads,
+                              page_size=page_size, head_dim=8, pages_per_room=6, timeout=40))
+    assert set(paths(decode)) == {"staged"}, paths(decode)
+    for d in (prefill, decode):
+        st = staging(d)
+        assert st["whole"] and st["reserved_bytes"] == 0 and st["in_use_bytes"] == 0, st
+    assert not decode.status()["daemon"]["errors"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float8_e4m3fn"])
+def test_staged_other_dtypes(daemons, dtype):
+    prefill, decode = staged_pair(daemons)
+    check_reports(run_cluster(prefill, decode, prefill_tp=2, decode_tp=1, dtype=dtype, head_dim=8, timeout=40))
+    assert set(paths(decode)) == {"staged"}
+
+
+def test_long_context_goes_chunk_by_chunk_through_a_small_pool(daemons):
+    """A scaled-down long context: 4,096 tokens per room, 4 rooms, through a 1 MiB staging pool
+    (768 KiB receive ring), so every room is many chunks and the ring wraps and waits."""
+    flags = ("--staging-enabled", "--staging-pool-bytes", "1MiB", "--staging-chunk-tokens", "256",
+             "--timeouts-waiting-s", "60", "--timeouts-transfer-s", "60")
+    prefill, decode = staged_pair(daemons, flags, flags)
+    check_reports(run_cluster(prefill, decode, prefill_tp=4, decode_tp=1, kv_heads=8, layers=2, head_dim=16,
+                              page_size=16, num_pages=1024, rooms=4, pages_per_room=256, chunk_pages=32,
+                              timeout=120))
+    assert paths(decode) == {"staged": 4}
+    st = staging(decode)
+    assert st["whole"] and st["pool_bytes"] == 1 << 20
+
+
+@pytest.mark.parametrize("prefill_on, decode_on", [(False, True), (True, False)])
+def test_peer_without_staging_gets_the_per_slice_path(daemons, prefill_on, decode_on):
+    """Staging needs both sides: with one side off the room goes per-slice and still lands."""
+    off = ("--timeouts-waiting-s", "20")
+    prefill, decode = staged_pair(daemons, STAGED if prefill_on else off, STAGED if decode_on else off)
+    check_reports(run_cluster(prefill, decode, prefill_tp=4, decode_tp=1, kv_heads=8, timeout=40))
+    assert set(paths(decode)) == {"direct"}
+    assert not decode.status()["daemon"]["errors"] and not prefill.status()["daemon"]["errors"]
+
+
+def test_same_tp_keeps_the_direct_path_with_staging_on(daemons):
+    prefill, decode = staged_pair(daemons)
+    check_reports(run_cluster(prefill, decode, prefill_tp=2, decode_tp=2, kv_heads=4, timeout=40))
+    assert set(paths(decode)) == {"direct"}
+
+
+def test_staging_from_the_environment(daemons):
+    env = {"KVD_STAGING_ENABLED": "1", "KVD_STAGING_POOL_BYTES": "2MiB"}
+    prefill = daemons("prefill", "--timeouts-waiting-s", "20", env=env)
+    decode = daemons("decode", "--timeouts-waiting-s", "20", env=env)
+    check_reports(run_cluster(prefill, decode, prefill_tp=1, decode_tp=2, kv_heads=4, timeout=40))
+    assert set(paths(decode)) == {"staged"}
+    assert staging(decode)["pool_bytes"] == 2 << 20
+
+
+def test_mla_with_staging_is_refused_at_registration(daemons):
+    d = daemons("d", *STAGED)
+    layout = PoolLayout("M", "prefill", 2, 0, 2, 1, 32, "bfloat16", 4, 8, is_mla=True)
+    with HostPool.create(layout) as pool, d.client() as c:
+        with pytest.raises(KvdLayoutError, match="MLA pools cannot use the staging path"):
+            c.register_pool(layout, pool)
+        plain = PoolLayout("N", "prefill", 2, 0, 2, 4, 8, "bfloat16", 4, 8)
+        with HostPool.create(plain) as other:
+            assert c.register_pool(plain, other) > 0  # the daemon serves on
+    assert d.status()["daemon"]["staging"]["enabled"] is True
+
+
+def test_kvctl_shows_staging_use_and_the_staged_path(daemons):
+    """While a room waits for prefill, the decode daemon already holds its first chunk regions
+    (prefetch): kvctl shows the room as staged and the bytes reserved; afterwards all is free."""
+    import json
+    import subprocess
+    import sys
+
+    prefill, decode = staged_pair(daemons)
+    pre = [PoolLayout("P", "prefill", 2, r, 2, 4, 8, "bfloat16", 4, 16) for r in range(2)]
+    dec = PoolLayout("D", "decode", 1, 0, 2, 4, 8, "bfloat16", 4, 16)
+    with HostPool.create(pre[0]) as h0, HostPool.create(pre[1]) as h1, HostPool.create(dec) as hd, \
+            prefill.client() as pc, decode.client() as dc:
+        for h in (h0, h1):
+            h.fill(0x5A)
+        ids = [pc.register_pool(lay, h, bootstrap=prefill.address) for lay, h in zip(pre, (h0, h1), strict=True)]
+        did = dc.register_pool(dec, hd)
+        dc.recv(did, 3, prefill.address, "P", np.arange(4, 10))
+        shown = {}
+        for _ in range(100):
+            out = subprocess.run([sys.executable, "-m", "kvd.kvctl", "status", "--socket", decode.socket_path,
+                                  "--json"], capture_output=True, text=True, check=True)
+            shown = json.loads(out.stdout)
+            if shown["daemon"]["staging"]["reserved_bytes"] > 0:
+                break
+        assert shown["daemon"]["staging"]["reserved_bytes"] > 0, shown["daemon"]["staging"]
+        assert [r["path"] for r in shown["rooms"]] == ["staged"]
+        table = subprocess.run([sys.executable, "-m", "kvd.kvctl", "status", "--socket", decode.socket_path],
+                               capture_output=True, text=True, check=True).stdout
+        assert "staged" in table and "staging" in table
+        for pid in ids:
+            pc.send(pid, 3, np.arange(0, 6), True, aux=b"done")
+        assert dc.wait(3, timeout=20).aux == b"done"
+        dc.wait_released(3, timeout=20)
+        for b in range(dec.num_buffers):
+            assert np.all(hd.buffer(b)[4 * 4:10 * 4] == 0x5A) and not np.any(hd.buffer(b)[:16])
+    st = staging(decode)
+    assert st["whole"] and st["reserved_bytes"] == 0
