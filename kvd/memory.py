@@ -107,12 +107,28 @@ def open_cuda_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
                       _keep=tensors)
 
 
+_STORAGE_CLASSES = ("UntypedStorage", "TypedStorage")
+
+
 def _decode_ipc_handle(h: dict[str, Any]) -> dict[str, Any]:
+    """kvd.gpupool's handle map back into torch's rebuild arguments; only plain tensors and
+    known storage classes, so an engine cannot make the daemon build arbitrary objects."""
     import torch
 
+    if not isinstance(h, dict):
+        raise PoolMemoryError("a CUDA IPC handle must be a map")
     kwargs = dict(h)
+    if kwargs.get("tensor_cls", "Tensor") != "Tensor":
+        raise PoolMemoryError(f"tensor class {kwargs.get('tensor_cls')!r} is not a plain Tensor")
     kwargs["tensor_cls"] = torch.Tensor
-    kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    storage = kwargs.get("storage_cls", "UntypedStorage")
+    if storage not in _STORAGE_CLASSES:
+        raise PoolMemoryError(f"storage class {storage!r} is not one of {_STORAGE_CLASSES}")
+    kwargs["storage_cls"] = getattr(torch, storage)
+    dtype = getattr(torch, str(kwargs.get("dtype")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise PoolMemoryError(f"unknown dtype {kwargs.get('dtype')!r}")
+    kwargs["dtype"] = dtype
     kwargs["tensor_size"] = tuple(kwargs["tensor_size"])
     kwargs["tensor_stride"] = tuple(kwargs["tensor_stride"])
     return kwargs
