@@ -142,6 +142,12 @@ def _decode(q, barrier, sock, rank, a, bootstrap):
     barrier.wait()
 
 
+def _raw_pattern(torch, nbytes: int):
+    """A byte pattern with period 251 (prime, so no page or op boundary lines up with it)."""
+    period = (torch.arange(251 << 12, device="cuda", dtype=torch.int32) % 251).to(torch.uint8)
+    return period.repeat(-(-nbytes // period.numel()))[:nbytes].contiguous()
+
+
 def _raw_receiver(nbytes: int, q, done) -> None:
     import torch
 
@@ -153,8 +159,7 @@ def _raw_receiver(nbytes: int, q, done) -> None:
     t.register(dst.data_ptr(), nbytes)
     q.put((t.session_id, dst.data_ptr()))
     done.wait()
-    want = (torch.arange(nbytes, device="cuda", dtype=torch.int64) * 7 % 251).to(torch.uint8)
-    q.put(bool(torch.equal(dst, want)))
+    q.put(bool(torch.equal(dst, _raw_pattern(torch, nbytes))))
     t.close()
 
 
@@ -171,7 +176,7 @@ def raw_gpu_write(nbytes: int, reps: int = 3) -> float:
     proc.start()
     session, dst = q.get(timeout=120)
     t = MooncakeTransport("127.0.0.1", "tcp", "", 4, 4, 1024)
-    src = (torch.arange(nbytes, device="cuda", dtype=torch.int64) * 7 % 251).to(torch.uint8)
+    src = _raw_pattern(torch, nbytes)
     torch.cuda.synchronize()
     t.register(src.data_ptr(), nbytes)
     piece = 64 << 20
