@@ -473,6 +473,10 @@ class Daemon:
                 last_ping = now
                 watchdog_ping()
             self._update_room_gauges()
+            if self.staging:
+                st = self._staging_snapshot()
+                self.metrics.set_staging(st["pool_bytes"], st["reserved_bytes"], st["in_use_bytes"],
+                                         st["waiting_rooms"])
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:

@@ -79,6 +79,10 @@ class Metrics:
         self._batch_seconds = Histogram(
             "kvd_batch_seconds", "Time to complete one write batch", registry=r, buckets=_BATCH_BUCKETS
         )
+        self._staging = Gauge("kvd_staging_bytes", "Staging pool bytes: pool, reserved (granted regions), "
+                              "in_use (holding data)", ["kind"], registry=r)
+        self._staging_waiting = Gauge("kvd_staging_waiting", "Allocations waiting for staging space",
+                                      registry=r)
         for direction in DIRECTIONS:  # export zeros from the start, so rate() has a baseline
             self._bytes.labels(direction=direction)
         self._room_labels: set[tuple[str, str]] = set()
@@ -94,6 +98,11 @@ class Metrics:
             for (role, state), n in counts.items():
                 self._rooms.labels(role=role, state=state).set(n)
             self._room_labels |= set(counts)
+
+    def set_staging(self, pool: int, reserved: int, in_use: int, waiting: int) -> None:
+        for kind, value in (("pool", pool), ("reserved", reserved), ("in_use", in_use)):
+            self._staging.labels(kind=kind).set(value)
+        self._staging_waiting.set(waiting)
 
     def observe_batch(self, nbytes: int, seconds: float, ops: int) -> None:
         """Record one completed write batch: bytes sent, ops, its time, and its speed.

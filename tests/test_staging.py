@@ -9,8 +9,15 @@ from hypothesis import strategies as st
 
 from kvd.layout import PoolLayout
 from kvd.planner import map_heads
-from kvd.staging import (ChunkGeometry, ChunkLedger, StagingError, check_grant, plan_chunks, staged_writers,
-                         staging_applies)
+from kvd.staging import (
+    ChunkGeometry,
+    ChunkLedger,
+    StagingError,
+    check_grant,
+    plan_chunks,
+    staged_writers,
+    staging_applies,
+)
 
 
 def _valid_tp(heads: int) -> list[int]:

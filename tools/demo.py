@@ -59,7 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chunk-pages", type=int, default=4, help="pages per SendChunk")
     ap.add_argument("--mla", action="store_true", help="MLA model: one latent head every rank holds")
     ap.add_argument("--hisparse", action="store_true", help="decode into HiSparse host pools (page size 1)")
-    ap.add_argument("--staging", action="store_true", help="run the daemons with --staging-enabled")
+    ap.add_argument("--per-slice", dest="staging", action="store_false",
+                    help="run the daemons without staging (one write per token, layer and K/V); "
+                         "by default heterogeneous TP goes through the staging buffer (MLA never does)")
     ap.add_argument("--daemon-args", default="", help="extra flags for both daemons, e.g. "
                     "'--transport-protocol rdma' (shell-quoted)")
     ap.add_argument("--seed", type=int, default=1)
@@ -252,6 +254,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     plan_path.write_text(json.dumps([r.to_dict() for r in plan]))
     tag = uuid.uuid4().hex[:6]
     prefill_id, decode_id = f"demo-p-{tag}", f"demo-d-{tag}"
+    args.staging = args.staging and not args.mla  # MLA pools are refused while staging is on
     extra = shlex.split(args.daemon_args) + (["--staging-enabled"] if args.staging else [])
     daemons: list[Daemon] = []
     ranks: list[Rank] = []
@@ -317,7 +320,7 @@ def report(args: argparse.Namespace, plan: list[RoomPlan], reports: dict[str, di
     kind = "MLA" if args.mla else f"{args.kv_heads} kv heads"
     print(f"transfer  prefill TP {args.prefill_tp} -> decode TP {args.decode_tp}, {kind}, "
           f"{args.layers} layers, head_dim {args.head_dim}, {args.dtype}, page {args.page_size}"
-          + (", HiSparse" if args.hisparse else "") + (", staging" if args.staging else ""))
+          + (", HiSparse" if args.hisparse else "") + (", staged (gather, bulk write, scatter)" if args.staging else ", per-slice"))
     print(f"rooms     {len(plan)} ({args.pages_per_room} pages each)")
     print(f"bytes     {nbytes:,} verified in decode pools")
     print(f"writes    {', '.join(ops)} (write ops during the batch)")
