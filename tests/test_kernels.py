@@ -160,7 +160,7 @@ def test_launch_config_heuristic() -> None:
     from kvd_kernels.triton_kernels import launch_config
 
     big = launch_config(512, 16384, 160, sm_count=132)
-    assert big.block_tokens * 512 == 16384 and big.num_warps == 4
+    assert big.block_tokens * 512 == 16384 and big.num_warps == 8  # 8 warps from 4 KiB tiles (H100 sweep)
     small = launch_config(256, 256, 64, sm_count=132)  # 4 MiB: shrink tiles to fill the SMs
     assert small.block_tokens * 256 <= 8192
     tiny = launch_config(64, 3, 2)  # never more rows than the chunk has (rounded up)
@@ -408,3 +408,24 @@ def test_bench_check_only_runs_on_cpu() -> None:
         proc = subprocess.run([sys.executable, "tools/bench_kernels.py"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "no CUDA" in proc.stdout
+
+
+def test_reference_contiguous_rows_take_the_slice_path_and_match_indexing() -> None:
+    """A run of ascending rows is copied as a slice; the bytes are what indexing gives."""
+    from kvd_kernels import gather_reference, scatter_reference
+
+    gen = torch.Generator().manual_seed(5)
+    bufs = [torch.randint(-32768, 32767, (40, 4, 8), dtype=torch.int16, generator=gen).view(torch.bfloat16)
+            for _ in range(3)]
+    run = torch.arange(7, 19)
+    spread = torch.tensor([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19])  # not one run
+    for idx in (run, spread):
+        out = torch.empty(3 * len(idx) * 2 * 8 * 2, dtype=torch.uint8)
+        gather_reference(bufs, idx, 1, 2, out)
+        want = torch.cat([b.view(torch.int16)[idx, 1:3].reshape(-1) for b in bufs]).view(torch.uint8)
+        assert torch.equal(out, want)
+        dst = [torch.zeros_like(b) for b in bufs]
+        scatter_reference(out, dst, idx, 2, 2)
+        for b, d in zip(bufs, dst, strict=True):
+            assert torch.equal(d.view(torch.int16)[idx, 2:4], b.view(torch.int16)[idx, 1:3])
+            assert not d.view(torch.int16)[:, :2].any()
