@@ -68,7 +68,10 @@ def open_host_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
         if size < end:
             raise PoolMemoryError(f"segment {path} has {size} bytes but the layout needs {end} "
                                f"({layout.num_buffers} buffers of {layout.buffer_bytes})")
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # MAP_POPULATE: map every page now, at registration, not one fault at a time mid-transfer
+        # (a fault costs microseconds; a 64 MiB chunk touches 16k pages).
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                            mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     ordered = sorted(offsets)

@@ -198,6 +198,7 @@ class ReceiverSide:
                     st.stage.recv.free(slot.slot_id)
                     return
                 chunk = ledger.grant(slot.offset)
+                log.debug("staged_grant", room=rr.room, chunk=chunk, bytes=size)
                 st.slots[chunk] = slot
                 for w in st.writers:
                     link = rr.senders[w.sender_rank]
@@ -239,6 +240,7 @@ class ReceiverSide:
         """Unpack one complete chunk into the pool, free its region, let the next one be granted."""
         geometry = st.ledger.geometry
         start, end = geometry.tokens(chunk)
+        t0 = self.d.now()
         try:
             await self.d.kernels.scatter(st.stage.view(st.slots[chunk].offset, geometry.region_bytes(chunk)),
                                          self.d.pool_tensors(rr.pool), st.dst_tokens[start:end],
@@ -249,6 +251,7 @@ class ReceiverSide:
             self.fail(rr, f"scatter of chunk {chunk} failed: {exc}")
             return
         st.scattering -= 1
+        log.debug("staged_scatter", room=rr.room, chunk=chunk, scatter_s=round(self.d.now() - t0, 4))
         st.ledger.scattered.add(chunk)
         self._free_region(st, chunk)
         st.wake.set()

@@ -356,7 +356,9 @@ class SenderSide:
                 if req.aborted or sr.machine.state.final:
                     return
                 block = st.geometry.block_bytes(chunk)
+                t_ready = self.d.now()
                 slot = await stage.send.alloc(block, self._time_left(sr))
+                t_slot = self.d.now()
                 try:
                     await self.d.kernels.gather(self.d.pool_tensors(sr.pool), sr.tokens_upto(end)[start:],
                                                 req.slices[0].src_head_offset, req.slices[0].num_heads,
@@ -364,8 +366,12 @@ class SenderSide:
                 except BaseException:
                     stage.send.free(slot.slot_id)
                     raise
+                t_gathered = self.d.now()
                 if writing is not None:
                     await writing
+                log.debug("staged_gather", room=sr.room, chunk=chunk, rank=req.msg.sender_rank,
+                          wait_slot_s=round(t_slot - t_ready, 4), gather_s=round(t_gathered - t_slot, 4),
+                          wait_previous_write_s=round(self.d.now() - t_gathered, 4))
                 writing = asyncio.get_running_loop().create_task(self._write_staged(sr, req, chunk, slot))
             if writing is not None:
                 await writing
@@ -410,6 +416,8 @@ class SenderSide:
         finally:
             stage.send.free(slot.slot_id)
         self.d.observe_batch(result)
+        log.debug("staged_write", room=sr.room, chunk=chunk, rank=req.msg.sender_rank, bytes=result.nbytes,
+                  write_s=round(result.seconds, 4))
         sr.bytes_done += result.nbytes
         st.chunks_written = chunk + 1
         del st.grants[chunk]

@@ -15,6 +15,7 @@ gathers, one for scatters), each call returning only once its stream has finishe
 from __future__ import annotations
 
 import asyncio
+import mmap
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,7 +37,14 @@ class StagingPool:
         if nbytes < 4 * ALIGN:
             raise ValueError(f"staging pool of {nbytes} bytes is too small")
         self.device = device
-        self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self._mapping: mmap.mmap | None = None
+        if device == "cpu":
+            # Host staging: pages mapped up front (MAP_POPULATE), so no write into it faults.
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+            self._mapping = mmap.mmap(-1, nbytes, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.tensor = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        else:
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.base = self.tensor.data_ptr()
         self.nbytes = nbytes
         send = max(ALIGN, int(nbytes * send_share) // ALIGN * ALIGN)
@@ -106,6 +114,9 @@ class KernelRunner:
     """Gather and scatter off the loop; each awaitable finishes when the bytes are in place."""
 
     def __init__(self, threads: int = 2) -> None:
+        # CPU copies run one per worker thread: torch's own intra-op threads on top of those
+        # only oversubscribe the cores Mooncake and the event loop need.
+        torch.set_num_threads(1)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvd-kernel")
         self._streams: dict[tuple[str, str], Any] = {}
         self.busy_s = {"gather": 0.0, "scatter": 0.0}  # kernel time, for overlap figures

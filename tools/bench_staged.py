@@ -48,6 +48,8 @@ def run(staged: bool, prefill_tp: int, decode_tp: int, *, layers: int, tokens: i
                                   contiguous=True)
             ops = prefill.status()["daemon"]["write_ops_total"]
             paths = decode.status()["daemon"]["rooms_by_path"]
+            kernels = {"gather_s": prefill.status()["daemon"]["staging"]["kernel_seconds"].get("gather", 0.0),
+                       "scatter_s": decode.status()["daemon"]["staging"]["kernel_seconds"].get("scatter", 0.0)}
         finally:
             prefill.stop()
             decode.stop()
@@ -56,7 +58,7 @@ def run(staged: bool, prefill_tp: int, decode_tp: int, *, layers: int, tokens: i
         raise SystemExit(f"transfer failed: {bad}")
     nbytes, seconds = throughput(reports)
     return {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9, "write_ops": ops,
-            "paths": paths}
+            "paths": paths, **kernels}
 
 
 def planned_per_slice_ops(prefill_tp: int, decode_tp: int, *, layers: int, tokens: int, kv_heads: int = 8,
