@@ -121,8 +121,10 @@ class SenderSide:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self.rooms: dict[tuple[int, int], SenderRoom] = {}
-        # transfer ids that ended or were aborted: a late request for one is dropped.
-        self._ended: OrderedDict[int, None] = OrderedDict()
+        # (transfer id, sender rank) pairs that ended or were aborted: a late request for one is
+        # dropped. Per rank: every sender rank of a room shares the transfer id, and a replica's
+        # dummy request may arrive after the real sender has finished.
+        self._ended: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._staged: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
 
     def _deadlines(self) -> Deadlines:
@@ -163,7 +165,7 @@ class SenderSide:
 
     def on_request(self, msg: p.TransferRequest) -> None:
         """A decode daemon asks this sender rank to write a room."""
-        if msg.transfer_id in self._ended:
+        if (msg.transfer_id, msg.sender_rank) in self._ended:
             self.d.count_error("stale_message")
             return
         pool = self.d.prefill_pool(msg.prefill_engine_id, msg.sender_rank)
@@ -272,7 +274,7 @@ class SenderSide:
         st.wake.set()
 
     def on_abort(self, msg: p.AbortTransfer) -> None:
-        self._ended[msg.transfer_id] = None
+        self._ended[(msg.transfer_id, msg.sender_rank)] = None
         self._trim()
         asyncio.get_running_loop().create_task(self._abort(msg))
 
@@ -515,7 +517,7 @@ class SenderSide:
 
     def _finish(self, sr: SenderRoom) -> None:
         for req in sr.requests.values():
-            self._ended[req.msg.transfer_id] = None
+            self._ended[(req.msg.transfer_id, req.msg.sender_rank)] = None
             self._staged.pop((req.msg.transfer_id, req.msg.sender_rank), None)
         self._trim()
         if self.rooms.get(sr.key) is sr:
