@@ -130,7 +130,10 @@ class KernelRunner:
     @staticmethod
     def _index(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
         idx = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
-        return idx.to(device, non_blocking=False) if device.type == "cuda" else idx
+        if device.type != "cuda":
+            return idx
+        # Pinned + non_blocking: an async copy ordered on the current (our) stream.
+        return idx.pin_memory().to(device, non_blocking=True)
 
     def _run(self, kind: str, device: torch.device, fn: Any) -> None:
         import time
@@ -147,18 +150,17 @@ class KernelRunner:
 
     async def gather(self, pool: kvd_kernels.PoolBuffers, tokens: np.ndarray, head_start: int,
                      num_heads: int, out: torch.Tensor) -> None:
-        def work() -> None:
-            idx = self._index(tokens, pool.device)
-            self._run("gather", pool.device, lambda: kvd_kernels.gather(pool, idx, head_start, num_heads, out))
+        def work() -> None:  # the index upload too goes on our stream, never the legacy default one
+            self._run("gather", pool.device, lambda: kvd_kernels.gather(
+                pool, self._index(tokens, pool.device), head_start, num_heads, out))
 
         await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     async def scatter(self, region: torch.Tensor, pool: kvd_kernels.PoolBuffers, tokens: np.ndarray,
                       head_starts: list[int], num_heads: int) -> None:
         def work() -> None:
-            idx = self._index(tokens, pool.device)
-            self._run("scatter", pool.device,
-                      lambda: kvd_kernels.scatter_writers(region, pool, idx, head_starts, num_heads))
+            self._run("scatter", pool.device, lambda: kvd_kernels.scatter_writers(
+                region, pool, self._index(tokens, pool.device), head_starts, num_heads))
 
         await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
