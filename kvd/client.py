@@ -60,6 +60,7 @@ _UNREACHABLE = "cannot connect (is the daemon running, and may this user open it
 class KvdClient:
     """Blocking client over the daemon's Unix socket; connects in the constructor.
 
+    One client per engine rank: room ids, page offsets and pushed room events are per rank.
     ``timeout`` bounds each request's wait for its reply. One request runs at a time (a lock
     serialises threads); ``wait()`` holds the connection while it waits, so a thread that
     must send while another waits should use its own client or :class:`AsyncKvdClient`.

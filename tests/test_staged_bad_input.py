@@ -5,6 +5,7 @@ space back (the allocator whole again), and the daemon serving on."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -14,7 +15,7 @@ import zmq
 from e2e_cluster import check_reports, run_cluster
 
 from kvd import protocol as p
-from kvd.client import RoomFailed
+from kvd.client import KvdError, RoomFailed
 from kvd.hostpool import HostPool
 from kvd.layout import PoolLayout
 from kvd.staging import ChunkGeometry, block_bytes_per_token
@@ -198,3 +199,51 @@ def test_sender_that_dies_with_space_reserved_gives_it_back(daemons):
     again = daemons("prefill2", *FLAGS)
     check_reports(run_cluster(again, decode, prefill_tp=4, decode_tp=1, kv_heads=8, timeout=40))
     assert decode.status()["daemon"]["rooms_by_path"]["staged"] >= 2
+
+
+def test_staged_abort_mid_transfer_lands_nothing_after_release(daemons):
+    """Rooms aborted while staged chunks are on the wire: after "released" neither the pages
+    nor anything else changes, every staging byte is free, and the room id works again."""
+    flags = ("--staging-enabled", "--staging-pool-bytes", "64MiB", "--staging-chunk-tokens", "512") + FLAGS[5:]
+    prefill, decode = daemons("prefill", *flags), daemons("decode", *flags)
+    shape = dict(num_layers=4, total_kv_heads=8, head_dim=128, dtype="bfloat16", page_size=16, num_pages=512)
+    pre = [PoolLayout("P", "prefill", 2, r, **shape) for r in range(2)]
+    dec = PoolLayout("D", "decode", 1, 0, **shape)
+    with HostPool.create(pre[0]) as h0, HostPool.create(pre[1]) as h1, HostPool.create(dec) as hd, \
+            prefill.client() as pc0, prefill.client() as pc1, decode.client() as dc:
+        rng = np.random.default_rng(9)
+        for h in (h0, h1):
+            for b in range(h.layout.num_buffers):
+                h.buffer(b)[...] = rng.integers(1, 256, h.buffer(b).shape, dtype=np.uint8)
+        hd.fill(0)
+        ranks = [(pc0, pc0.register_pool(pre[0], h0, bootstrap=prefill.address)),
+                 (pc1, pc1.register_pool(pre[1], h1, bootstrap=prefill.address))]  # one client per rank
+        did = dc.register_pool(dec, hd)
+        for room in range(3):
+            dc.recv(did, room, prefill.address, "P", np.arange(512))
+        assert wait_for(lambda: all(dc.poll(r).state != "bootstrapping" for r in range(3)))
+        for room in range(3):
+            for pc, pid in ranks:
+                pc.send(pid, room, np.arange(256), False)
+        for room in range(3):
+            dc.abort(did, room)
+        for room in range(3):
+            released = dc.wait_released(room, timeout=30)
+            assert released.state == "failed" and "aborted" in released.reason
+        before = [hd.buffer(b).copy() for b in range(dec.num_buffers)]
+        for room in range(3):
+            for pc, pid in ranks:
+                with contextlib.suppress(KvdError):
+                    pc.send(pid, room, np.arange(256, 512), True)
+        time.sleep(1.5)
+        assert all(np.array_equal(a, hd.buffer(b)) for b, a in enumerate(before)), "bytes landed after release"
+        assert wait_for(lambda: staging(decode)["whole"] and staging(prefill)["whole"]), staging(decode)
+        hd.fill(0)
+        dc.recv(did, 0, prefill.address, "P", np.arange(8))
+        for pc, pid in ranks:
+            pc.send(pid, 0, np.arange(100, 108), True, aux=b"again")
+        assert dc.wait(0, timeout=20).aux == b"again"
+        tok = dec.page_size
+        for b in range(dec.num_buffers):
+            assert np.array_equal(hd.buffer(b)[:8 * tok, :4], h0.buffer(b)[100 * tok:108 * tok])
+            assert np.array_equal(hd.buffer(b)[:8 * tok, 4:], h1.buffer(b)[100 * tok:108 * tok])
