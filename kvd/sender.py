@@ -53,6 +53,10 @@ class StagedSend:
     started: bool = False
     done: bool = False
     chunks_written: int = 0
+    not_gathering: asyncio.Event = field(default_factory=asyncio.Event)  # set: no kernel reads the pool
+
+    def __post_init__(self) -> None:
+        self.not_gathering.set()
 
 
 @dataclass
@@ -361,6 +365,7 @@ class SenderSide:
                 t_ready = self.d.now()
                 slot = await stage.send.alloc(block, self._time_left(sr))
                 t_slot = self.d.now()
+                st.not_gathering.clear()
                 try:
                     await self.d.kernels.gather(self.d.pool_tensors(sr.pool), sr.tokens_upto(end)[start:],
                                                 req.slices[0].src_head_offset, req.slices[0].num_heads,
@@ -368,6 +373,8 @@ class SenderSide:
                 except BaseException:
                     stage.send.free(slot.slot_id)
                     raise
+                finally:
+                    st.not_gathering.set()
                 t_gathered = self.d.now()
                 if writing is not None:
                     await writing
@@ -506,6 +513,7 @@ class SenderSide:
     async def _fail_after_fence(self, sr: SenderRoom, reason: str) -> None:
         for req in sr.staged():
             req.staged.wake.set()  # type: ignore[union-attr]
+            await req.staged.not_gathering.wait()  # type: ignore[union-attr]  # pool may be unmapped after
             async with req.lock:
                 pass
         async with sr.lock:
