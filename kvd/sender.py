@@ -377,7 +377,11 @@ class SenderSide:
                     st.not_gathering.set()
                 t_gathered = self.d.now()
                 if writing is not None:
-                    await writing
+                    try:
+                        await writing
+                    except BaseException:
+                        stage.send.free(slot.slot_id)  # gathered, never handed to a write
+                        raise
                 log.debug("staged_gather", room=sr.room, chunk=chunk, rank=req.msg.sender_rank,
                           wait_slot_s=round(t_slot - t_ready, 4), gather_s=round(t_gathered - t_slot, 4),
                           wait_previous_write_s=round(self.d.now() - t_gathered, 4))

@@ -237,7 +237,8 @@ def test_staged_abort_mid_transfer_lands_nothing_after_release(daemons):
                     pc.send(pid, room, np.arange(256, 512), True)
         time.sleep(1.5)
         assert all(np.array_equal(a, hd.buffer(b)) for b, a in enumerate(before)), "bytes landed after release"
-        assert wait_for(lambda: staging(decode)["whole"] and staging(prefill)["whole"]), staging(decode)
+        assert wait_for(lambda: staging(decode)["whole"] and staging(prefill)["whole"]), \
+            (staging(decode), staging(prefill))
         hd.fill(0)
         dc.recv(did, 0, prefill.address, "P", np.arange(8))
         for pc, pid in ranks:
