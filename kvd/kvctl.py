@@ -152,7 +152,7 @@ def render_status(st: dict[str, Any]) -> str:
             _text(r.get("rank")),
             _text(r.get("peer")),
             _text(r.get("state")),
-            _text(r.get("path")),
+            _text(r.get("path")) + (f" {r['chunks_done']}/{r['chunks_total']}" if r.get("chunks_total") else ""),
             _progress(r.get("bytes_done"), r.get("bytes_total")),
             human_duration(r.get("age_s")),
             _senders(r),

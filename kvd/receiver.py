@@ -446,6 +446,8 @@ class ReceiverSide:
                         "state": rr.machine.state.value + ("" if not rr.machine.state.final or rr.released
                                                            else " (unreleased)"),
                         "path": "hisparse" if rr.hisparse else "staged" if rr.staged else "direct",
+                        "chunks_done": len(rr.staged.ledger.scattered) if rr.staged else 0,
+                        "chunks_total": rr.staged.ledger.geometry.num_chunks if rr.staged else 0,
                         "bytes_done": rr.bytes_done, "bytes_total": rr.bytes_total,
                         "age_s": round(now - rr.machine.created_at, 3),
                         "senders_required": sorted(tracker.required) if tracker else [],

@@ -132,7 +132,7 @@ def test_kvctl_shows_staging_use_and_the_staged_path(daemons):
         assert [r["path"] for r in shown["rooms"]] == ["staged"]
         table = subprocess.run([sys.executable, "-m", "kvd.kvctl", "status", "--socket", decode.socket_path],
                                capture_output=True, text=True, check=True).stdout
-        assert "staged" in table and "staging" in table
+        assert "staged 0/3" in table and "staging" in table  # 24 tokens in chunks of 8, none scattered yet
         for pid in ids:
             pc.send(pid, 3, np.arange(0, 6), True, aux=b"done")
         assert dc.wait(3, timeout=20).aux == b"done"
