@@ -202,7 +202,7 @@ def run(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="kvd-gpu-"))
     flags = ["--staging-pool-bytes", a.staging_pool, "--staging-chunk-tokens", str(a.staging_chunk_tokens),
              "--staging-chunk-bytes", a.staging_chunk_bytes, "--timeouts-waiting-s", str(a.timeout),
-             "--timeouts-transfer-s", str(a.timeout), "--transfer-workers", "8",
+             "--timeouts-transfer-s", str(a.timeout), "--transfer-workers", str(a.transfer_workers),
              "--staging-prefetch-chunks", str(a.prefetch_chunks)]
     if a.staged:
         flags.insert(0, "--staging-enabled")
@@ -250,6 +250,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--staging-pool", default="4GiB")
     ap.add_argument("--staging-chunk-tokens", type=int, default=8192)
     ap.add_argument("--staging-chunk-bytes", default="256MiB")
+    ap.add_argument("--transfer-workers", type=int, default=8,
+                    help="daemon transfer.workers (writes in flight per dispatch queue: workers // queues)")
     ap.add_argument("--prefetch-chunks", type=int, default=2, help="staging regions a room may hold at once")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--no-staging", dest="staged", action="store_false")
