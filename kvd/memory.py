@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,29 @@ class OpenedPool:
         self._keep.clear()
 
 
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def prefault(addr: int, length: int) -> threading.Thread:
+    """Map every page of ``[addr, addr+length)`` writable, in a background thread.
+
+    A page fault costs microseconds, and a 64 MiB chunk touches 16k pages: faulting them one at
+    a time mid-transfer cost 90% of a staged transfer on a host pool. MADV_POPULATE_WRITE maps
+    pages without changing a byte, so it is safe while the memory is in use, and the thread
+    keeps registration from waiting (~0.6 s per GiB). On kernels without it, pages fault lazily.
+    """
+
+    def populate() -> None:
+        with contextlib.suppress(Exception):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise(addr, length, _MADV_POPULATE_WRITE)
+
+    thread = threading.Thread(target=populate, name="kvd-prefault", daemon=True)
+    thread.start()
+    return thread
+
+
 def _address_of(buf: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
@@ -68,10 +92,7 @@ def open_host_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
         if size < end:
             raise PoolMemoryError(f"segment {path} has {size} bytes but the layout needs {end} "
                                f"({layout.num_buffers} buffers of {layout.buffer_bytes})")
-        # MAP_POPULATE: map every page now, at registration, not one fault at a time mid-transfer
-        # (a fault costs microseconds; a 64 MiB chunk touches 16k pages).
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                            mmap.PROT_READ | mmap.PROT_WRITE)
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     ordered = sorted(offsets)
@@ -79,6 +100,7 @@ def open_host_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
         if b - a < layout.buffer_bytes:
             raise PoolMemoryError(f"buffers at offsets {a} and {b} overlap")
     base = _address_of(mapping)
+    prefault(base, size)
     return OpenedPool(buffers=[base + o for o in offsets], regions=[(base, size)], _keep=[mapping])
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .layout import PoolLayout
-from .memory import OpenedPool
+from .memory import OpenedPool, prefault
 from .ring import AsyncRing, RingAllocator
 
 ALIGN = 256
@@ -39,10 +39,12 @@ class StagingPool:
         self.device = device
         self._mapping: mmap.mmap | None = None
         if device == "cpu":
-            # Host staging: pages mapped up front (MAP_POPULATE), so no write into it faults.
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-            self._mapping = mmap.mmap(-1, nbytes, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+            # Host staging: every page mapped by a background thread (see memory.prefault), so
+            # writes into it do not fault one page at a time, and creating it does not block.
+            self._mapping = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                      mmap.PROT_READ | mmap.PROT_WRITE)
             self.tensor = torch.frombuffer(self._mapping, dtype=torch.uint8)
+            prefault(self.tensor.data_ptr(), nbytes)
         else:
             self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.base = self.tensor.data_ptr()
