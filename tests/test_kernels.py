@@ -171,14 +171,24 @@ def test_launch_config_heuristic() -> None:
 
 
 def test_triton_on_cpu_without_interpreter_is_refused() -> None:
-    from kvd_kernels import triton_kernels as tk
-
-    if tk.is_interpreted():
-        pytest.skip("this process imported the kernels under TRITON_INTERPRET=1")
-    buffers = [torch.zeros(4, 2, 8, dtype=torch.float16)]
-    out = torch.zeros(kk.staging_block_bytes(1, 2, 1, 8, 2), dtype=torch.uint8)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        kk.gather(buffers, torch.tensor([0, 1]), 0, 1, out, use_triton=True)
+    """Checked in a fresh process without TRITON_INTERPRET, whatever this one was started with."""
+    script = textwrap.dedent('''
+        import torch
+        import kvd_kernels as kk
+        from kvd_kernels import triton_kernels as tk
+        assert not tk.is_interpreted()
+        buffers = [torch.zeros(4, 2, 8, dtype=torch.float16)]
+        out = torch.zeros(kk.staging_block_bytes(1, 2, 1, 8, 2), dtype=torch.uint8)
+        try:
+            kk.gather(buffers, torch.tensor([0, 1]), 0, 1, out, use_triton=True)
+        except RuntimeError as exc:
+            assert "TRITON_INTERPRET" in str(exc), exc
+            print("refused")
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "refused", proc.stderr[-2000:]
 
 
 # --- Triton under the interpreter (subprocess) --------------------------------------
