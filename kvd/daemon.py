@@ -66,8 +66,6 @@ class Daemon:
         self.address = ""
         # Staged path: one registered staging pool per device, kernel tensors per pool.
         self.staging: dict[str, Any] = {}  # device -> kvd.stagemem.StagingPool
-        self._pool_tensors: dict[int, Any] = {}
-        self._pool_device: dict[int, str] = {}
         self._peer_staging: dict[tuple[str, str], bool] = {}
         self._kernels: Any = None
         self._stop = asyncio.Event()
@@ -117,12 +115,7 @@ class Daemon:
 
     def staging_pool(self, pool: LocalPool) -> Any:
         """The staging pool of a local pool's device (None: staging off for it)."""
-        device = self._pool_device.get(pool.pool_id)
-        return self.staging.get(device) if device else None
-
-    def pool_tensors(self, pool: LocalPool) -> Any:
-        """The pool's buffers as kernel tensors (built once, at registration)."""
-        return self._pool_tensors[pool.pool_id]
+        return self.staging.get(pool.device) if pool.device else None
 
     def _ensure_staging(self, device: str) -> Any:
         from .stagemem import StagingPool
@@ -151,24 +144,21 @@ class Daemon:
         try:
             for base, length in opened.regions:
                 self.transport.register(base, length)
-            tensors = None
+            tensors, device = None, ""
             if self.config.staging_enabled and not layout.hisparse:
                 from .stagemem import device_of, pool_tensors
 
-                tensors = pool_tensors(layout, opened)
-                self._ensure_staging(device_of(opened))
+                tensors, device = pool_tensors(layout, opened), device_of(opened)
+                self._ensure_staging(device)
         except Exception:
             for base, _ in opened.regions:
                 self.transport.unregister(base)
             opened.close()
             raise
         pool_id = self._next_pool
-        if tensors is not None:
-            self._pool_tensors[pool_id] = tensors
-            self._pool_device[pool_id] = device_of(opened)
         self._next_pool += 1
         pool = LocalPool(pool_id, f"{self.address}#{self.boot_id}#{pool_id}", layout, opened, conn_id,
-                         bootstrap=msg.bootstrap)
+                         bootstrap=msg.bootstrap, tensors=tensors, device=device)
         self.pools[pool_id] = pool
         if layout.role == "prefill":
             directory = msg.bootstrap or self.address
@@ -203,8 +193,6 @@ class Daemon:
             for pool in closing:
                 if pool.pool_id not in busy:
                     del self.pools[pool.pool_id]
-                    self._pool_tensors.pop(pool.pool_id, None)
-                    self._pool_device.pop(pool.pool_id, None)
                     for base, _ in pool.opened.regions:
                         assert self.transport is not None
                         self.transport.unregister(base)
@@ -473,10 +461,10 @@ class Daemon:
                 last_ping = now
                 watchdog_ping()
             self._update_room_gauges()
-            if self.staging:
-                st = self._staging_snapshot()
-                self.metrics.set_staging(st["pool_bytes"], st["reserved_bytes"], st["in_use_bytes"],
-                                         st["waiting_rooms"])
+            if self.staging:  # pool figures only: no walk over the rooms every 100 ms
+                pools = [stage.stats() for stage in self.staging.values()]
+                self.metrics.set_staging(*(sum(x[k] for x in pools)
+                                           for k in ("pool_bytes", "reserved_bytes", "in_use_bytes", "waiting")))
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
@@ -490,8 +478,8 @@ class Daemon:
             stage.close()
         if self._kernels is not None:
             self._kernels.close()
-        self._pool_tensors.clear()
         for pool in self.pools.values():
+            pool.tensors = None
             pool.opened.close()
         if self.transport is not None:
             self.transport.close()

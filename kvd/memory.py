@@ -34,6 +34,11 @@ class OpenedPool:
     regions: list[tuple[int, int]]
     _keep: list[Any] = field(default_factory=list, repr=False)
 
+    @property
+    def backing(self) -> tuple[Any, ...]:
+        """What holds the memory: the shared-memory mapping, or one CUDA tensor per buffer."""
+        return tuple(self._keep)
+
     def close(self) -> None:
         for obj in self._keep:
             close = getattr(obj, "close", None)

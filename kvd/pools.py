@@ -34,6 +34,9 @@ class LocalPool:
     conn_id: int
     bootstrap: str = ""
     closing: bool = False
+    # Staged path only: the buffers as kernel tensors (kvd_kernels.PoolBuffers) and their device.
+    tensors: Any = None
+    device: str = ""
 
     @property
     def buffers(self) -> list[int]:

@@ -20,7 +20,7 @@ import structlog
 
 from . import protocol as p
 from .layout import LayoutError, PoolLayout, check_compatible
-from .planner import PlanError, map_heads, pages_to_tokens
+from .planner import PlanError, TpMapping, map_heads, pages_to_tokens
 from .pools import LocalPool
 from .ring import RingError, RingSlot
 from .rooms import CompletionTracker, Deadlines, RoomError, RoomInput, RoomMachine, RoomState
@@ -165,7 +165,7 @@ class ReceiverSide:
             st.task = asyncio.get_running_loop().create_task(self._grant_chunks(rr, st))
 
     # --- staged path --------------------------------------------------------------------
-    def _plan_staged(self, rr: ReceiverRoom, mapping) -> StagedReceive | None:
+    def _plan_staged(self, rr: ReceiverRoom, mapping: TpMapping) -> StagedReceive | None:
         """Chunk plan of a staged room, or None (per-slice) when staging cannot express it."""
         stage = self.d.staging_pool(rr.pool)
         writers = staged_writers(mapping, rr.pool.layout.tp_rank)
@@ -243,7 +243,7 @@ class ReceiverSide:
         t0 = self.d.now()
         try:
             await self.d.kernels.scatter(st.stage.view(st.slots[chunk].offset, geometry.region_bytes(chunk)),
-                                         self.d.pool_tensors(rr.pool), st.dst_tokens[start:end],
+                                         rr.pool.tensors, st.dst_tokens[start:end],
                                          [w.dst_head_offset for w in st.writers], st.writers[0].num_heads)
         except (RuntimeError, ValueError, IndexError) as exc:
             st.scattering -= 1

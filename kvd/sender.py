@@ -367,7 +367,7 @@ class SenderSide:
                 t_slot = self.d.now()
                 st.not_gathering.clear()
                 try:
-                    await self.d.kernels.gather(self.d.pool_tensors(sr.pool), sr.tokens_upto(end)[start:],
+                    await self.d.kernels.gather(sr.pool.tensors, sr.tokens_upto(end)[start:],
                                                 req.slices[0].src_head_offset, req.slices[0].num_heads,
                                                 stage.send_view(slot.offset, block))
                 except BaseException:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -90,7 +91,7 @@ def pool_tensors(layout: PoolLayout, opened: OpenedPool) -> kvd_kernels.PoolBuff
     """The pool's buffers as ``[tokens, local_heads, head_dim]`` tensors over the engine's memory."""
     dtype = torch_dtype(layout)
     shape = (layout.num_tokens, layout.local_heads, layout.head_dim)
-    keep = opened._keep
+    keep = opened.backing
     tensors = []
     if keep and isinstance(keep[0], torch.Tensor):  # CUDA IPC: one tensor per buffer
         for t in keep:
@@ -106,7 +107,7 @@ def pool_tensors(layout: PoolLayout, opened: OpenedPool) -> kvd_kernels.PoolBuff
 
 
 def device_of(opened: OpenedPool) -> str:
-    keep = opened._keep
+    keep = opened.backing
     if keep and isinstance(keep[0], torch.Tensor) and keep[0].is_cuda:
         return f"cuda:{keep[0].device.index}"
     return "cpu"
@@ -138,8 +139,6 @@ class KernelRunner:
         return idx.pin_memory().to(device, non_blocking=True)
 
     def _run(self, kind: str, device: torch.device, fn: Any) -> None:
-        import time
-
         t0 = time.perf_counter()
         if device.type == "cuda":
             stream = self._stream(device, kind)

@@ -57,6 +57,9 @@ class DaemonProc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:]) if self.log_path.exists() else ""
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

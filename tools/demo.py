@@ -19,7 +19,6 @@ import json
 import os
 import queue
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from kvd.client import KvdClient, KvdError  # noqa: E402
+from kvd.client import KvdError  # noqa: E402
+from tools.cluster import DaemonProc, start_daemon  # noqa: E402
 from tools.fake_engine import RoomPlan  # noqa: E402
 
 FAKE_ENGINE = ROOT / "tools" / "fake_engine.py"
@@ -70,65 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# --- daemons ---------------------------------------------------------------------------------------
-
-@dataclass
-class Daemon:
-    """One ``python -m kvd`` process with its socket, peer port and log file."""
-
-    name: str
-    socket_path: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
-
-    def status(self) -> dict[str, Any]:
-        with KvdClient(self.socket_path, timeout=5.0) as c:
-            return c.status()
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: kvd shuts down gracefully
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_daemon(workdir: Path, name: str, extra: Sequence[str], wait_s: float = 30.0) -> Daemon:
-    """Start a daemon and wait until its socket answers a StatusRequest."""
-    sock, port, log_path = str(workdir / f"{name}.sock"), free_port(), workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "kvd", "--socket-path", sock, "--peer-port", str(port),
-           "--node-hostname", "127.0.0.1", "--log-format", "console", *extra]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    daemon = Daemon(name, sock, port, proc, log_path)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"kvd {name} exited with status {proc.returncode}:\n{daemon.log_tail()}")
-        try:
-            daemon.status()
-            return daemon
-        except (KvdError, OSError):
-            time.sleep(0.1)
-    daemon.stop()
-    raise RuntimeError(f"kvd {name} did not answer on {sock} within {wait_s}s:\n{daemon.log_tail()}")
+# Daemons: tools.cluster.start_daemon (shared with the tests and benchmarks).
 
 
 # --- engine ranks ----------------------------------------------------------------------------------
@@ -237,7 +179,7 @@ def _error_of(line: str) -> str:
         return line
 
 
-def _write_ops(daemon: Daemon) -> int | None:
+def _write_ops(daemon: DaemonProc) -> int | None:
     try:
         return int(daemon.status().get("daemon", {}).get("write_ops_total"))
     except (KvdError, OSError, TypeError, ValueError):
@@ -256,11 +198,11 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     prefill_id, decode_id = f"demo-p-{tag}", f"demo-d-{tag}"
     args.staging = args.staging and not args.mla  # MLA pools are refused while staging is on
     extra = shlex.split(args.daemon_args) + (["--staging-enabled"] if args.staging else [])
-    daemons: list[Daemon] = []
+    daemons: list[DaemonProc] = []
     ranks: list[Rank] = []
     try:
-        daemons.append(start_daemon(workdir, "kvd-prefill", extra))
-        daemons.append(start_daemon(workdir, "kvd-decode", extra))
+        for name in ("kvd-prefill", "kvd-decode"):  # human-readable logs: flags given last win
+            daemons.append(start_daemon(workdir, name, *extra, "--log-format", "console"))
         pre_d, dec_d = daemons
         print(f"daemons up: prefill {pre_d.address} ({pre_d.socket_path}), "
               f"decode {dec_d.address} ({dec_d.socket_path})")
@@ -296,7 +238,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
 
 
 def report(args: argparse.Namespace, plan: list[RoomPlan], reports: dict[str, dict[str, Any]],
-           daemons: list[Daemon], ops_before: list[int | None], ops_after: list[int | None]) -> int:
+           daemons: list[DaemonProc], ops_before: list[int | None], ops_after: list[int | None]) -> int:
     """Print the outcome; 0 only if every rank succeeded and every byte matched."""
     bad = 0
     for name, rep in reports.items():
