@@ -1,47 +1,7 @@
-"""``kvd``: run the daemon (config from --config / $KVD_CONFIG, KVD_* env and flags)."""
+"""Compatibility path: ``kvd.cli`` is ``kvd.ops.cli`` (the module itself, private names included)."""
 
-from __future__ import annotations
-
-import argparse
-import asyncio
 import sys
 
-from .config import ConfigError, add_config_flags, load_config, overrides_from_args
-from .logs import configure_logging
+import kvd.ops.cli as _module
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvd", description="KV-cache transfer daemon: moves KV cache from prefill to decode engines.")
-    add_config_flags(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args.config, overrides=overrides_from_args(args))
-    except (ConfigError, OSError) as exc:
-        print(f"kvd: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_format, config.log_level)
-    from .daemon import Daemon  # after logging is set up: imports log at import time
-
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a hard dependency; keep running without it
-        uvloop = None
-    daemon = Daemon(config)
-    try:
-        if uvloop is not None:
-            uvloop.run(daemon.serve())
-        else:
-            asyncio.run(daemon.serve())
-    except OSError as exc:
-        print(f"kvd: cannot start: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.modules[__name__] = _module

@@ -4,7 +4,7 @@ every kind of prefill/decode TP combination on the direct (per-slice) path."""
 from __future__ import annotations
 
 import pytest
-from e2e_cluster import check_reports, run_cluster
+from tests.support import check_reports, run_cluster
 
 pytestmark = pytest.mark.e2e
 

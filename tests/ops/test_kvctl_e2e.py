@@ -22,7 +22,7 @@ from kvd.layout import PoolLayout
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def kvctl(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ from kvd.config import (
     parse_size,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> str:

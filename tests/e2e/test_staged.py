@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from e2e_cluster import check_reports, run_cluster
+from tests.support import check_reports, run_cluster
 
 from kvd.client import KvdLayoutError
 from kvd.hostpool import HostPool

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import zmq
-from e2e_cluster import check_reports, run_cluster
+from tests.support import check_reports, run_cluster
 
 from kvd import protocol as p
 from kvd.client import KvdError, RoomFailed

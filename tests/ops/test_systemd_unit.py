@@ -14,7 +14,7 @@ import pytest
 
 from kvd import sdnotify
 
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "kvd.service"
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "kvd.service"
 
 
 def unit_settings() -> dict[str, list[str]]:

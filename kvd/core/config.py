@@ -1,0 +1,556 @@
+"""kvd's configuration: one frozen ``Config``, loaded from TOML, ``KVD_*`` env vars and flags.
+
+Precedence is file < environment < command-line flags. Every value is validated where
+it is read, and an error names the key *and where it came from* (the file, the env var
+or the flag), so an operator knows which of the three to fix. Unknown keys in the file
+and unknown ``KVD_*`` env vars are errors: a typo must never silently fall back to a
+default. This module does no I/O beyond reading the one config file.
+
+Naming: TOML ``[section] key`` <-> env ``KVD_SECTION_KEY`` <-> flag ``--section-key``
+<-> ``Config`` attribute (listed in ``FIELDS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = [
+    "CONFIG_ENV",
+    "FIELDS",
+    "Config",
+    "ConfigError",
+    "Field",
+    "add_config_flags",
+    "load_config",
+    "overrides_from_args",
+    "parse_host_port",
+    "parse_size",
+]
+
+CONFIG_ENV = "KVD_CONFIG"  # path of the config file; the one KVD_* variable that is not a key
+_ENV_PREFIX = "KVD_"
+_FLAG_DEST_PREFIX = "kvd_cfg_"  # argparse dests, prefixed so they never collide with a CLI's own
+_MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the trailing NUL
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; ``errors`` lists every problem found, one per line."""
+
+    def __init__(self, errors: list[str] | str) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class _Invalid(ValueError):
+    """A parser's complaint about one value; the caller prefixes it with the source."""
+
+
+# --- value parsers: accept the TOML type *or* a string (env vars and flags), return the typed value ---
+
+
+def _show(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_show(value)}")
+    return value
+
+
+def _nonempty_str(value: object) -> str:
+    text = _str(value).strip()
+    if not text:
+        raise _Invalid("must not be empty")
+    return text
+
+
+def _hostname(value: object) -> str:
+    text = _nonempty_str(value)
+    if any(c.isspace() for c in text):
+        raise _Invalid(f"expected a host name or address, got {_show(value)}")
+    return text
+
+
+def _int(value: object, *, low: int, high: int | None, what: str) -> int:
+    bad = _Invalid(f"expected {what}, got {_show(value)}")  # always quote what the operator wrote
+    if isinstance(value, bool):  # bool is an int subclass; true/false is never a count
+        raise bad
+    number: object = value
+    if isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str):
+        try:
+            number = int(value.strip().replace("_", ""), 10)
+        except ValueError:
+            raise bad from None
+    if not isinstance(number, int) or number < low or (high is not None and number > high):
+        raise bad
+    return number
+
+
+def _positive_int(value: object) -> int:
+    return _int(value, low=1, high=None, what="a positive integer")
+
+
+def _port(value: object) -> int:
+    return _int(value, low=0, high=65535, what="a port number 0-65535 (0 = pick a free port)")
+
+
+def _positive_float(value: object) -> float:
+    what = "a positive number"
+    if isinstance(value, bool):
+        raise _Invalid(f"expected {what}, got {_show(value)}")
+    number: float
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _Invalid(f"expected {what}, got {_show(value)}") from None
+    elif isinstance(value, int | float):
+        number = float(value)
+    else:
+        raise _Invalid(f"expected {what}, got {_show(value)}")
+    if not math.isfinite(number) or number <= 0:
+        raise _Invalid(f"expected {what}, got {_show(value)}")
+    return number
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise _Invalid(f"expected true or false (also 1/0, yes/no, on/off), got {_show(value)}")
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _str(value).strip().lower()
+        if text not in choices:
+            raise _Invalid(f"expected one of {', '.join(repr(c) for c in choices)}, got {_show(value)}")
+        return text
+
+    return parse
+
+
+_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
+
+
+def _log_level(value: object) -> str:
+    text = _str(value).strip().lower()
+    return _choice("debug", "info", "warning", "error", "critical")(_LEVEL_ALIASES.get(text, text))
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object) -> int:
+    """Parse a byte count: an int, or a string like ``"4GiB"``, ``"64MiB"``, ``"1.5G"``, ``"500MB"``.
+
+    KiB/MiB/GiB/TiB and the bare K/M/G/T are powers of 1024 (as systemd reads them);
+    KB/MB/GB/TB are powers of 1000. Raises ``ValueError`` on anything else.
+    """
+    what = "a positive byte size such as 4294967296, '4GiB' or '64MiB'"
+    if isinstance(value, bool):
+        raise _Invalid(f"expected {what}, got {_show(value)}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value.replace("_", ""))
+        unit = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+        if match is None or unit is None:
+            raise _Invalid(f"expected {what}, got {_show(value)}")
+        size = int(float(match.group(1)) * unit) if "." in match.group(1) else int(match.group(1)) * unit
+    else:
+        raise _Invalid(f"expected {what}, got {_show(value)}")
+    if size <= 0:
+        raise _Invalid(f"expected {what}, got {_show(value)}")
+    return size
+
+
+def _socket_mode(value: object) -> int:
+    what = 'a file mode such as "0660" (octal string) or 0o660'
+    if isinstance(value, bool):
+        raise _Invalid(f"expected {what}, got {_show(value)}")
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        if not text or any(c not in "01234567" for c in text):
+            raise _Invalid(f"expected {what}, got {_show(value)}")
+        mode = int(text, 8)
+    elif isinstance(value, int):
+        mode = value
+    else:
+        raise _Invalid(f"expected {what}, got {_show(value)}")
+    if not 0 <= mode <= 0o777:
+        # A TOML integer 660 is decimal 660 = 0o1224: say how to write it instead.
+        raise _Invalid(
+            f'expected {what}, got {_show(value)} (an integer is read as decimal: write "0660" or 0o660)'
+        )
+    if mode & 0o002:
+        # Any local user could then drive transfers into GPU memory (design: Trust).
+        raise _Invalid(f"must not be world-writable, got {oct(mode)}")
+    if (mode & 0o600) != 0o600:
+        raise _Invalid(f"the owner (kvd) needs read and write, got {oct(mode)}")
+    return mode
+
+
+def _socket_path(value: object) -> str:
+    text = _nonempty_str(value)
+    if len(os.fsencode(text)) > _MAX_UNIX_PATH:
+        raise _Invalid(
+            f"a Unix socket path may be at most {_MAX_UNIX_PATH} bytes, got {len(os.fsencode(text))}"
+        )
+    return text
+
+
+def _devices(value: object) -> str:
+    items = [item.strip() for item in _str(value).split(",")]
+    if items == [""]:
+        return ""
+    for item in items:
+        if not re.fullmatch(r"[A-Za-z0-9_.:\-]+", item):
+            raise _Invalid(
+                f"expected a comma-separated RDMA device list such as 'mlx5_0,mlx5_1', got {_show(value)}"
+            )
+    return ",".join(items)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (``"[::1]:9400"`` for IPv6; empty host = all interfaces).
+
+    Raises ``ValueError`` when the port is missing or out of range.
+    """
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        raise _Invalid(f"expected 'host:port', got {_show(text)}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = _int(port_text, low=0, high=65535, what="a port")
+    except _Invalid:
+        raise _Invalid(f"expected 'host:port' with a port 0-65535, got {_show(text)}") from None
+    return host, port
+
+
+def _address(value: object) -> str:
+    text = _str(value).strip()
+    if text:
+        parse_host_port(text)
+    return text
+
+
+# --- the field table: the one place a key is declared ---
+
+
+@dataclass(frozen=True)
+class Field:
+    """One configuration key: where it lives in each source and how its value is read."""
+
+    section: str
+    key: str
+    attr: str
+    parse: Callable[[object], Any]
+    help: str
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def env(self) -> str:
+        return f"{_ENV_PREFIX}{self.section}_{self.key}".upper()
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.section}-{self.key}".replace("_", "-")
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("node", "hostname", "hostname", _hostname,
+          "address peers and Mooncake use to reach this node"),
+    Field("socket", "path", "socket_path", _socket_path,
+          "Unix socket the engines connect to"),
+    Field("socket", "mode", "socket_mode", _socket_mode,
+          "permissions of the Unix socket (octal); never world-writable"),
+    Field("socket", "group", "socket_group", _str,
+          "group to chgrp the socket to, so engine users in it may connect (empty = kvd's own group)"),
+    Field("peer", "port", "peer_port", _port,
+          "ZMQ ROUTER port other daemons connect to (0 = pick a free port)"),
+    Field("peer", "auth_token", "auth_token", _str,
+          "shared secret peers must present (empty = no auth); prefer the file or env over a flag"),
+    Field("transport", "protocol", "protocol", _choice("tcp", "rdma"),
+          "Mooncake transport: 'tcp' or 'rdma'"),
+    Field("transport", "devices", "devices", _devices,
+          "RDMA devices, e.g. 'mlx5_0,mlx5_1' (empty = auto-detect)"),
+    Field("transfer", "workers", "workers", _positive_int,
+          "threads issuing Mooncake writes"),
+    Field("transfer", "queues", "queues", _positive_int,
+          "dispatch queues, so one slow peer does not block the others"),
+    Field("transfer", "max_batch_ops", "max_batch_ops", _positive_int,
+          "most write ops in one Mooncake batch"),
+    Field("timeouts", "bootstrap_s", "bootstrap_timeout_s", _positive_float,
+          "seconds a room may spend bootstrapping (peer handshake)"),
+    Field("timeouts", "waiting_s", "waiting_timeout_s", _positive_float,
+          "seconds a room may wait for its input (prefill output or the receiver's pages)"),
+    Field("timeouts", "transfer_s", "transfer_timeout_s", _positive_float,
+          "seconds a room's transfer may take once started"),
+    Field("timeouts", "heartbeat_interval_s", "heartbeat_interval_s", _positive_float,
+          "seconds between heartbeats to each peer"),
+    Field("timeouts", "heartbeat_misses", "heartbeat_misses", _positive_int,
+          "missed heartbeats after which a peer is dead and its rooms fail"),
+    Field("timeouts", "abort_fence_s", "abort_fence_s", _positive_float,
+          "seconds to wait for in-flight writes after an abort before a room's pages are released"),
+    Field("staging", "enabled", "staging_enabled", _bool,
+          "use the GPU staging buffer (bulk writes) for heterogeneous TP"),
+    Field("staging", "pool_bytes", "staging_pool_bytes", parse_size,
+          "size of the receive staging pool (int bytes or '4GiB', '64MiB')"),
+    Field("staging", "chunk_tokens", "staging_chunk_tokens", _positive_int,
+          "most tokens per staged chunk (a room larger than one chunk goes chunk by chunk)"),
+    Field("staging", "chunk_bytes", "staging_chunk_bytes", parse_size,
+          "most bytes per staged chunk region (all writers of the chunk together)"),
+    Field("staging", "prefetch_chunks", "staging_prefetch_chunks", _positive_int,
+          "chunk regions a room may hold at once (reserved ahead of the writes)"),
+    Field("staging", "kernel_threads", "staging_kernel_threads", _positive_int,
+          "threads that run gather/scatter kernels (CPU reference, or CUDA stream waits)"),
+    Field("metrics", "address", "metrics_address", _address,
+          "'host:port' to serve Prometheus /metrics on (empty = off)"),
+    Field("log", "format", "log_format", _choice("auto", "console", "json"),
+          "'auto' (console on a TTY, JSON otherwise), 'console' or 'json'"),
+    Field("log", "level", "log_level", _log_level,
+          "'debug', 'info', 'warning', 'error' or 'critical'"),
+)  # fmt: skip
+
+_BY_ATTR = {f.attr: f for f in FIELDS}
+_BY_DOTTED = {f.dotted: f for f in FIELDS}
+_BY_ENV = {f.env: f for f in FIELDS}
+_SECTIONS = {f.section: {g.key for g in FIELDS if g.section == f.section} for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """All of kvd's settings, validated; see ``FIELDS`` (or conf/kvd.toml) for what each one does."""
+
+    hostname: str = "127.0.0.1"
+    socket_path: str = "/run/kvd/kvd.sock"
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    peer_port: int = 17500
+    auth_token: str = ""
+    protocol: str = "tcp"
+    devices: str = ""
+    workers: int = 4
+    queues: int = 4
+    max_batch_ops: int = 1024
+    bootstrap_timeout_s: float = 30.0
+    waiting_timeout_s: float = 300.0
+    transfer_timeout_s: float = 120.0
+    heartbeat_interval_s: float = 2.0
+    heartbeat_misses: int = 3
+    abort_fence_s: float = 10.0
+    staging_enabled: bool = False
+    staging_pool_bytes: int = 4 << 30
+    staging_chunk_tokens: int = 8192
+    staging_chunk_bytes: int = 64 << 20
+    staging_prefetch_chunks: int = 2
+    staging_kernel_threads: int = 2
+    metrics_address: str = ""
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        # Validated in the constructor, so a Config built in code is as safe as a loaded one.
+        errors = []
+        for f in FIELDS:
+            try:
+                object.__setattr__(self, f.attr, f.parse(getattr(self, f.attr)))
+            except ValueError as exc:
+                errors.append(f"Config.{f.attr}: {exc}")
+        if errors:
+            raise ConfigError(errors)
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        """Silence after which a peer is declared dead."""
+        return self.heartbeat_interval_s * self.heartbeat_misses
+
+    @property
+    def device_list(self) -> list[str]:
+        """``devices`` split into names; empty = let Mooncake pick."""
+        return self.devices.split(",") if self.devices else []
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ``kvctl status`` and the start-up log; the auth token is redacted."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["socket_mode"] = f"0{self.socket_mode:o}"
+        out["auth_token"] = "<redacted>" if self.auth_token else ""
+        return out
+
+    def __repr__(self) -> str:
+        # The default repr would put the shared secret into tracebacks and logs.
+        shown = {**self.to_dict(), "socket_mode": _OctalRepr(self.socket_mode)}
+        body = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        return f"Config({body})"
+
+
+class _OctalRepr(int):
+    """An int that reprs as ``0o660``, for file modes in ``Config.__repr__``."""
+
+    def __repr__(self) -> str:
+        return oct(self)
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_file(path: str) -> dict[str, tuple[object, str]]:
+    """Raw values from the TOML file, keyed by attribute, each with its source label."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw: dict[str, tuple[object, str]] = {}
+    errors: list[str] = []
+    for section, table in doc.items():
+        if section not in _SECTIONS:
+            errors.append(f"{path}: unknown section [{section}]{_suggest(section, sorted(_SECTIONS))}")
+            continue
+        if not isinstance(table, dict):
+            errors.append(f"{path}: {section} must be a [{section}] table, got {_show(table)}")
+            continue
+        for key, value in table.items():
+            field = _BY_DOTTED.get(f"{section}.{key}")
+            if field is None:
+                hint = _suggest(key, sorted(_SECTIONS[section]))
+                errors.append(f"{path}: unknown key {section}.{key}{hint}")
+                continue
+            raw[field.attr] = (value, f"{path}: {field.dotted}")
+    if errors:
+        raise ConfigError(errors)
+    return raw
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
+    raw: dict[str, tuple[object, str]] = {}
+    errors: list[str] = []
+    for name, value in env.items():
+        if not name.startswith(_ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        field = _BY_ENV.get(name)
+        if field is None:
+            errors.append(f"{name}: unknown kvd environment variable{_suggest(name, sorted(_BY_ENV))}")
+            continue
+        raw[field.attr] = (value, name)
+    if errors:
+        raise ConfigError(errors)
+    return raw
+
+
+def _read_overrides(overrides: Mapping[str, object]) -> dict[str, tuple[object, str]]:
+    raw: dict[str, tuple[object, str]] = {}
+    for name, value in overrides.items():
+        field = _BY_ATTR.get(name) or _BY_DOTTED.get(name)
+        if field is None:
+            raise ConfigError(f"unknown config override {name!r}{_suggest(name, sorted(_BY_ATTR))}")
+        raw[field.attr] = (value, field.flag)
+    return raw
+
+
+def load_config(
+    path: str | None,
+    env: Mapping[str, str] = os.environ,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build the ``Config``: defaults < TOML file < ``KVD_*`` env < ``overrides`` (flags).
+
+    ``path`` None falls back to ``$KVD_CONFIG``; neither means no file. ``overrides`` is
+    keyed by attribute (``"waiting_timeout_s"``) or ``"section.key"``, as
+    ``overrides_from_args`` returns it. Raises ``ConfigError`` listing every bad value.
+    """
+    if path is None:
+        path = env.get(CONFIG_ENV) or None
+    raw: dict[str, tuple[object, str]] = {}
+    if path is not None:
+        raw.update(_read_file(path))
+    raw.update(_read_env(env))
+    raw.update(_read_overrides(overrides or {}))
+    values: dict[str, Any] = {}
+    errors: list[str] = []
+    for attr, (value, source) in raw.items():
+        try:
+            values[attr] = _BY_ATTR[attr].parse(value)
+        except ValueError as exc:
+            errors.append(f"{source}: {exc}")
+    if errors:
+        raise ConfigError(errors)
+    return Config(**values)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, config_flag: bool = True) -> None:
+    """Add ``--config PATH`` (unless ``config_flag`` is False) and one ``--section-key`` flag per field.
+
+    The flags default to "not given" so that they override only what the operator typed;
+    values stay strings here and are validated by ``load_config``, whose errors name the flag.
+    """
+    group = parser.add_argument_group("configuration (overrides the file and KVD_* env vars)")
+    if config_flag:
+        group.add_argument(
+            "--config",
+            metavar="PATH",
+            default=None,
+            help=f"TOML config file (default: ${CONFIG_ENV}, else built-in defaults)",
+        )
+    for f in FIELDS:
+        dest = _FLAG_DEST_PREFIX + f.attr
+        if f.parse is _bool:
+            group.add_argument(
+                f.flag,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{f.help} [{f.dotted}]",
+            )
+        else:
+            group.add_argument(
+                f.flag, dest=dest, metavar=f.key.upper(), default=None, help=f"{f.help} [{f.dotted}]"
+            )
+
+
+def overrides_from_args(ns: argparse.Namespace) -> dict[str, object]:
+    """The config flags the operator actually gave, keyed by ``Config`` attribute."""
+    out: dict[str, object] = {}
+    for f in FIELDS:
+        value = getattr(ns, _FLAG_DEST_PREFIX + f.attr, None)
+        if value is not None:
+            out[f.attr] = value
+    return out

@@ -1,0 +1,187 @@
+"""KV pool layouts: what an engine rank holds and where each byte of it lives.
+
+A pool is a list of buffers, ``[K_0 .. K_{L-1}, V_0 .. V_{L-1}]`` (MLA: one latent
+buffer per layer, ``[C_0 .. C_{L-1}]``). Every buffer is token-major:
+``[num_pages][page_size][local_heads][head_dim]``, so one token's heads are contiguous
+and a page is ``page_size`` consecutive token rows.
+
+Head ownership always comes from the model's *total* KV head count: with
+``total >= tp`` rank ``t`` holds heads ``[t*total/tp, (t+1)*total/tp)``; with GQA
+replication (``total < tp``) it holds the single head ``t // (tp/total)``.
+Pure: no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
+    "uint8": 1,
+}
+
+ROLES = ("prefill", "decode")
+MEMORY_KINDS = ("host", "gpu")
+
+
+class LayoutError(ValueError):
+    """A pool layout is invalid, or two layouts cannot be mapped onto each other."""
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """Shape of one engine rank's KV pool (the same for every rank of an engine but tp_rank)."""
+
+    engine_id: str
+    role: str
+    tp_size: int
+    tp_rank: int
+    num_layers: int
+    total_kv_heads: int
+    head_dim: int
+    dtype: str
+    page_size: int
+    num_pages: int
+    is_mla: bool = False
+    memory_kind: str = "host"
+    hisparse: bool = False
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise LayoutError(f"invalid pool layout {self.describe()}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if self.role not in ROLES:
+            out.append(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.memory_kind not in MEMORY_KINDS:
+            out.append(f"memory_kind must be one of {MEMORY_KINDS}, got {self.memory_kind!r}")
+        if self.dtype not in DTYPE_SIZES:
+            out.append(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {self.dtype!r}")
+        for name in ("tp_size", "num_layers", "total_kv_heads", "head_dim", "page_size", "num_pages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                out.append(f"{name} must be a positive integer, got {value!r}")
+        if out:
+            return out
+        if not 0 <= self.tp_rank < self.tp_size:
+            out.append(f"tp_rank {self.tp_rank} outside [0, {self.tp_size})")
+        if self.is_mla and self.total_kv_heads != 1:
+            out.append("an MLA pool holds one latent head: total_kv_heads must be 1")
+        heads, tp = self.total_kv_heads, self.tp_size
+        if heads >= tp and heads % tp:
+            out.append(f"total_kv_heads {heads} is not divisible by tp_size {tp}")
+        if heads < tp and tp % heads:
+            out.append(f"tp_size {tp} is not a multiple of total_kv_heads {heads} (GQA replication)")
+        if self.hisparse and self.page_size != 1:
+            out.append(f"a HiSparse host pool has page_size 1, got {self.page_size}")
+        if self.hisparse and self.memory_kind != "host":
+            out.append("a HiSparse pool lives in host memory")
+        return out
+
+    # --- head ownership -------------------------------------------------------------
+    @property
+    def local_heads(self) -> int:
+        """KV heads held by one rank (1 under GQA replication and for MLA)."""
+        return max(1, self.total_kv_heads // self.tp_size)
+
+    @property
+    def replication(self) -> int:
+        """How many ranks hold a copy of each head (1 unless total heads < TP)."""
+        return max(1, self.tp_size // self.total_kv_heads)
+
+    def head_range(self, rank: int | None = None) -> range:
+        """Global head indices held by ``rank`` (default: this layout's rank)."""
+        rank = self.tp_rank if rank is None else rank
+        first = (rank // self.replication) * self.local_heads
+        return range(first, first + self.local_heads)
+
+    # --- bytes ----------------------------------------------------------------------
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def head_bytes(self) -> int:
+        return self.head_dim * self.itemsize
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token row in one buffer (all local heads)."""
+        return self.local_heads * self.head_bytes
+
+    @property
+    def page_bytes(self) -> int:
+        return self.token_bytes * self.page_size
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.page_bytes * self.num_pages
+
+    @property
+    def num_buffers(self) -> int:
+        """Buffers in the pool: K and V per layer, or one latent buffer per layer for MLA."""
+        return self.num_layers * (1 if self.is_mla else 2)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.buffer_bytes * self.num_buffers
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    # --- wire form ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PoolLayout:
+        if not isinstance(data, dict):
+            raise LayoutError(f"a pool layout must be a map, got {type(data).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        missing = [f for f in ("engine_id", "role", "tp_size", "tp_rank", "num_layers",
+                               "total_kv_heads", "head_dim", "dtype", "page_size", "num_pages")
+                   if f not in data]
+        if missing:
+            raise LayoutError(f"pool layout lacks {', '.join(missing)}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:  # pragma: no cover - guarded by the filter above
+            raise LayoutError(str(exc)) from exc
+
+    def describe(self) -> str:
+        kind = "MLA" if self.is_mla else f"{self.total_kv_heads} kv heads"
+        return (f"{self.role} {self.engine_id!s} tp {self.tp_rank}/{self.tp_size}, "
+                f"{self.num_layers} layers, {kind}, head_dim {self.head_dim}, {self.dtype}, "
+                f"page {self.page_size} x {self.num_pages}, {self.memory_kind}"
+                + (", hisparse" if self.hisparse else ""))
+
+
+def check_compatible(sender: PoolLayout, receiver: PoolLayout) -> None:
+    """Refuse two layouts whose KV cannot be mapped onto each other; the message names both.
+
+    Page sizes may differ only when the receiver is a HiSparse host pool (page size 1):
+    the sender's pages are then expanded to tokens.
+    """
+    problems: list[str] = []
+    for name in ("num_layers", "head_dim", "dtype", "total_kv_heads", "is_mla"):
+        if getattr(sender, name) != getattr(receiver, name):
+            problems.append(f"{name} differs ({getattr(sender, name)!r} vs {getattr(receiver, name)!r})")
+    if sender.page_size != receiver.page_size and not receiver.hisparse:
+        problems.append(f"page_size differs ({sender.page_size} vs {receiver.page_size}) "
+                        "and the receiver is not a HiSparse host pool")
+    big, small = max(sender.tp_size, receiver.tp_size), min(sender.tp_size, receiver.tp_size)
+    if big % small:
+        problems.append(f"tp sizes {sender.tp_size} and {receiver.tp_size} do not divide each other")
+    if problems:
+        raise LayoutError(
+            "cannot map KV between sender [" + sender.describe() + "] and receiver ["
+            + receiver.describe() + "]: " + "; ".join(problems))

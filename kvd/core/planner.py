@@ -1,0 +1,462 @@
+"""Transfer planner: which sender rank sends which heads to which receiver rank, and the write ops.
+
+Two pure parts, both called by the daemon and never doing anything themselves:
+
+* **TP head mapping** (:func:`map_heads`): from the model's *total* KV head count and both TP
+  sizes, the head slices every receiver rank gets, the sender ranks whose completion it must
+  count, and the sender ranks it must notify (the required ones plus "dummy" ones that have
+  nothing to write but must still hear of the room so they can finish). Each (receiver rank,
+  head) is covered by exactly one sender: GQA replicas do not all send the same bytes.
+* **Direct write ops** (:func:`plan_direct_writes`): ``(src address, dst address, length)``
+  triples for one head slice, vectorised with numpy, contiguous token runs merged where the
+  slice is a whole token row on both sides; and the bounds check (:func:`check_ops_within`)
+  that every op falls inside a registered region before anything is handed to the transport.
+
+No I/O, no torch, no transport: bad indices or shapes raise :class:`PlanError` and the caller
+fails the room.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from kvd.core.layout import LayoutError, PoolLayout, check_compatible
+
+__all__ = [
+    "HeadSlice",
+    "PlanError",
+    "TpMapping",
+    "WriteOps",
+    "check_ops_within",
+    "check_ranges_within",
+    "check_token_indices",
+    "expand_pages_to_tokens",
+    "head_range",
+    "map_heads",
+    "map_layouts",
+    "pages_to_tokens",
+    "plan_direct_writes",
+    "plan_pair_writes",
+]
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+class PlanError(ValueError):
+    """Bad indices, an op outside a registered region, or a request that cannot be mapped."""
+
+
+# --- head ownership -------------------------------------------------------------------------
+
+
+def _check_tp(total_kv_heads: int, tp: int, side: str) -> None:
+    for name, value in (("total_kv_heads", total_kv_heads), (f"{side} tp", tp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PlanError(f"{name} must be a positive integer, got {value!r}")
+    if total_kv_heads >= tp and total_kv_heads % tp:
+        raise PlanError(f"total_kv_heads {total_kv_heads} is not divisible by {side} tp {tp}")
+    if total_kv_heads < tp and tp % total_kv_heads:
+        raise PlanError(f"{side} tp {tp} is not a multiple of total_kv_heads {total_kv_heads}")
+
+
+def head_range(total_kv_heads: int, tp_size: int, rank: int) -> range:
+    """Global KV heads rank ``rank`` of a TP group holds (same rule as PoolLayout.head_range).
+
+    Kept here as a plain function because the mapping is computed for peers whose full
+    layout is not at hand; tests pin it to PoolLayout.head_range.
+    """
+    local = max(1, total_kv_heads // max(1, tp_size))
+    replication = max(1, tp_size // max(1, total_kv_heads))
+    first = (rank // replication) * local
+    return range(first, first + local)
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """A run of global heads one sender rank writes into one receiver rank, per token.
+
+    The offsets are head indices within each side's local heads, so the byte offset inside a
+    token row is ``offset * head_bytes`` on either side.
+    """
+
+    sender_rank: int
+    receiver_rank: int
+    global_head_start: int
+    src_head_offset: int
+    dst_head_offset: int
+    num_heads: int
+
+    def __post_init__(self) -> None:
+        if min(self.sender_rank, self.receiver_rank, self.global_head_start,
+               self.src_head_offset, self.dst_head_offset) < 0 or self.num_heads < 1:
+            raise PlanError(f"invalid head slice {self}")
+
+    @property
+    def heads(self) -> range:
+        """The global heads the slice carries."""
+        return range(self.global_head_start, self.global_head_start + self.num_heads)
+
+
+def _sender_group(sender_tp: int, receiver_tp: int, receiver_rank: int) -> range:
+    """Sender ranks receiver ``receiver_rank`` notifies; chosen so load spreads over senders.
+
+    With more receivers than senders, consecutive receivers share one sender; with more
+    senders, each receiver takes a disjoint block of ``sender_tp // receiver_tp`` senders, so
+    every sender rank is in exactly one receiver's group and hears of every room.
+    """
+    if sender_tp <= receiver_tp:
+        sender = receiver_rank // max(1, receiver_tp // max(1, sender_tp))
+        return range(sender, sender + 1)
+    k = max(1, sender_tp // max(1, receiver_tp))
+    return range(receiver_rank * k, (receiver_rank + 1) * k)
+
+
+def _receiver_slices(total: int, sender_tp: int, receiver_tp: int, receiver_rank: int,
+                     group: range) -> tuple[HeadSlice, ...]:
+    """Slices for one receiver: each needed head from the lowest group member holding it."""
+    dst_heads = head_range(total, receiver_tp, receiver_rank)
+    slices: list[HeadSlice] = []
+    for head in dst_heads:
+        owner = next((s for s in group if head in head_range(total, sender_tp, s)), None)
+        if owner is None:  # pragma: no cover - the group provably holds every needed head
+            raise PlanError(f"no sender among ranks {list(group)} holds head {head} "
+                            f"for receiver rank {receiver_rank}")
+        src_off = head - head_range(total, sender_tp, owner).start
+        dst_off = head - dst_heads.start
+        last = slices[-1] if slices else None
+        if (last is not None and last.sender_rank == owner
+                and last.src_head_offset + last.num_heads == src_off
+                and last.dst_head_offset + last.num_heads == dst_off):
+            slices[-1] = HeadSlice(owner, receiver_rank, last.global_head_start,
+                                   last.src_head_offset, last.dst_head_offset, last.num_heads + 1)
+        else:
+            slices.append(HeadSlice(owner, receiver_rank, head, src_off, dst_off, 1))
+    return tuple(slices)
+
+
+@dataclass(frozen=True)
+class TpMapping:
+    """Head mapping between a sender TP group and a receiver TP group of one model.
+
+    Computed once per (total heads, sender tp, receiver tp); every query is a table look-up.
+    """
+
+    total_kv_heads: int
+    sender_tp: int
+    receiver_tp: int
+    _slices: tuple[tuple[HeadSlice, ...], ...] = field(init=False, repr=False, compare=False)
+    _groups: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+    _receivers: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        total, stp, rtp = self.total_kv_heads, self.sender_tp, self.receiver_tp
+        _check_tp(total, stp, "sender")
+        _check_tp(total, rtp, "receiver")
+        if max(stp, rtp) % min(stp, rtp):
+            raise PlanError(f"sender tp {stp} and receiver tp {rtp} do not divide each other")
+        groups = tuple(_sender_group(stp, rtp, r) for r in range(rtp))
+        slices = tuple(_receiver_slices(total, stp, rtp, r, groups[r]) for r in range(rtp))
+        receivers: list[list[int]] = [[] for _ in range(stp)]
+        for r, group in enumerate(groups):
+            for s in group:
+                receivers[s].append(r)
+        object.__setattr__(self, "_slices", slices)
+        object.__setattr__(self, "_groups", tuple(tuple(g) for g in groups))
+        object.__setattr__(self, "_receivers", tuple(tuple(r) for r in receivers))
+
+    def _receiver(self, rank: int) -> int:
+        if not 0 <= rank < self.receiver_tp:
+            raise PlanError(f"receiver rank {rank} outside [0, {self.receiver_tp})")
+        return rank
+
+    def _sender(self, rank: int) -> int:
+        if not 0 <= rank < self.sender_tp:
+            raise PlanError(f"sender rank {rank} outside [0, {self.sender_tp})")
+        return rank
+
+    def slices_for(self, receiver_rank: int) -> tuple[HeadSlice, ...]:
+        """Every slice receiver rank gets; together they cover its heads exactly once."""
+        return self._slices[self._receiver(receiver_rank)]
+
+    def required_senders(self, receiver_rank: int) -> tuple[int, ...]:
+        """Sender ranks that write to the receiver: it is done when each has reported success."""
+        return tuple(sorted({s.sender_rank for s in self.slices_for(receiver_rank)}))
+
+    def notified_senders(self, receiver_rank: int) -> tuple[int, ...]:
+        """Sender ranks the receiver sends its per-room request to (required + dummy ones)."""
+        return self._groups[self._receiver(receiver_rank)]
+
+    def dummy_senders(self, receiver_rank: int) -> tuple[int, ...]:
+        """Notified senders with nothing to write; they only need to finish the room."""
+        required = set(self.required_senders(receiver_rank))
+        return tuple(s for s in self.notified_senders(receiver_rank) if s not in required)
+
+    def receivers_of(self, sender_rank: int) -> tuple[int, ...]:
+        """Receiver ranks that will send this sender a request for every room."""
+        return self._receivers[self._sender(sender_rank)]
+
+    def slices_between(self, sender_rank: int, receiver_rank: int) -> tuple[HeadSlice, ...]:
+        """What the sender writes into the receiver; empty for a dummy or unrelated pair."""
+        self._sender(sender_rank)
+        return tuple(s for s in self.slices_for(receiver_rank) if s.sender_rank == sender_rank)
+
+
+@lru_cache(maxsize=256, typed=True)
+def map_heads(total_kv_heads: int, sender_tp: int, receiver_tp: int) -> TpMapping:
+    """The (cached) head mapping; MLA is ``total_kv_heads=1``: one sender per receiver."""
+    return TpMapping(total_kv_heads, sender_tp, receiver_tp)
+
+
+def map_layouts(sender: PoolLayout, receiver: PoolLayout) -> TpMapping:
+    """Mapping for two engines' layouts, after checking they can be mapped at all."""
+    _check_layouts(sender, receiver)
+    return map_heads(sender.total_kv_heads, sender.tp_size, receiver.tp_size)
+
+
+def _check_layouts(sender: PoolLayout, receiver: PoolLayout) -> None:
+    try:
+        check_compatible(sender, receiver)
+    except LayoutError as exc:
+        raise PlanError(str(exc)) from exc
+
+
+# --- write ops ------------------------------------------------------------------------------
+
+
+def _int64(values: object) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class WriteOps:
+    """Parallel int64 arrays ``src``, ``dst``, ``length``: one remote write per index.
+
+    Ops are grouped by buffer (layer, K/V) in buffer order, which is the order the transport
+    submits them in.
+    """
+
+    src: np.ndarray
+    dst: np.ndarray
+    length: np.ndarray
+
+    def __post_init__(self) -> None:
+        src, dst, length = _int64(self.src), _int64(self.dst), _int64(self.length)
+        if not src.shape == dst.shape == length.shape:
+            raise PlanError(f"write ops of unequal lengths: {src.shape[0]} src, "
+                            f"{dst.shape[0]} dst, {length.shape[0]} length")
+        object.__setattr__(self, "src", src)
+        object.__setattr__(self, "dst", dst)
+        object.__setattr__(self, "length", length)
+
+    def __len__(self) -> int:
+        return int(self.src.shape[0])
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.length.sum())
+
+    @staticmethod
+    def empty() -> WriteOps:
+        none = np.zeros(0, dtype=np.int64)
+        return WriteOps(none, none, none)
+
+    @staticmethod
+    def concat(parts: Iterable[WriteOps]) -> WriteOps:
+        """Join several plans (e.g. all slices of one sender) into one transport batch."""
+        parts = list(parts)
+        if not parts:
+            return WriteOps.empty()
+        return WriteOps(np.concatenate([p.src for p in parts]),
+                        np.concatenate([p.dst for p in parts]),
+                        np.concatenate([p.length for p in parts]))
+
+
+def _index_array(values: object, what: str) -> np.ndarray:
+    """A 1-D int64 copy-free view of indices; floats and bools are refused, never rounded."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise PlanError(f"{what} must be a 1-D array of indices, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise PlanError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > _INT64_MAX:
+        raise PlanError(f"{what}: index {int(arr.max())} is out of range")
+    return arr.astype(np.int64, copy=False)
+
+
+def pages_to_tokens(pages: np.ndarray, page_size: int) -> np.ndarray:
+    """Token indices of whole pages: page ``p`` -> ``p*page_size .. p*page_size+page_size-1``."""
+    if not isinstance(page_size, int | np.integer) or isinstance(page_size, bool) or page_size < 1:
+        raise PlanError(f"page_size must be a positive integer, got {page_size!r}")
+    arr = _index_array(pages, "pages")
+    if arr.size and arr.min() < 0:
+        raise PlanError(f"pages: negative page index {int(arr.min())}")
+    # guard the multiplication: a huge page index from a peer must not wrap into range
+    if arr.size and arr.max() > _INT64_MAX // page_size - 1:
+        raise PlanError(f"pages: page index {int(arr.max())} is out of range")
+    return (arr[:, None] * page_size + np.arange(page_size, dtype=np.int64)[None, :]).reshape(-1)
+
+
+def expand_pages_to_tokens(pages: np.ndarray, page_size: int, length: int) -> np.ndarray:
+    """HiSparse: the first ``length`` tokens of ``pages`` (the last page cut to the real length).
+
+    The pages must be exactly enough for ``length`` tokens: a trailing empty page means the
+    two sides disagree about the request, so it is refused rather than ignored.
+    """
+    tokens = pages_to_tokens(pages, page_size)
+    num_pages = tokens.shape[0] // page_size
+    if not isinstance(length, int | np.integer) or isinstance(length, bool) or length < 1:
+        raise PlanError(f"token length must be a positive integer, got {length!r}")
+    if length > num_pages * page_size:
+        raise PlanError(f"{length} tokens do not fit in {num_pages} pages of {page_size}")
+    if length <= (num_pages - 1) * page_size:
+        raise PlanError(f"{length} tokens leave the last of {num_pages} pages of {page_size} empty")
+    return tokens[:length]
+
+
+def check_token_indices(tokens: np.ndarray, layout: PoolLayout, what: str) -> None:
+    """Refuse token indices that are not integers or fall outside the layout's pool."""
+    arr = _index_array(tokens, what)
+    if arr.size == 0:
+        return
+    bad = (arr < 0) | (arr >= layout.num_tokens)
+    if bad.any():
+        first = int(arr[np.flatnonzero(bad)[0]])
+        raise PlanError(f"{what}: {int(bad.sum())} token indices outside [0, {layout.num_tokens}) "
+                        f"(first {first}) for {layout.describe()}")
+
+
+def _buffer_addresses(buffers: Sequence[int], layout: PoolLayout, what: str) -> np.ndarray:
+    try:
+        arr = _int64([int(b) for b in buffers])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise PlanError(f"{what}: buffer addresses must be integers ({exc})") from exc
+    if arr.shape[0] != layout.num_buffers:
+        raise PlanError(f"{what}: {arr.shape[0]} buffer addresses for a pool of "
+                        f"{layout.num_buffers} buffers ({layout.describe()})")
+    if arr.size and arr.min() < 0:
+        raise PlanError(f"{what}: negative buffer address {int(arr.min())}")
+    return arr
+
+
+def _check_slice(sender: PoolLayout, receiver: PoolLayout, hs: HeadSlice) -> None:
+    """The slice must belong to exactly these two ranks and name the same heads on both."""
+    if hs.sender_rank != sender.tp_rank or hs.receiver_rank != receiver.tp_rank:
+        raise PlanError(f"head slice {hs} is for ranks {hs.sender_rank}->{hs.receiver_rank}, "
+                        f"not {sender.tp_rank}->{receiver.tp_rank}")
+    for side, layout, offset in (("sender", sender, hs.src_head_offset),
+                                 ("receiver", receiver, hs.dst_head_offset)):
+        if offset + hs.num_heads > layout.local_heads:
+            raise PlanError(f"head slice {hs} exceeds the {layout.local_heads} local heads "
+                            f"of the {side}")
+        if layout.head_range().start + offset != hs.global_head_start:
+            raise PlanError(f"head slice {hs} does not match the {side}'s heads "
+                            f"{list(layout.head_range())}")
+
+
+def plan_direct_writes(sender: PoolLayout, sender_buffers: Sequence[int], src_tokens: np.ndarray,
+                       receiver: PoolLayout, receiver_buffers: Sequence[int], dst_tokens: np.ndarray,
+                       head_slice: HeadSlice) -> WriteOps:
+    """Write ops moving one head slice of ``src_tokens[i]`` into ``dst_tokens[i]``, every buffer.
+
+    Buffers are ``[K_0..K_{L-1}, V_0..V_{L-1}]`` (MLA ``[C_0..C_{L-1}]``) base addresses, each
+    token-major. Where the slice is the whole token row on both sides (same TP, MLA, GQA
+    replicas) runs of consecutive src *and* dst tokens become one op per buffer; otherwise the
+    slice is strided and each token is its own op.
+    """
+    src = _index_array(src_tokens, "src tokens")
+    dst = _index_array(dst_tokens, "dst tokens")
+    if src.shape != dst.shape:
+        raise PlanError(f"{src.shape[0]} src tokens but {dst.shape[0]} dst tokens")
+    _check_layouts(sender, receiver)
+    check_token_indices(src, sender, "src tokens")
+    check_token_indices(dst, receiver, "dst tokens")
+    if dst.size > 1 and np.unique(dst).shape[0] != dst.shape[0]:
+        # two writes to one row would leave whichever lands last: never a valid request
+        raise PlanError("dst tokens repeat a token index")
+    sbufs = _buffer_addresses(sender_buffers, sender, "sender buffers")
+    rbufs = _buffer_addresses(receiver_buffers, receiver, "receiver buffers")
+    _check_slice(sender, receiver, head_slice)
+    if src.size == 0:
+        return WriteOps.empty()
+
+    head_bytes = sender.head_bytes
+    src_row, dst_row = sender.token_bytes, receiver.token_bytes
+    full_row = head_slice.num_heads == sender.local_heads == receiver.local_heads
+    if full_row:
+        breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+        starts = np.concatenate((np.zeros(1, dtype=np.int64), breaks))
+        run_tokens = np.diff(np.append(starts, src.shape[0]))
+        src_off = src[starts] * src_row
+        dst_off = dst[starts] * dst_row
+        lengths = run_tokens * src_row
+    else:
+        src_off = src * src_row + head_slice.src_head_offset * head_bytes
+        dst_off = dst * dst_row + head_slice.dst_head_offset * head_bytes
+        lengths = np.full(src.shape[0], head_slice.num_heads * head_bytes, dtype=np.int64)
+    return WriteOps((sbufs[:, None] + src_off[None, :]).reshape(-1),
+                    (rbufs[:, None] + dst_off[None, :]).reshape(-1),
+                    np.tile(lengths, sbufs.shape[0]))
+
+
+def plan_pair_writes(mapping: TpMapping,
+                     sender: PoolLayout, sender_buffers: Sequence[int], src_tokens: np.ndarray,
+                     receiver: PoolLayout, receiver_buffers: Sequence[int], dst_tokens: np.ndarray,
+                     ) -> WriteOps:
+    """Every write one sender rank owes one receiver rank (empty for a dummy pair)."""
+    if (mapping.total_kv_heads, mapping.sender_tp, mapping.receiver_tp) != (
+            sender.total_kv_heads, sender.tp_size, receiver.tp_size):
+        raise PlanError(f"mapping {mapping} does not fit sender [{sender.describe()}] "
+                        f"and receiver [{receiver.describe()}]")
+    return WriteOps.concat(
+        plan_direct_writes(sender, sender_buffers, src_tokens,
+                           receiver, receiver_buffers, dst_tokens, hs)
+        for hs in mapping.slices_between(sender.tp_rank, receiver.tp_rank))
+
+
+# --- bounds ---------------------------------------------------------------------------------
+
+
+def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
+                        regions: Sequence[tuple[int, int]], what: str) -> None:
+    """Refuse any ``[address, address+length)`` not inside a single ``(base, length)`` region.
+
+    Vectorised: regions are sorted by base and, for each range, the regions starting at or
+    below it are summarised by their furthest end (a running max), so overlapping
+    registrations are handled and one search per range suffices.
+    """
+    addr, size = _int64(addresses), _int64(lengths)
+    if addr.shape != size.shape:
+        raise PlanError(f"{what}: {addr.shape[0]} addresses but {size.shape[0]} lengths")
+    if addr.size == 0:
+        return
+    if size.min() < 1:
+        raise PlanError(f"{what}: a write of {int(size.min())} bytes")
+    reg = np.asarray(list(regions), dtype=np.int64).reshape(-1, 2)
+    if reg.shape[0] == 0:
+        raise PlanError(f"{what}: {addr.shape[0]} writes but no registered region")
+    if reg[:, 0].min() < 0 or reg[:, 1].min() < 1:
+        raise PlanError(f"{what}: invalid registered region in {reg.tolist()}")
+    order = np.argsort(reg[:, 0], kind="stable")
+    bases = reg[order, 0]
+    furthest_end = np.maximum.accumulate(bases + reg[order, 1])
+    idx = np.searchsorted(bases, addr, side="right") - 1
+    ok = (idx >= 0) & (furthest_end[np.maximum(idx, 0)] >= addr + size)
+    if not ok.all():
+        first = int(np.flatnonzero(~ok)[0])
+        raise PlanError(f"{what}: {int((~ok).sum())} of {addr.shape[0]} writes fall outside the "
+                        f"registered regions (first [{int(addr[first]):#x}, "
+                        f"+{int(size[first])}))")
+
+
+def check_ops_within(ops: WriteOps, regions: Sequence[tuple[int, int]], what: str,
+                     *, side: str = "dst") -> None:
+    """Refuse ops whose ``side`` ("dst", or "src") range leaves the registered regions."""
+    if side not in ("src", "dst"):
+        raise ValueError(f"side must be 'src' or 'dst', got {side!r}")
+    check_ranges_within(ops.dst if side == "dst" else ops.src, ops.length, regions, what)

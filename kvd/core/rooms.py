@@ -1,0 +1,161 @@
+"""Transfer state machine per room, kept as data; completion accounting per sender rank.
+
+Everything that decides a room's state lives here (like h11's ``_state.py``): the
+states, the inputs, one transition table, and the deadline of every non-final
+state. The daemon feeds inputs and reads states; an input with no entry in the
+table is a :class:`RoomError` that the daemon turns into a failed room, never an
+exception that escapes the loop. Pure: no I/O, no clocks (callers pass ``now``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+class RoomState(enum.Enum):
+    BOOTSTRAPPING = "bootstrapping"
+    WAITING_FOR_INPUT = "waiting_for_input"
+    TRANSFERRING = "transferring"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (RoomState.SUCCESS, RoomState.FAILED)
+
+
+class RoomInput(enum.Enum):
+    BOOTSTRAPPED = "bootstrapped"  # peers known, requests matched: ready for data
+    PROGRESS = "progress"          # a chunk was written (sender) or reported (receiver)
+    COMPLETED = "completed"        # every chunk written / every required sender reported
+    FAIL = "fail"                  # error, timeout, dead peer, abort
+
+
+S, In = RoomState, RoomInput
+
+#: (state, input) -> next state. Anything not listed is a protocol violation.
+TRANSITIONS: Mapping[tuple[RoomState, RoomInput], RoomState] = {
+    (S.BOOTSTRAPPING, In.BOOTSTRAPPED): S.WAITING_FOR_INPUT,
+    (S.BOOTSTRAPPING, In.FAIL): S.FAILED,
+    (S.WAITING_FOR_INPUT, In.PROGRESS): S.TRANSFERRING,
+    (S.WAITING_FOR_INPUT, In.COMPLETED): S.SUCCESS,
+    (S.WAITING_FOR_INPUT, In.FAIL): S.FAILED,
+    (S.TRANSFERRING, In.PROGRESS): S.TRANSFERRING,
+    (S.TRANSFERRING, In.COMPLETED): S.SUCCESS,
+    (S.TRANSFERRING, In.FAIL): S.FAILED,
+    # A failure that arrives after the room ended changes nothing (Failed dominates while
+    # live; a finished room is never resurrected or re-failed by a late message).
+    (S.SUCCESS, In.FAIL): S.SUCCESS,
+    (S.FAILED, In.FAIL): S.FAILED,
+}
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Seconds a room may stay in each non-final state; PROGRESS restarts the clock."""
+
+    bootstrapping: float
+    waiting_for_input: float
+    transferring: float
+
+    def for_state(self, state: RoomState) -> float | None:
+        return {
+            S.BOOTSTRAPPING: self.bootstrapping,
+            S.WAITING_FOR_INPUT: self.waiting_for_input,
+            S.TRANSFERRING: self.transferring,
+        }.get(state)
+
+
+class RoomError(RuntimeError):
+    """An input the room's current state does not allow, or bad completion accounting."""
+
+
+@dataclass
+class RoomMachine:
+    """State, reason and deadline of one room; the only place its state changes."""
+
+    deadlines: Deadlines
+    created_at: float
+    state: RoomState = S.BOOTSTRAPPING
+    reason: str = ""
+    entered_at: float = 0.0
+    history: list[tuple[float, RoomState]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.entered_at = self.created_at
+        self.history.append((self.created_at, self.state))
+
+    @property
+    def deadline(self) -> float | None:
+        limit = self.deadlines.for_state(self.state)
+        return None if limit is None else self.entered_at + limit
+
+    def expired(self, now: float) -> bool:
+        deadline = self.deadline
+        return deadline is not None and now >= deadline
+
+    def apply(self, event: RoomInput, now: float, reason: str = "") -> RoomState:
+        """Feed one input; returns the new state. Raises RoomError for a forbidden input."""
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise RoomError(f"input {event.value} is not allowed in state {self.state.value}")
+        if event is In.FAIL and self.state is S.FAILED:
+            return self.state  # keep the first reason
+        if nxt is not self.state or event is In.PROGRESS:
+            self.entered_at = now
+        if nxt is not self.state:
+            self.history.append((now, nxt))
+        if event is In.FAIL and not self.state.final:
+            self.reason = reason or "failed"
+        self.state = nxt
+        return nxt
+
+    def fail(self, now: float, reason: str) -> bool:
+        """Fail unless already final; True if this call failed the room."""
+        if self.state.final:
+            return False
+        self.apply(In.FAIL, now, reason)
+        return True
+
+    def timeout_reason(self) -> str:
+        limit = self.deadlines.for_state(self.state)
+        return f"timed out after {limit:g} s in state {self.state.value}"
+
+
+class CompletionTracker:
+    """Which sender ranks a receiver still waits for, keyed by the sender's *engine rank*.
+
+    Keying by anything several senders share (a pipeline rank, say) makes reports collide
+    and the receiver wait forever; so a second report from one rank is an error, and the
+    room is done only when every required rank has reported.
+    """
+
+    def __init__(self, required: Iterable[int]) -> None:
+        self.required = frozenset(required)
+        self.reported: dict[int, bool] = {}
+
+    def report(self, sender_rank: int, ok: bool) -> None:
+        if sender_rank not in self.required:
+            raise RoomError(f"sender rank {sender_rank} is not one of the expected senders "
+                            f"{sorted(self.required)}")
+        if sender_rank in self.reported:
+            raise RoomError(f"sender rank {sender_rank} reported twice")
+        self.reported[sender_rank] = ok
+
+    @property
+    def failed(self) -> bool:
+        return not all(self.reported.values())
+
+    @property
+    def done(self) -> bool:
+        return self.required.issubset(self.reported) and not self.failed
+
+    @property
+    def missing(self) -> list[int]:
+        return sorted(self.required - set(self.reported))
+
+
+__all__ = ["RoomState", "RoomInput", "TRANSITIONS", "Deadlines", "RoomError", "RoomMachine",
+           "CompletionTracker"]

@@ -1,0 +1,1 @@
+"""What engines link: the client of the daemon's Unix socket, its replies, and pool allocation helpers."""

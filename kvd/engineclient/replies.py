@@ -1,0 +1,263 @@
+"""What the engine client makes of the daemon's replies: typed errors, room status, and the
+sans-IO :class:`ReplyTracker` both clients share (requests out, replies and pushed room
+events in; no sockets, so it is tested without a daemon).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import msgpack
+import numpy as np
+
+from kvd.core.layout import PoolLayout
+from kvd.engineclient.hostpool import HostPool
+from kvd.wire import protocol as p
+from kvd.wire.protocol import ErrorReply, Message, ProtocolError, RoomEvent
+
+FINAL_STATES = ("success", "failed")
+Pages = Sequence[int] | np.ndarray
+T = TypeVar("T", bound=Message)
+
+
+# --- exceptions ------------------------------------------------------------------------------
+
+class KvdError(Exception):
+    """Base of every kvd client error; ``kind`` is the daemon's error kind, ``room`` -1 if none."""
+
+    def __init__(self, message: str, kind: str = "error", room: int = -1) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.room = room
+
+
+class KvdProtocolError(KvdError):
+    """The daemon could not parse what we sent, or we could not parse its answer."""
+
+
+class _UndecodableFrame(KvdProtocolError):
+    """A whole frame arrived but is no message we know; ``req_id`` is our best guess (0: none)."""
+
+    def __init__(self, message: str, req_id: int) -> None:
+        super().__init__(message, kind="protocol")
+        self.req_id = req_id
+
+
+class KvdBadRequest(KvdError):
+    """A request was well-formed but not acceptable (bad pages, bad state for the room...)."""
+
+
+class KvdLayoutError(KvdError):
+    """The pool layout is invalid or cannot be mapped onto the peer's."""
+
+
+class KvdUnknownError(KvdError):
+    """The daemon does not know the pool or room named in the request."""
+
+
+class KvdRegistrationError(KvdError):
+    """The pool's memory could not be opened or registered; the message says why and the fix."""
+
+
+class KvdBusyError(KvdError):
+    """The daemon refuses more work for now (back-pressure); retry later."""
+
+
+class RoomFailed(KvdError):
+    """A room ended in state "failed"; ``status`` holds the daemon's final event."""
+
+    def __init__(self, status: RoomStatus) -> None:
+        super().__init__(f"room {status.room} failed: {status.reason or 'no reason given'}",
+                         kind="room_failed", room=status.room)
+        self.status = status
+
+
+class KvdTimeout(KvdError, TimeoutError):
+    """No reply or event arrived within the caller's time limit."""
+
+
+class KvdConnectionError(KvdError, ConnectionError):
+    """The daemon's socket is unreachable or closed."""
+
+
+ERROR_CLASSES: dict[str, type[KvdError]] = {
+    "protocol": KvdProtocolError, "bad_request": KvdBadRequest, "layout": KvdLayoutError,
+    "unknown_pool": KvdUnknownError, "unknown_room": KvdUnknownError,
+    "registration": KvdRegistrationError, "busy": KvdBusyError,
+}
+
+
+def error_from_reply(reply: ErrorReply) -> KvdError:
+    """Map a daemon ErrorReply to the exception class engines catch."""
+    cls = ERROR_CLASSES.get(reply.kind, KvdError)
+    where = f" (room {reply.room})" if reply.room >= 0 else ""
+    return cls(f"kvd refused the request [{reply.kind}]{where}: {reply.message}",
+               kind=reply.kind, room=reply.room)
+
+
+@dataclass(frozen=True)
+class RoomStatus:
+    """A room's state as the daemon last reported it."""
+
+    room: int
+    state: str
+    reason: str = ""
+    aux: bytes = b""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    released: bool = False
+
+    @property
+    def done(self) -> bool:
+        """True once the room reached a final state (success or failed)."""
+        return self.state in FINAL_STATES
+
+    @classmethod
+    def from_event(cls, ev: RoomEvent) -> RoomStatus:
+        return cls(room=ev.room, state=ev.state, reason=ev.reason, aux=ev.aux,
+                   bytes_done=ev.bytes_done, bytes_total=ev.bytes_total, released=ev.released)
+
+
+# --- shared, I/O-free reply handling -----------------------------------------------------------
+
+class ReplyTracker:
+    """Bookkeeping both clients share: request ids, reply checking and the pushed-event stash.
+
+    The stash keeps, per room, the latest pushed event; a ``released`` flag once seen stays
+    set, because a released room can never become unreleased. Released entries beyond
+    ``max_released`` are forgotten oldest first, so a long-lived engine does not grow without
+    bound; rooms still in flight are never forgotten.
+    """
+
+    def __init__(self, max_released: int = 4096) -> None:
+        self._next_id = 0
+        self._stash: dict[int, RoomStatus] = {}
+        self._sending: set[int] = set()
+        self._sent_pages: dict[int, int] = {}  # pages sent so far per prefill room in flight
+        self.max_released = max_released
+
+    def next_req_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    @staticmethod
+    def decode_frame(payload: bytes) -> Message:
+        """Decode one frame, or raise _UndecodableFrame naming the request it likely answers:
+        framing is intact, so only that request fails and the connection goes on."""
+        try:
+            return p.decode(payload)
+        except ProtocolError as exc:
+            items: Any = None
+            with contextlib.suppress(Exception):  # garbage bytes: no request to blame
+                items = msgpack.unpackb(payload, raw=False)
+            # req_id is the first field of every engine message: [version, type, req_id, ...]
+            ok = isinstance(items, list) and len(items) > 2 and type(items[2]) is int
+            raise _UndecodableFrame(f"undecodable message from kvd: {exc}", items[2] if ok else 0) from None
+
+    @staticmethod
+    def is_push(msg: Message) -> bool:  # an unasked event
+        return isinstance(msg, RoomEvent) and msg.req_id == 0
+
+    def on_push(self, ev: RoomEvent) -> RoomStatus:
+        """Stash a pushed event and return the room's merged status."""
+        new = RoomStatus.from_event(ev)
+        old = self._stash.pop(ev.room, None)
+        if old is not None and old.released and not new.released:
+            new = replace(new, released=True)
+        self._stash[ev.room] = new  # re-insert: dict order is then oldest-first
+        if len(self._stash) > 2 * self.max_released:
+            released = [room for room, st in self._stash.items() if st.released]
+            for room in released[:max(0, len(released) - self.max_released)]:
+                del self._stash[room]
+        return new
+
+    @staticmethod
+    def result(reply: Message, expected: type[T]) -> T:
+        """The reply as ``expected``, or raise the exception an ErrorReply stands for."""
+        if isinstance(reply, ErrorReply):
+            raise error_from_reply(reply)
+        if not isinstance(reply, expected):
+            raise KvdProtocolError(f"expected {expected.__name__} from kvd, got {type(reply).__name__}",
+                                   kind="protocol")
+        return reply
+
+    def start_room(self, room: int, is_last: bool = True, sending: bool = False) -> None:
+        """A room id is (re)used: drop the previous use's events. Only a prefill room's first
+        chunk does, so a failure pushed between chunks still reaches ``wait()``."""
+        if not sending or room not in self._sending:
+            self._stash.pop(room, None)
+        if sending and not is_last:
+            self._sending.add(room)
+        else:
+            self._sending.discard(room)
+
+    def final(self, room: int) -> RoomStatus | None:
+        """The room's final status if one was pushed, else None."""
+        return st if (st := self._stash.get(room)) is not None and st.done else None
+
+    def released(self, room: int) -> RoomStatus | None:
+        return st if (st := self._stash.get(room)) is not None and st.released else None
+
+    def forget(self, room: int) -> None:
+        """Drop what is known of a room (the engine is done with it)."""
+        self._stash.pop(room, None)
+        self._sending.discard(room)
+
+    @staticmethod
+    def check_final(status: RoomStatus) -> RoomStatus:
+        """Return a successful status, raise RoomFailed for a failed one."""
+        if status.state == "failed":
+            raise RoomFailed(status)
+        return status
+
+    # Request builders: each takes a fresh req_id and names the reply type it expects, so the
+    # two clients differ only in how bytes move.
+    def register(self, layout: PoolLayout, memory: dict[str, Any] | HostPool,
+                 bootstrap: str) -> tuple[Message, type[p.PoolRegistered]]:
+        mem = memory.memory if isinstance(memory, HostPool) else memory
+        return p.RegisterPool(req_id=self.next_req_id(), layout=layout.to_dict(), memory=mem,
+                              bootstrap=bootstrap), p.PoolRegistered
+
+    def send(self, pool_id: int, room: int, pages: Pages, is_last: bool,
+             aux: bytes) -> tuple[Message, type[p.Ok]]:
+        arr = _pages(pages)
+        offset = self._sent_pages.get(room, 0) if room in self._sending else 0
+        msg = p.SendChunk(req_id=self.next_req_id(), pool_id=pool_id, room=room, pages=arr,
+                          is_last=bool(is_last), aux=bytes(aux), page_offset=offset)
+        self.start_room(room, is_last=is_last, sending=True)
+        # The page offset tells kvd a late chunk of an ended room from a new room's first chunk.
+        if is_last:
+            self._sent_pages.pop(room, None)
+        else:
+            self._sent_pages[room] = offset + len(arr)
+        return msg, p.Ok
+
+    def recv(self, pool_id: int, room: int, bootstrap_addr: str, prefill_engine_id: str, pages: Pages,
+             timeout_s: float, enable_hisparse: bool) -> tuple[Message, type[p.Ok]]:
+        msg = p.RecvRoom(req_id=self.next_req_id(), pool_id=pool_id, room=room,
+                         bootstrap_addr=bootstrap_addr, prefill_engine_id=prefill_engine_id,
+                         pages=_pages(pages), timeout_s=float(timeout_s),
+                         enable_hisparse=bool(enable_hisparse))
+        self.start_room(room)
+        return msg, p.Ok
+
+    def poll(self, room: int) -> tuple[Message, type[RoomEvent]]:
+        return p.PollRoom(req_id=self.next_req_id(), room=room), RoomEvent
+
+    def abort(self, pool_id: int, room: int) -> tuple[Message, type[p.Ok]]:
+        return p.AbortRoom(req_id=self.next_req_id(), pool_id=pool_id, room=room), p.Ok
+
+    def status(self) -> tuple[Message, type[p.StatusReply]]:
+        return p.StatusRequest(req_id=self.next_req_id()), p.StatusReply
+
+
+def _pages(pages: Pages) -> np.ndarray:
+    """Page (or token) indices as a 1-D int64 array, refusing floats and nested lists."""
+    arr = np.asarray(pages)
+    if arr.size and (arr.ndim != 1 or arr.dtype.kind not in "iu"):
+        raise KvdBadRequest(f"pages must be a 1-D sequence of integers, got {arr.dtype} shape {arr.shape}",
+                            kind="bad_request")
+    return arr.astype(np.int64).reshape(-1)

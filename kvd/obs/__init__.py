@@ -1,0 +1,1 @@
+"""Observability: logs, Prometheus metrics, systemd notify."""

@@ -1,0 +1,1 @@
+"""Operations: the kvd command line and kvctl."""

@@ -1,0 +1,1 @@
+"""Moving bytes: the transport interface and its implementations (Mooncake, in-process memcpy)."""

@@ -1,0 +1,140 @@
+"""The one transport interface, with Mooncake's TransferEngine behind it.
+
+A daemon owns one :class:`MooncakeTransport`: it registers memory once, and
+writes batches of (src, dst, length) into a peer's registered memory. Mooncake's
+calls block, so every one runs on a small thread pool; the event loop only
+awaits futures. Writes are spread over several dispatch queues keyed by the
+peer session, so one slow or dead peer cannot hold up the others.
+
+Never call Mooncake from the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class TransportError(RuntimeError):
+    """Mooncake refused an operation; the message says which and, where known, the fix."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Bytes and time of one batch, measured together (a speed is never mixed across batches)."""
+
+    nbytes: int
+    ops: int
+    seconds: float
+
+
+class Transport(Protocol):
+    session_id: str
+    protocol: str
+    devices: str
+
+    def register(self, addr: int, length: int) -> None: ...
+    def unregister(self, addr: int) -> None: ...
+    async def write(self, peer_session: str, src: np.ndarray, dst: np.ndarray,
+                    length: np.ndarray) -> BatchResult: ...
+    def close(self) -> None: ...
+
+
+class MooncakeTransport:
+    """Mooncake TransferEngine with the P2P handshake (no metadata server)."""
+
+    def __init__(self, hostname: str, protocol: str = "tcp", devices: str = "", workers: int = 4,
+                 queues: int = 4, max_batch_ops: int = 1024) -> None:
+        try:
+            from mooncake.engine import TransferEngine
+        except ImportError as exc:  # pragma: no cover - install problem
+            raise TransportError(
+                "the Mooncake transfer engine is not installed: pip install "
+                "mooncake-transfer-engine-non-cuda (CPU), mooncake-transfer-engine (CUDA 12) "
+                f"or mooncake-transfer-engine-cuda13 ({exc})") from exc
+        self._engine = TransferEngine()
+        rc = self._engine.initialize(hostname, "P2PHANDSHAKE", protocol, devices)
+        if rc != 0:
+            raise TransportError(f"Mooncake initialize({hostname!r}, P2PHANDSHAKE, {protocol!r}, "
+                                 f"{devices!r}) failed with {rc}")
+        self.protocol = protocol
+        self.devices = devices or ("auto" if protocol == "rdma" else "-")
+        self.session_id = f"{hostname}:{self._engine.get_rpc_port()}"
+        self.max_batch_ops = max_batch_ops
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(workers, queues),
+                                                           thread_name_prefix="kvd-mooncake")
+        # One semaphore per dispatch queue: at most `per_queue` batches of that queue in flight.
+        per_queue = max(2, workers // max(1, queues))
+        self._queues = [asyncio.Semaphore(per_queue) for _ in range(max(1, queues))]
+        self._registered: dict[int, int] = {}
+
+    # --- memory -----------------------------------------------------------------------------
+    def register(self, addr: int, length: int) -> None:
+        """Register once; a failure names the likely fix instead of Mooncake's bare code."""
+        if addr in self._registered:
+            return
+        rc = self._engine.register_memory(addr, length)
+        if rc != 0:
+            raise TransportError(
+                f"cannot register {length} bytes at {addr:#x} with Mooncake ({self.protocol}): rc {rc}. "
+                "GPU memory from expandable segments / VMM cannot be registered: start the engine "
+                "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False, and raise the memlock "
+                "limit (LimitMEMLOCK=infinity) for RDMA")
+        self._registered[addr] = length
+
+    def unregister(self, addr: int) -> None:
+        if self._registered.pop(addr, None) is not None:
+            self._engine.unregister_memory(addr)
+
+    def regions(self) -> list[tuple[int, int]]:
+        return sorted(self._registered.items())
+
+    # --- data -------------------------------------------------------------------------------
+    def queue_for(self, peer_session: str) -> int:
+        return zlib.crc32(peer_session.encode()) % len(self._queues)
+
+    def _write_blocking(self, peer_session: str, src: list[int], dst: list[int],
+                        length: list[int]) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        for i in range(0, len(src), self.max_batch_ops):
+            j = i + self.max_batch_ops
+            rc = self._engine.batch_transfer_sync_write(peer_session, src[i:j], dst[i:j], length[i:j])
+            if rc < 0:
+                return rc, time.perf_counter() - t0
+        return 0, time.perf_counter() - t0
+
+    async def write(self, peer_session: str, src: np.ndarray, dst: np.ndarray,
+                    length: np.ndarray) -> BatchResult:
+        """Write one batch into the peer's registered memory; raises TransportError on failure."""
+        if len(src) == 0:
+            return BatchResult(0, 0, 0.0)
+        loop = asyncio.get_running_loop()
+        args = (peer_session, src.tolist(), dst.tolist(), length.tolist())
+        async with self._queues[self.queue_for(peer_session)]:
+            rc, seconds = await loop.run_in_executor(self._pool, self._write_blocking, *args)
+        if rc != 0:
+            raise TransportError(f"Mooncake write of {len(src)} ops to {peer_session} failed (rc {rc})")
+        return BatchResult(int(length.sum()), len(src), seconds)
+
+    def write_blocking(self, peer_session: str, src: Sequence[int], dst: Sequence[int],
+                       length: Sequence[int]) -> BatchResult:
+        """Synchronous write, for benchmarks that measure the raw transport."""
+        rc, seconds = self._write_blocking(peer_session, list(src), list(dst), list(length))
+        if rc != 0:
+            raise TransportError(f"Mooncake write to {peer_session} failed (rc {rc})")
+        return BatchResult(int(sum(length)), len(src), seconds)
+
+    def close(self) -> None:
+        for addr in list(self._registered):
+            self.unregister(addr)
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+__all__ = ["Transport", "MooncakeTransport", "TransportError", "BatchResult"]

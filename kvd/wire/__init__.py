@@ -1,0 +1,1 @@
+"""Wire protocol: versioned msgpack messages and framing. Sans-IO; imports nothing else of kvd."""
