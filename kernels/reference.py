@@ -162,14 +162,28 @@ class _AlignedCopy:
         self.part.copy_(self.tmp.view(torch.uint8).reshape(-1))
 
 
-def _slab(staging: torch.Tensor, index: int, per_buffer: int, shape: tuple[int, int, int],
-          int_dtype: torch.dtype, copy_back: bool = False):
+def _slab_part(staging: torch.Tensor, index: int, per_buffer: int, int_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """Buffer ``index``'s bytes of a block, and whether they start aligned for ``int_dtype``."""
     part = staging[index * per_buffer:(index + 1) * per_buffer]
     width = torch.empty((), dtype=int_dtype).element_size()
-    if part.storage_offset() % width or part.data_ptr() % width:
-        if copy_back:
-            return _AlignedCopy(part, int_dtype, shape)
+    return part, not (part.storage_offset() % width or part.data_ptr() % width)
+
+
+def _slab(staging: torch.Tensor, index: int, per_buffer: int, shape: tuple[int, int, int],
+          int_dtype: torch.dtype) -> torch.Tensor:
+    """Buffer ``index``'s slab of a block as ``shape`` (read side)."""
+    part, aligned = _slab_part(staging, index, per_buffer, int_dtype)
+    if not aligned:
         part = part.clone()  # view(int_dtype) needs an aligned start; only reached by odd slices
+    return part.view(int_dtype).view(shape)
+
+
+def _slab_target(staging: torch.Tensor, index: int, per_buffer: int, shape: tuple[int, int, int],
+                 int_dtype: torch.dtype) -> torch.Tensor | _AlignedCopy:
+    """Buffer ``index``'s slab of a block as something to ``copy_`` rows into (write side)."""
+    part, aligned = _slab_part(staging, index, per_buffer, int_dtype)
+    if not aligned:
+        return _AlignedCopy(part, int_dtype, shape)
     return part.view(int_dtype).view(shape)
 
 
@@ -185,7 +199,7 @@ def gather_reference(buffers: Sequence[torch.Tensor] | PoolBuffers, token_idx: t
     shape = (token_idx.numel(), num_heads, pool.head_dim)
     for b, buf in enumerate(pool.buffers):
         rows = buf.view(int_dtype)[rows_of, head_start:head_start + num_heads, :]
-        _slab(out, b, per_buffer, shape, int_dtype, copy_back=True).copy_(rows)
+        _slab_target(out, b, per_buffer, shape, int_dtype).copy_(rows)
 
 
 def scatter_reference(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers,

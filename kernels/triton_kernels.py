@@ -39,8 +39,10 @@ _tables: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
 _sm_counts: dict[int, int] = {}
 
 
+# Triton reads these parameters' annotations itself (tl.constexpr marks compile-time ones); the
+# pointer/int arguments stay unannotated so its JIT specialises them as it always has.
 @triton.jit
-def _staging_copy_kernel(
+def _staging_copy_kernel(  # type: ignore[no-untyped-def]
     buf_table,  # *i64 [B]: byte address of element [0, 0, 0] of each pool buffer
     staging,  # *unit: start of writer 0's block
     token_idx,  # *i32 or *i64 [T]: pool rows, in staging order

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from kvd.core.config import ConfigError, add_config_flags, load_config, overrides_from_args
 from kvd.obs.logs import configure_logging
@@ -27,16 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_format, config.log_level)
     from kvd.shell.daemon import Daemon  # after logging is set up: imports log at import time
 
+    run: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a hard dependency; keep running without it
-        uvloop = None
+        run = asyncio.run
+    else:
+        run = uvloop.run
     daemon = Daemon(config)
     try:
-        if uvloop is not None:
-            uvloop.run(daemon.serve())
-        else:
-            asyncio.run(daemon.serve())
+        run(daemon.serve())
     except OSError as exc:
         print(f"kvd: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,8 @@
-"""The one transport interface, with Mooncake's TransferEngine behind it.
+"""Mooncake's TransferEngine behind the transport interface (:mod:`kvd.transfer.base`).
+
+``Transport``, ``BatchResult`` and ``TransportError`` live in :mod:`kvd.transfer.base` and are
+re-exported here, so ``from kvd.transfer.mooncake import TransportError`` (and the old
+``kvd.transport``) keep working.
 
 A daemon owns one :class:`MooncakeTransport`: it registers memory once, and
 writes batches of (src, dst, length) into a peer's registered memory. Mooncake's
@@ -16,35 +20,12 @@ import concurrent.futures
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
+from kvd.transfer.base import BatchResult, Transport, TransportError
 
-class TransportError(RuntimeError):
-    """Mooncake refused an operation; the message says which and, where known, the fix."""
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """Bytes and time of one batch, measured together (a speed is never mixed across batches)."""
-
-    nbytes: int
-    ops: int
-    seconds: float
-
-
-class Transport(Protocol):
-    session_id: str
-    protocol: str
-    devices: str
-
-    def register(self, addr: int, length: int) -> None: ...
-    def unregister(self, addr: int) -> None: ...
-    async def write(self, peer_session: str, src: np.ndarray, dst: np.ndarray,
-                    length: np.ndarray) -> BatchResult: ...
-    def close(self) -> None: ...
+__all__ = ["BatchResult", "MooncakeTransport", "Transport", "TransportError"]
 
 
 class MooncakeTransport:
@@ -137,4 +118,5 @@ class MooncakeTransport:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
 
-__all__ = ["Transport", "MooncakeTransport", "TransportError", "BatchResult"]
+def _conforms(transport: MooncakeTransport) -> Transport:  # checked by mypy: MooncakeTransport is a Transport
+    return transport
