@@ -4,6 +4,7 @@ every kind of prefill/decode TP combination on the direct (per-slice) path."""
 from __future__ import annotations
 
 import pytest
+
 from tests.support import check_reports, run_cluster
 
 pytestmark = pytest.mark.e2e

@@ -4,6 +4,7 @@ pool of page size 1, lengths ending mid-page, byte for byte, over real daemons."
 from __future__ import annotations
 
 import pytest
+
 from tests.support import check_reports, run_cluster
 
 pytestmark = pytest.mark.e2e

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.support import check_reports, run_cluster
 
 from kvd.client import KvdLayoutError
 from kvd.hostpool import HostPool
 from kvd.layout import PoolLayout
+from tests.support import check_reports, run_cluster
 
 pytestmark = pytest.mark.e2e
 

@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 import zmq
-from tests.support import check_reports, run_cluster
 
 from kvd import protocol as p
 from kvd.client import KvdError, RoomFailed
 from kvd.hostpool import HostPool
 from kvd.layout import PoolLayout
 from kvd.staging import ChunkGeometry, block_bytes_per_token
+from tests.support import check_reports, run_cluster
 
 pytestmark = pytest.mark.e2e
 
