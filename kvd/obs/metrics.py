@@ -120,7 +120,13 @@ class Metrics:
             self._speed.observe(nbytes / seconds)
 
     def add_received(self, nbytes: int) -> None:
-        """Count bytes that landed here (writes are one-sided: the receiver learns of them)."""
+        """Count bytes that landed here (writes are one-sided: the receiver learns of them).
+
+        The receiver side calls this with each *growth* of a sender's reported bytes, once per
+        report: a ``ChunkWritten``'s ``nbytes`` (staged path), or a ``TransferStatus``'s
+        ``bytes_written`` less what that sender rank had reported before (direct path), so
+        ``kvd_bytes_total{direction="received"}`` matches the senders' ``sent``.
+        """
         if nbytes < 0:
             raise ValueError(f"received bytes must be >= 0, got {nbytes}")
         self._bytes.labels(direction="received").inc(nbytes)
