@@ -26,6 +26,22 @@ class RoomState(enum.Enum):
         return self in (RoomState.SUCCESS, RoomState.FAILED)
 
 
+class TransferPath(enum.Enum):
+    """How a room's bytes move; decided once per room (receiver: at bootstrap; sender: from the
+    request it got), never re-derived from strings."""
+
+    DIRECT = "direct"      # per-slice writes straight into the decode pool
+    STAGED = "staged"      # gather -> one bulk write per chunk -> receiver scatter
+    HISPARSE = "hisparse"  # token-indexed writes into the decode host-DRAM pool
+
+    @classmethod
+    def of_request(cls, *, hisparse: bool, chunk_tokens: int) -> TransferPath:
+        """The path a TransferRequest asks for (its fields are the receiver's one decision)."""
+        if hisparse:
+            return cls.HISPARSE
+        return cls.STAGED if chunk_tokens > 0 else cls.DIRECT
+
+
 class RoomInput(enum.Enum):
     BOOTSTRAPPED = "bootstrapped"  # peers known, requests matched: ready for data
     PROGRESS = "progress"          # a chunk was written (sender) or reported (receiver)
@@ -92,6 +108,18 @@ class RoomMachine:
         limit = self.deadlines.for_state(self.state)
         return None if limit is None else self.entered_at + limit
 
+    @property
+    def is_live(self) -> bool:
+        """Ready for data and not ended: the only states in which progress counts."""
+        return self.state in (S.WAITING_FOR_INPUT, S.TRANSFERRING)
+
+    def progress(self, now: float) -> bool:
+        """Record progress (restarts the deadline) if the room is live; True if it was."""
+        if not self.is_live:
+            return False
+        self.apply(In.PROGRESS, now)
+        return True
+
     def expired(self, now: float) -> bool:
         deadline = self.deadline
         return deadline is not None and now >= deadline
@@ -157,5 +185,5 @@ class CompletionTracker:
         return sorted(self.required - set(self.reported))
 
 
-__all__ = ["RoomState", "RoomInput", "TRANSITIONS", "Deadlines", "RoomError", "RoomMachine",
+__all__ = ["RoomState", "RoomInput", "TransferPath", "TRANSITIONS", "Deadlines", "RoomError", "RoomMachine",
            "CompletionTracker"]

@@ -1,76 +1,92 @@
-"""The daemon: one asyncio loop wiring engines, peers, transport and the pure parts together.
+"""The daemon: builds the parts, routes engine requests and peer messages to them, runs the loop.
 
 ``Daemon.serve()`` = bind (Unix socket for engines, ZMQ ROUTER for peers, Mooncake) ->
-READY -> run until a signal -> graceful shutdown. Everything stateful about rooms
-lives in :mod:`kvd.sender` / :mod:`kvd.receiver`; this module routes messages to
-them, keeps the pools, the peer directory and the one state object that
-``kvctl status`` and the metrics read. Nothing blocking runs on the loop.
+READY -> run until a signal -> graceful shutdown. Rooms live in the sides
+(:mod:`kvd.sides`), pools in :mod:`kvd.shell.pool_registry`, directories and pool
+announces in :mod:`kvd.shell.directory`; the daemon is the :class:`~kvd.sides.context.RoomContext`
+the sides see and the one owner of every background task. Nothing blocking runs on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import signal
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from kvd import __version__
 from kvd.core.config import Config
-from kvd.core.layout import LayoutError, PoolLayout, check_compatible
-from kvd.core.rooms import RoomMachine, RoomState
-from kvd.mem.memory import open_pool
-from kvd.mem.pools import LocalPool, RemotePool
+from kvd.core.layout import PoolLayout
+from kvd.core.planner import check_token_indices
+from kvd.core.rooms import RoomState
+from kvd.mem.pools import LocalPool
 from kvd.obs.metrics import Metrics
 from kvd.obs.sdnotify import ready, stopping, watchdog_interval, watchdog_ping
-from kvd.shell.engine_server import EngineServer, prepare_socket_path
+from kvd.shell.directory import Directory
+from kvd.shell.engine_server import EngineServer, RequestError, prepare_socket_path
 from kvd.shell.peer_hub import PeerHub
+from kvd.shell.pool_registry import PoolRegistry
+from kvd.shell.status import StatusSources, room_counts, snapshot
+from kvd.sides.lifecycle import room_event
 from kvd.sides.receiver import ReceiverSide
 from kvd.sides.sender import SenderSide
-from kvd.transfer.mooncake import BatchResult, MooncakeTransport
-from kvd.wire import protocol as p
+from kvd.sides.tasks import TaskOwner
+from kvd.transfer.base import BatchResult, Transport
+from kvd.transfer.mooncake import MooncakeTransport
+from kvd.wire import engine as we
+from kvd.wire.codec import Message
+
+if TYPE_CHECKING:  # torch comes in only once staging is on
+    from kvd.mem.stagemem import KernelRunner, StagingPool
 
 log = structlog.get_logger("kvd.daemon")
 
 
 class Daemon:
-    """One per node. Holds every pool, room and peer; see the module docstring."""
+    """One per node; see the module docstring."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.token = config.auth_token
         self.boot_id = secrets.token_hex(4)
         self.started = time.monotonic()
         self.metrics = Metrics()
-        self.transport: MooncakeTransport | None = None
-        self.peers = PeerHub(self)
-        self.engines = EngineServer(self)
+        self.errors: Counter[str] = Counter()
+        self.tasks = TaskOwner(on_crash=lambda name, exc: self.count_error("task_crash"))
+        self._transport: Transport | None = None
+        self.registry = PoolRegistry(config, lambda: self.transport)
+        self.pools = self.registry
+        self.peers = PeerHub(config, self, self.tasks)
+        self.engines = EngineServer(config, self)
+        self.directory = Directory(config, self.registry, lambda: self.transport, self.send_peer,
+                                   self.count_error, self.now)
+        self.bootstrap = self.directory
         self.senders = SenderSide(self)
         self.receivers = ReceiverSide(self)
-        self.pools: dict[int, LocalPool] = {}
-        self._next_pool = 1
-        self.remote_pools: dict[str, RemotePool] = {}
-        # Directory of prefill engines whose bootstrap is this daemon: engine -> rank -> (layout, daemon).
-        self.directory: dict[str, dict[int, tuple[PoolLayout, str]]] = {}
-        self.conflicts: dict[str, str] = {}
-        self._engine_info: dict[tuple[str, str], p.EngineInfo] = {}
-        self._info_waiters: dict[tuple[str, str], list[asyncio.Future]] = {}
-        self._announced: dict[tuple[str, str, str], asyncio.Future] = {}
-        self.errors: Counter[str] = Counter()
-        self.room_paths: Counter[str] = Counter()  # decode rooms started, by path
-        self.address = ""
-        # Staged path: one registered staging pool per device, kernel tensors per pool.
-        self.staging: dict[str, Any] = {}  # device -> kvd.stagemem.StagingPool
-        self._peer_staging: dict[tuple[str, str], bool] = {}
-        self._kernels: Any = None
+        self._routes: dict[type, Callable[[Any], None]] = {
+            **self.directory.handlers(), **self.senders.handlers(), **self.receivers.handlers()}  # type: ignore[dict-item]
         self._stop = asyncio.Event()
 
-    # --- small services the room modules use ---------------------------------------------
+    # --- the RoomContext the sides see ----------------------------------------------------------
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            raise RuntimeError("the transport is not started yet")
+        return self._transport
+
+    @property
+    def kernels(self) -> KernelRunner:
+        return self.registry.kernels
+
+    @property
+    def address(self) -> str:
+        return self.peers.address
+
     @staticmethod
     def now() -> float:
         return time.monotonic()
@@ -82,361 +98,139 @@ class Daemon:
     def observe_batch(self, result: BatchResult) -> None:
         self.metrics.observe_batch(result.nbytes, result.seconds, result.ops)
 
-    def observe_room(self, seconds: float) -> None:
+    def observe_room(self, seconds: float, nbytes: int) -> None:
         self.metrics.observe_room(seconds)
+        self.metrics.add_received(nbytes)
 
     def room_changed(self, role: str, before: RoomState | None, after: RoomState, **ctx: Any) -> None:
-        log.info("room_state", role=role, state=after.value,
-                 previous=before.value if before else None, **ctx)
+        log.info("room_state", role=role, state=after.value, previous=before.value if before else None, **ctx)
 
-    def send_peer(self, addr: str, msg: p.Message) -> None:
+    def send_peer(self, addr: str, msg: Message) -> None:
         self.peers.send(addr, msg)
 
-    def tell_engine(self, pool: LocalPool, event: p.RoomEvent) -> None:
+    def tell_engine(self, pool: LocalPool, event: we.RoomEvent) -> None:
         self.engines.push(pool.conn_id, event)
 
-    def prefill_pool(self, engine_id: str, rank: int) -> LocalPool | None:
-        for pool in self.pools.values():
-            lay = pool.layout
-            if lay.role == "prefill" and lay.engine_id == engine_id and lay.tp_rank == rank \
-                    and not pool.closing:
-                return pool
-        return None
+    def staging_pool(self, pool: LocalPool) -> StagingPool | None:
+        return self.registry.staging_pool(pool)
 
-    # --- staging (torch is imported only once staging is on) --------------------------------
-    @property
-    def kernels(self) -> Any:
-        """The gather/scatter runner (kvd.stagemem.KernelRunner), made on first use."""
-        if self._kernels is None:
-            from kvd.mem.stagemem import KernelRunner
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        return self.tasks.spawn(coro, name)
 
-            self._kernels = KernelRunner(self.config.staging_kernel_threads)
-        return self._kernels
+    # --- routing ------------------------------------------------------------------------------
+    def on_peer_message(self, msg: Message) -> None:
+        """Dispatch one authenticated peer message; a handler error fails one room, never the loop."""
+        route = self._routes.get(type(msg))
+        if route is None:
+            self.count_error("protocol")
+            return
+        route(msg)
 
-    def staging_pool(self, pool: LocalPool) -> Any:
-        """The staging pool of a local pool's device (None: staging off for it)."""
-        return self.staging.get(pool.device) if pool.device else None
+    def on_engine_request(self, conn_id: int, msg: Message) -> Message:
+        match msg:
+            case we.RegisterPool():
+                pool = self.register_pool(conn_id, msg)
+                return we.PoolRegistered(req_id=msg.req_id, pool_id=pool.pool_id)
+            case we.SendChunk():
+                pool = self._engine_pool(conn_id, msg.pool_id, "prefill")
+                pool.check_pages(msg.pages, f"room {msg.room} source pages")
+                self.senders.on_chunk(pool, msg)
+                return we.Ok(req_id=msg.req_id)
+            case we.RecvRoom():
+                pool = self._engine_pool(conn_id, msg.pool_id, "decode")
+                if msg.enable_hisparse:
+                    check_token_indices(msg.pages, pool.layout, f"room {msg.room} destination tokens")
+                else:
+                    pool.check_pages(msg.pages, f"room {msg.room} destination pages")
+                if not msg.bootstrap_addr.startswith("tcp://"):
+                    raise RequestError("bad_request", f"bootstrap address {msg.bootstrap_addr!r} "
+                                                      "must look like tcp://host:port")
+                self.receivers.start(pool, msg)
+                return we.Ok(req_id=msg.req_id)
+            case we.PollRoom():
+                rr = self.receivers.find(conn_id, msg.room)
+                if rr is not None:
+                    return room_event(rr, req_id=msg.req_id, released=rr.released)
+                sr = self.senders.find(conn_id, msg.room)
+                if sr is not None:
+                    return room_event(sr, req_id=msg.req_id)
+                raise RequestError("unknown_room", f"no room {msg.room} in flight on this connection", msg.room)
+            case we.AbortRoom():
+                pool = self.registry.local.get(msg.pool_id)
+                if pool is None or pool.conn_id != conn_id:
+                    raise RequestError("unknown_pool", f"pool {msg.pool_id} is not registered on this connection")
+                if pool.layout.role == "decode":
+                    self.receivers.abort_from_engine(pool, msg.room)
+                else:
+                    self.senders.abort_from_engine(pool, msg.room, "aborted by the prefill engine")
+                return we.Ok(req_id=msg.req_id)
+            case we.StatusRequest():
+                return we.StatusReply(req_id=msg.req_id, status=self.snapshot())
+        raise RequestError("protocol", f"unhandled request {type(msg).__name__}")
 
-    def _ensure_staging(self, device: str) -> Any:
-        from kvd.mem.stagemem import StagingPool
-
-        stage = self.staging.get(device)
-        if stage is None:
-            assert self.transport is not None
-            stage = StagingPool(device, self.config.staging_pool_bytes)
-            self.transport.register(stage.base, stage.nbytes)
-            self.staging[device] = stage
-            log.info("staging_ready", device=device, bytes=stage.nbytes, receive_bytes=stage.recv_bytes)
-        return stage
+    def _engine_pool(self, conn_id: int, pool_id: int, role: str) -> LocalPool:
+        pool = self.registry.local.get(pool_id)
+        if pool is None or pool.conn_id != conn_id or pool.closing:
+            raise RequestError("unknown_pool", f"pool {pool_id} is not registered on this connection")
+        if pool.layout.role != role:
+            raise RequestError("bad_request", f"pool {pool_id} is a {pool.layout.role} pool; "
+                                              f"this call is for {role} pools")
+        return pool
 
     # --- pools ----------------------------------------------------------------------------
-    def register_pool(self, conn_id: int, msg: p.RegisterPool) -> LocalPool:
-        """Open, check and register an engine's pool (raises LayoutError / ValueError / TransportError)."""
+    def register_pool(self, conn_id: int, msg: we.RegisterPool) -> LocalPool:
+        """Open, check and register an engine's pool; a prefill rank is announced to its directory."""
         layout = PoolLayout.from_dict(msg.layout)
-        if layout.role == "prefill" and self.prefill_pool(layout.engine_id, layout.tp_rank):
-            raise LayoutError(f"prefill rank {layout.engine_id}/{layout.tp_rank} is already registered")
-        if self.config.staging_enabled and layout.is_mla:
-            raise LayoutError("MLA pools cannot use the staging path (staging.enabled is on): MLA "
-                              "sends whole rows and needs no gather; run this engine's daemon with "
-                              "staging.enabled = false (KVD_STAGING_ENABLED=0)")
-        opened = open_pool(layout, msg.memory)
-        assert self.transport is not None
-        try:
-            for base, length in opened.regions:
-                self.transport.register(base, length)
-            tensors, device = None, ""
-            if self.config.staging_enabled and not layout.hisparse:
-                from kvd.mem.stagemem import device_of, pool_tensors
-
-                tensors, device = pool_tensors(layout, opened), device_of(opened)
-                self._ensure_staging(device)
-        except Exception:
-            for base, _ in opened.regions:
-                self.transport.unregister(base)
-            opened.close()
-            raise
-        pool_id = self._next_pool
-        self._next_pool += 1
-        pool = LocalPool(pool_id, f"{self.address}#{self.boot_id}#{pool_id}", layout, opened, conn_id,
-                         bootstrap=msg.bootstrap, tensors=tensors, device=device)
-        self.pools[pool_id] = pool
+        pool = self.registry.open(conn_id, layout, msg.memory, msg.bootstrap, f"{self.address}#{self.boot_id}")
         if layout.role == "prefill":
-            directory = msg.bootstrap or self.address
-            announce = p.RankAnnounce(src=self.address, token=self.token, layout=layout.to_dict())
-            if directory == self.address:
-                try:
-                    self.on_rank_announce(announce)
-                except LayoutError:
-                    del self.pools[pool_id]
-                    for base, _ in opened.regions:
-                        self.transport.unregister(base)
-                    opened.close()
-                    raise
-            else:
-                self.send_peer(directory, announce)
+            try:
+                self.directory.announce_rank(layout, msg.bootstrap or self.address)
+            except Exception:
+                self.registry.drop(pool)
+                raise
         log.info("pool_registered", pool=pool.key, layout=layout.describe(),
                  bytes=layout.pool_bytes, memory=msg.memory.get("kind"))
         return pool
 
-    def close_pools_of(self, conn_id: int) -> None:
+    def engine_gone(self, conn_id: int) -> None:
         """An engine went away: fail its rooms; unregister each pool once nothing can write into it."""
-        for pool in [x for x in self.pools.values() if x.conn_id == conn_id]:
+        pools = self.registry.pools_of(conn_id)
+        for pool in pools:
             pool.closing = True
             self.senders.pool_closed(pool)
             self.receivers.pool_closed(pool)
-        asyncio.get_running_loop().create_task(self._reap_pools())
+        if pools:
+            self.spawn(self._reap_pools(), f"reap-pools-{conn_id}")
 
     async def _reap_pools(self) -> None:
-        while True:
-            closing = [x for x in self.pools.values() if x.closing]
-            busy = self.receivers.busy_pools() | {k[0] for k in self.senders.rooms}
-            for pool in closing:
-                if pool.pool_id not in busy:
-                    del self.pools[pool.pool_id]
-                    for base, _ in pool.opened.regions:
-                        assert self.transport is not None
-                        self.transport.unregister(base)
-                    pool.opened.close()
-                    log.info("pool_closed", pool=pool.key)
-            if not any(x.closing for x in self.pools.values()):
-                return
+        while self.registry.reap(self.receivers.busy_pools() | self.senders.busy_pools()):
             await asyncio.sleep(0.2)
 
-    # --- directory (this daemon as a prefill engine's bootstrap) -----------------------------
-    def on_rank_announce(self, msg: p.RankAnnounce) -> None:
-        """Record which daemon serves a prefill rank; ranks that disagree on the layout are refused
-        and the conflict is reported to every decode daemon that asks (its rooms fail at once)."""
-        layout = PoolLayout.from_dict(msg.layout)
-        ranks = self.directory.setdefault(layout.engine_id, {})
-        shape = {k: v for k, v in layout.to_dict().items() if k != "tp_rank"}
-        for other, _ in ranks.values():
-            if other.tp_rank != layout.tp_rank and \
-                    {k: v for k, v in other.to_dict().items() if k != "tp_rank"} != shape:
-                self.count_error("layout")
-                problem = (f"prefill ranks of engine {layout.engine_id!r} disagree on the layout: "
-                           f"[{layout.describe()}] vs [{other.describe()}]")
-                self.conflicts[layout.engine_id] = problem
-                log.warning("rank_layout_mismatch", engine=layout.engine_id, error=problem)
-                raise LayoutError(problem)
-        ranks[layout.tp_rank] = (layout, msg.src)
-
-    def engine_info_reply(self, engine_id: str) -> p.EngineInfo:
-        ranks = self.directory.get(engine_id, {})
-        conflict = self.conflicts.get(engine_id, "")
-        ready_ = not conflict and bool(ranks) and len(ranks) == next(iter(ranks.values()))[0].tp_size
-        ordered = [ranks[r] for r in sorted(ranks)] if ready_ else []
-        return p.EngineInfo(src=self.address, token=self.token, engine_id=engine_id, ready=ready_,
-                            tp_size=ordered[0][0].tp_size if ordered else 0,
-                            layouts=[lay.to_dict() for lay, _ in ordered],
-                            daemons=[d for _, d in ordered],
-                            error=conflict or ("" if ranks else f"no rank of engine {engine_id!r} registered here"))
-
-    async def engine_info(self, bootstrap: str, engine_id: str, machine: RoomMachine) -> p.EngineInfo:
-        """Topology of a prefill engine, asked of its directory until every rank is there."""
-        key = (bootstrap, engine_id)
-        while key not in self._engine_info:
-            deadline = machine.deadline
-            if deadline is not None and self.now() >= deadline:
-                raise TimeoutError(f"prefill engine {engine_id!r} at {bootstrap} did not become ready")
-            if bootstrap == self.address:
-                info = self.engine_info_reply(engine_id)
-                if engine_id in self.conflicts:
-                    raise LayoutError(info.error)
-                if info.ready:
-                    self._engine_info[key] = info
-                    break
-            else:
-                fut = asyncio.get_running_loop().create_future()
-                self._info_waiters.setdefault(key, []).append(fut)
-                self.send_peer(bootstrap, p.EngineQuery(src=self.address, token=self.token,
-                                                        engine_id=engine_id))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(fut, timeout=0.5)
-                if key in self._engine_info:
-                    break
-                if fut.done() and "disagree" in fut.result().error:
-                    raise LayoutError(fut.result().error)
-            await asyncio.sleep(0.1)
-            if machine.state.final:
-                raise ConnectionError(machine.reason or "room ended")
-        return self._engine_info[key]
-
-    def on_engine_info(self, msg: p.EngineInfo) -> None:
-        key = (msg.src, msg.engine_id)
-        if msg.ready:
-            if len(msg.layouts) != msg.tp_size or len(msg.daemons) != msg.tp_size:
-                self.count_error("bad_peer_message")
-                return
-            self._engine_info[key] = msg
-        for fut in self._info_waiters.pop(key, []):
-            if not fut.done():
-                fut.set_result(msg)
-
-    async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str,
-                            machine: RoomMachine) -> bool:
-        """Announce a decode pool to a sender daemon once; True if both sides will stage."""
-        key = (daemon, pool.key, engine_id)
-        fut = self._announced.get(key)
-        if fut is None or (fut.done() and fut.exception() is not None):
-            fut = asyncio.get_running_loop().create_future()
-            self._announced[key] = fut
-            assert self.transport is not None
-            stage = self.staging_pool(pool)
-            self.send_peer(daemon, p.PoolAnnounce(
-                src=self.address, token=self.token, pool_key=pool.key, layout=pool.layout.to_dict(),
-                buffers=list(pool.buffers), session_id=self.transport.session_id,
-                prefill_engine_id=engine_id, staging_base=stage.base if stage else 0,
-                staging_bytes=stage.recv_bytes if stage else 0))
-        deadline = machine.deadline
-        timeout = max(0.1, deadline - self.now()) if deadline is not None else None
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            self._announced.pop(key, None)
-            raise TimeoutError(f"prefill daemon {daemon} did not accept pool {pool.key}") from None
-        return self.staging_pool(pool) is not None and self._peer_staging.get((daemon, pool.key), False)
-
-    def on_pool_announce(self, msg: p.PoolAnnounce) -> None:
-        error = ""
-        try:
-            layout = PoolLayout.from_dict(msg.layout)
-            if len(msg.buffers) != layout.num_buffers:
-                raise LayoutError(f"{len(msg.buffers)} buffers announced, layout has {layout.num_buffers}")
-            ranks = self.directory.get(msg.prefill_engine_id) or {}
-            local = next((pool.layout for pool in self.pools.values()
-                          if pool.layout.engine_id == msg.prefill_engine_id), None)
-            sender = local or next((lay for lay, _ in ranks.values()), None)
-            if sender is None:
-                raise LayoutError(f"no rank of prefill engine {msg.prefill_engine_id!r} is served here")
-            check_compatible(sender, layout)
-            if msg.staging_base < 0 or msg.staging_bytes < 0:
-                raise LayoutError(f"staging range [{msg.staging_base}, +{msg.staging_bytes}) is invalid")
-            self.remote_pools[msg.pool_key] = RemotePool(msg.pool_key, layout, list(msg.buffers),
-                                                         msg.session_id, msg.src,
-                                                         staging_base=msg.staging_base,
-                                                         staging_bytes=msg.staging_bytes)
-        except (LayoutError, ValueError) as exc:
-            self.count_error("layout")
-            error = str(exc)
-        staging = not error and self.config.staging_enabled and msg.staging_bytes > 0 and bool(self.staging)
-        self.send_peer(msg.src, p.PoolAck(src=self.address, token=self.token, pool_key=msg.pool_key,
-                                          ok=not error, error=error, staging=staging))
-
-    def on_pool_ack(self, msg: p.PoolAck) -> None:
-        for (daemon, pool_key, _), fut in self._announced.items():
-            if daemon == msg.src and pool_key == msg.pool_key and not fut.done():
-                if msg.ok:
-                    self._peer_staging[(daemon, pool_key)] = msg.staging
-                    fut.set_result(True)
-                else:
-                    fut.set_exception(LayoutError(msg.error))
-                    fut.exception()  # retrieved: the room that awaits it reports it
-
-    # --- peer message routing --------------------------------------------------------------
-    def on_peer_message(self, msg: p.Message) -> None:
-        """Dispatch one authenticated peer message; a handler error fails one room, never the loop."""
-        match msg:
-            case p.Heartbeat():
-                self.send_peer(msg.src, p.HeartbeatAck(src=self.address, token=self.token, nonce=msg.nonce))
-            case p.HeartbeatAck():
-                pass
-            case p.RankAnnounce():
-                self.on_rank_announce(msg)
-            case p.EngineQuery():
-                self.send_peer(msg.src, self.engine_info_reply(msg.engine_id))
-            case p.EngineInfo():
-                self.on_engine_info(msg)
-            case p.PoolAnnounce():
-                self.on_pool_announce(msg)
-            case p.PoolAck():
-                self.on_pool_ack(msg)
-            case p.TransferRequest():
-                self.senders.on_request(msg)
-            case p.TransferStatus():
-                self.receivers.on_status(msg)
-            case p.AbortTransfer():
-                self.senders.on_abort(msg)
-            case p.AbortAck():
-                self.receivers.on_abort_ack(msg)
-            case p.StagingGrant():
-                self.senders.on_grant(msg)
-            case p.ChunkWritten():
-                self.receivers.on_chunk_written(msg)
-            case _:
-                self.count_error("protocol")
-
+    # --- peers ------------------------------------------------------------------------------
     def peer_dead(self, peer: str) -> None:
         self.count_error("peer_dead")
         log.warning("peer_dead", peer=peer)
-        self._engine_info = {k: v for k, v in self._engine_info.items() if k[0] != peer}
-        self._announced = {k: v for k, v in self._announced.items() if k[0] != peer}
-        self.senders.peer_dead(peer)
-        self.receivers.peer_dead(peer)
+        self.directory.peer_dead(peer)
+        self.senders.peer_dead(peer, "decode daemon")
+        self.receivers.peer_dead(peer, "prefill daemon")
 
     def active_peers(self) -> set[str]:
-        peers = self.receivers.active_peers()
-        for sr in self.senders.rooms.values():
-            peers |= {r.msg.src for r in sr.requests.values()}
-        peers.discard(self.address)
-        return peers
+        return self.receivers.active_peers() | self.senders.active_peers()
 
     # --- status ----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        rooms = self.senders.snapshot() + self.receivers.snapshot()
-        counts = self.metrics.snapshot()
-        t = self.transport
-        return {
-            "daemon": {
-                "version": __version__, "pid": os.getpid(),
-                "uptime_s": round(time.monotonic() - self.started, 1),
-                "hostname": self.config.hostname, "peer_address": self.address,
-                "transport": {"protocol": t.protocol if t else "-", "devices": t.devices if t else "-",
-                              "session_id": t.session_id if t else "-"},
-                "staging": self._staging_snapshot(),
-                "errors": dict(self.errors),
-                "rooms_by_path": dict(self.room_paths),
-                "bytes_total": int(counts.get("bytes_sent", 0)),
-                "write_ops_total": int(counts.get("write_ops", 0)),
-                "pools": [{"pool_id": x.pool_id, "key": x.key, "layout": x.layout.describe()}
-                          for x in self.pools.values()],
-            },
-            "rooms": rooms,
-            "peers": self.peers.snapshot(rooms),
-        }
-
-    def _staging_snapshot(self) -> dict[str, Any]:
-        pools = [stage.stats() for stage in self.staging.values()]
-        return {"enabled": self.config.staging_enabled,
-                "pool_bytes": sum(x["pool_bytes"] for x in pools),
-                "reserved_bytes": sum(x["reserved_bytes"] for x in pools),
-                "in_use_bytes": sum(x["in_use_bytes"] for x in pools),
-                "waiting_rooms": sum(x["waiting"] for x in pools),
-                "whole": all(x["whole"] for x in pools),
-                "staged_rooms": sum(1 for rr in self.receivers.rooms.values() if rr.staged)
-                + sum(1 for sr in self.senders.rooms.values() if sr.path == "staged"),
-                "kernel_seconds": {k: round(v, 4) for k, v in
-                                   (self._kernels.busy_s.items() if self._kernels else ())},
-                "pools": pools}
-
-    def _update_room_gauges(self) -> None:
-        counts: Counter[tuple[str, str]] = Counter()
-        for sr in self.senders.rooms.values():
-            counts[("prefill", sr.machine.state.value)] += 1
-        for rr in self.receivers.rooms.values():
-            counts[("decode", rr.machine.state.value)] += 1
-        for role in ("prefill", "decode"):
-            for state in RoomState:
-                counts.setdefault((role, state.value), 0)
-        self.metrics.set_rooms(counts)
+        return snapshot(StatusSources(self.config, self.started, self.registry, self.senders, self.receivers,
+                                      self.peers, self.metrics, self.errors, self._transport, self.tasks))
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         c = self.config
         loop = asyncio.get_running_loop()
         prepare_socket_path(c.socket_path)  # refuse a live socket before binding anything else
-        self.transport = await loop.run_in_executor(None, lambda: MooncakeTransport(
+        self._transport = await loop.run_in_executor(None, lambda: MooncakeTransport(
             c.hostname, c.protocol, c.devices, c.workers, c.queues, c.max_batch_ops))
         await self.peers.start()
+        self.directory.address = self.peers.address
         await self.engines.start()
         if c.metrics_address:
             port = self.metrics.start_http(c.metrics_address)
@@ -444,7 +238,7 @@ class Daemon:
         log.info("transport_ready", protocol=self.transport.protocol, devices=self.transport.devices,
                  session=self.transport.session_id, peer_address=self.address,
                  socket=c.socket_path, version=__version__)
-        self._tasks = [loop.create_task(self._housekeeping())]
+        self.spawn(self._housekeeping(), "housekeeping")
 
     async def _housekeeping(self) -> None:
         """Deadlines, heartbeats, the watchdog and gauges: one cheap pass every 100 ms."""
@@ -460,29 +254,22 @@ class Daemon:
             if interval and now - last_ping >= interval:
                 last_ping = now
                 watchdog_ping()
-            self._update_room_gauges()
-            if self.staging:  # pool figures only: no walk over the rooms every 100 ms
-                pools = [stage.stats() for stage in self.staging.values()]
+            self.metrics.set_rooms(room_counts(self.senders, self.receivers))
+            if self.registry.staging:  # pool figures only: no walk over the rooms every 100 ms
+                pools = self.registry.staging_figures()
                 self.metrics.set_staging(*(sum(x[k] for x in pools)
                                            for k in ("pool_bytes", "reserved_bytes", "in_use_bytes", "waiting")))
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
         stopping()
-        for task in getattr(self, "_tasks", []):
-            task.cancel()
+        await self.tasks.close()
         await self.engines.stop()
         await self.peers.stop()
         self.metrics.stop_http()
-        for stage in self.staging.values():
-            stage.close()
-        if self._kernels is not None:
-            self._kernels.close()
-        for pool in self.pools.values():
-            pool.tensors = None
-            pool.opened.close()
-        if self.transport is not None:
-            self.transport.close()
+        self.registry.close()
+        if self._transport is not None:
+            self._transport.close()
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT; a second signal exits at once."""
@@ -502,3 +289,6 @@ class Daemon:
         if self._stop.is_set():
             os._exit(1)
         self._stop.set()
+
+
+__all__ = ["Daemon"]

@@ -17,19 +17,19 @@ import os
 import socket
 import stat
 import struct
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 
+from kvd.core.config import Config
 from kvd.core.layout import LayoutError
 from kvd.core.planner import PlanError
 from kvd.core.rooms import RoomError
 from kvd.mem.memory import PoolMemoryError
-from kvd.transfer.mooncake import TransportError
-from kvd.wire import protocol as p
-
-if TYPE_CHECKING:
-    from kvd.shell.daemon import Daemon
+from kvd.transfer.base import TransportError
+from kvd.wire.codec import Message, ProtocolError, decode
+from kvd.wire.engine import ENGINE_REQUESTS, ErrorReply
+from kvd.wire.framing import MAX_FRAME_BYTES, FrameBuffer, frame
 
 log = structlog.get_logger("kvd.engine_api")
 
@@ -70,20 +70,29 @@ def prepare_socket_path(path: str) -> None:
     raise OSError(f"another kvd is already serving {path}")
 
 
+class EngineHandler(Protocol):
+    """What the server calls: the daemon's request routing and its reaction to a closed connection."""
+
+    def on_engine_request(self, conn_id: int, msg: Message) -> Message: ...
+    def engine_gone(self, conn_id: int) -> None: ...
+    def count_error(self, kind: str) -> None: ...
+
+
 class EngineServer:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, config: Config, handler: EngineHandler) -> None:
+        self.config = config
+        self.handler = handler
         self._server: asyncio.AbstractServer | None = None
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
-        c = self.d.config
+        c = self.config
         prepare_socket_path(c.socket_path)
         old = os.umask(0o177)  # the socket never exists world-accessible, not even for a moment
         try:
             self._server = await asyncio.start_unix_server(self._serve, path=c.socket_path,
-                                                           limit=p.MAX_FRAME_BYTES)
+                                                           limit=MAX_FRAME_BYTES)
         finally:
             os.umask(old)
         os.chmod(c.socket_path, c.socket_mode)
@@ -96,12 +105,12 @@ class EngineServer:
         for w in self._writers.values():
             w.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.d.config.socket_path)
+            os.unlink(self.config.socket_path)
 
-    def push(self, conn_id: int, msg: p.Message) -> None:
+    def push(self, conn_id: int, msg: Message) -> None:
         writer = self._writers.get(conn_id)
         if writer is not None and not writer.is_closing():
-            writer.write(p.frame(msg.encode()))
+            writer.write(frame(msg.encode()))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn_id = next(self._ids)
@@ -113,7 +122,7 @@ class EngineServer:
         clog = log.bind(conn=conn_id, peer_pid=pid, peer_uid=uid, peer_gid=gid)
         clog.info("engine_connected")
         self._writers[conn_id] = writer
-        frames = p.FrameBuffer()
+        frames = FrameBuffer()
         try:
             while True:
                 data = await reader.read(1 << 20)
@@ -121,30 +130,30 @@ class EngineServer:
                     break
                 frames.feed(data)
                 while (payload := frames.next_payload()) is not None:
-                    writer.write(p.frame(self._handle(conn_id, payload).encode()))
+                    writer.write(frame(self._handle(conn_id, payload).encode()))
                 await writer.drain()
-        except p.ProtocolError as exc:  # a broken frame header: the stream cannot be resynchronised
-            self.d.count_error("protocol")
+        except ProtocolError as exc:  # a broken frame header: the stream cannot be resynchronised
+            self.handler.count_error("protocol")
             clog.warning("engine_stream_error", error=str(exc))
-            writer.write(p.frame(p.ErrorReply(req_id=0, kind="protocol", message=str(exc)).encode()))
+            writer.write(frame(ErrorReply(req_id=0, kind="protocol", message=str(exc)).encode()))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             self._writers.pop(conn_id, None)
             clog.info("engine_disconnected")
-            self.d.close_pools_of(conn_id)
+            self.handler.engine_gone(conn_id)
             writer.close()
 
-    def _handle(self, conn_id: int, payload: bytes) -> p.Message:
+    def _handle(self, conn_id: int, payload: bytes) -> Message:
         """One request -> one reply. Never raises: every failure becomes an ErrorReply."""
         req_id = 0
         try:
-            msg = p.decode(payload)
+            msg = decode(payload)
             req_id = getattr(msg, "req_id", 0)
-            if not isinstance(msg, p.ENGINE_REQUESTS):
+            if not isinstance(msg, ENGINE_REQUESTS):
                 raise RequestError("protocol", f"{type(msg).__name__} is not an engine request")
-            return self._dispatch(conn_id, msg)
-        except p.ProtocolError as exc:
+            return self.handler.on_engine_request(conn_id, msg)
+        except ProtocolError as exc:
             kind, text, room = "protocol", str(exc), -1
         except RequestError as exc:
             kind, text, room = exc.kind, str(exc), exc.room
@@ -157,67 +166,10 @@ class EngineServer:
         except Exception as exc:  # a bug must cost one request, not the daemon
             log.exception("engine_request_bug", error=str(exc))
             kind, text, room = "internal", f"{type(exc).__name__}: {exc}", -1
-        self.d.count_error(kind)
+        self.handler.count_error(kind)
         log.warning("engine_request_refused", conn=conn_id, kind=kind, error=text)
-        return p.ErrorReply(req_id=req_id if isinstance(req_id, int) else 0, kind=kind, message=text,
+        return ErrorReply(req_id=req_id if isinstance(req_id, int) else 0, kind=kind, message=text,
                             room=room)
 
-    def _pool(self, conn_id: int, pool_id: int, role: str):
-        pool = self.d.pools.get(pool_id)
-        if pool is None or pool.conn_id != conn_id or pool.closing:
-            raise RequestError("unknown_pool", f"pool {pool_id} is not registered on this connection")
-        if pool.layout.role != role:
-            raise RequestError("bad_request", f"pool {pool_id} is a {pool.layout.role} pool; "
-                                              f"this call is for {role} pools")
-        return pool
 
-    def _dispatch(self, conn_id: int, msg: p.Message) -> p.Message:
-        d = self.d
-        match msg:
-            case p.RegisterPool():
-                pool = d.register_pool(conn_id, msg)
-                return p.PoolRegistered(req_id=msg.req_id, pool_id=pool.pool_id)
-            case p.SendChunk():
-                pool = self._pool(conn_id, msg.pool_id, "prefill")
-                pool.check_pages(msg.pages, f"room {msg.room} source pages")
-                d.senders.on_chunk(pool, msg)
-                return p.Ok(req_id=msg.req_id)
-            case p.RecvRoom():
-                pool = self._pool(conn_id, msg.pool_id, "decode")
-                if msg.enable_hisparse:
-                    from kvd.core.planner import check_token_indices
-                    check_token_indices(msg.pages, pool.layout, f"room {msg.room} destination tokens")
-                else:
-                    pool.check_pages(msg.pages, f"room {msg.room} destination pages")
-                if not msg.bootstrap_addr.startswith("tcp://"):
-                    raise RequestError("bad_request", f"bootstrap address {msg.bootstrap_addr!r} "
-                                                      "must look like tcp://host:port")
-                d.receivers.start(pool, msg)
-                return p.Ok(req_id=msg.req_id)
-            case p.PollRoom():
-                return self._poll(conn_id, msg)
-            case p.AbortRoom():
-                pool = d.pools.get(msg.pool_id)
-                if pool is None or pool.conn_id != conn_id:
-                    raise RequestError("unknown_pool", f"pool {msg.pool_id} is not registered on this connection")
-                if pool.layout.role == "decode":
-                    d.receivers.abort_from_engine(pool, msg.room)
-                else:
-                    d.senders.abort_from_engine(pool, msg.room, "aborted by the prefill engine")
-                return p.Ok(req_id=msg.req_id)
-            case p.StatusRequest():
-                return p.StatusReply(req_id=msg.req_id, status=d.snapshot())
-        raise RequestError("protocol", f"unhandled request {type(msg).__name__}")
-
-    def _poll(self, conn_id: int, msg: p.PollRoom) -> p.Message:
-        for rr in self.d.receivers.rooms.values():
-            if rr.room == msg.room and rr.pool.conn_id == conn_id:
-                return p.RoomEvent(req_id=msg.req_id, room=rr.room, state=rr.machine.state.value,
-                                   reason=rr.machine.reason, bytes_done=rr.bytes_done,
-                                   bytes_total=rr.bytes_total, released=rr.released)
-        for sr in self.d.senders.rooms.values():
-            if sr.room == msg.room and sr.pool.conn_id == conn_id:
-                return p.RoomEvent(req_id=msg.req_id, room=sr.room, state=sr.machine.state.value,
-                                   reason=sr.machine.reason, bytes_done=sr.bytes_done,
-                                   bytes_total=sr.bytes_total)
-        raise RequestError("unknown_room", f"no room {msg.room} in flight on this connection", msg.room)
+__all__ = ["EngineServer", "EngineHandler", "RequestError", "prepare_socket_path"]

@@ -1,0 +1,148 @@
+"""Every pool this daemon holds: its engines' pools, the decode pools peers announced, staging.
+
+Opening, registering with the transport and closing an engine's pool; the staging pool
+of each device (made on first use); and the lookups the room sides use. A closing pool
+is unregistered only once no room can still read or write it (:meth:`reap`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from kvd.core.config import Config
+from kvd.core.layout import LayoutError, PoolLayout
+from kvd.mem.memory import open_pool
+from kvd.mem.pools import LocalPool, RemotePool
+from kvd.transfer.base import Transport
+
+if TYPE_CHECKING:
+    from kvd.mem.stagemem import KernelRunner, StagingPool
+
+log = structlog.get_logger("kvd.pools")
+
+
+class PoolRegistry:
+    """Local pools by id, remote pools by key, staging pools by device."""
+
+    def __init__(self, config: Config, transport: Callable[[], Transport]) -> None:
+        self.config = config
+        self._transport = transport
+        self.local: dict[int, LocalPool] = {}
+        self.remote_pools: dict[str, RemotePool] = {}
+        self.staging: dict[str, StagingPool] = {}
+        self._kernels: KernelRunner | None = None
+        self._next_id = 1
+
+    # --- lookups (what the room sides see) ---------------------------------------------------
+    def prefill_pool(self, engine_id: str, rank: int) -> LocalPool | None:
+        for pool in self.local.values():
+            lay = pool.layout
+            if lay.role == "prefill" and lay.engine_id == engine_id and lay.tp_rank == rank \
+                    and not pool.closing:
+                return pool
+        return None
+
+    def remote(self, pool_key: str) -> RemotePool | None:
+        return self.remote_pools.get(pool_key)
+
+    def prefill_layout(self, engine_id: str) -> PoolLayout | None:
+        """Layout of any local rank of a prefill engine (ranks agree on everything but the rank)."""
+        return next((p.layout for p in self.local.values() if p.layout.engine_id == engine_id), None)
+
+    def staging_pool(self, pool: LocalPool) -> StagingPool | None:
+        """The staging pool of a local pool's device (None: staging off for it)."""
+        return self.staging.get(pool.device) if pool.device else None
+
+    @property
+    def kernels(self) -> KernelRunner:
+        """The gather/scatter runner, made on first use (torch is imported only with staging on)."""
+        if self._kernels is None:
+            from kvd.mem.stagemem import KernelRunner
+
+            self._kernels = KernelRunner(self.config.staging_kernel_threads)
+        return self._kernels
+
+    def kernel_seconds(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in (self._kernels.busy_s.items() if self._kernels else ())}
+
+    # --- engine pools ------------------------------------------------------------------------
+    def open(self, conn_id: int, layout: PoolLayout, memory: dict[str, Any], bootstrap: str,
+             key_prefix: str) -> LocalPool:
+        """Open, check and register an engine's pool (raises LayoutError / PoolMemoryError /
+        TransportError); the caller announces a prefill rank to its directory."""
+        if layout.role == "prefill" and self.prefill_pool(layout.engine_id, layout.tp_rank):
+            raise LayoutError(f"prefill rank {layout.engine_id}/{layout.tp_rank} is already registered")
+        if self.config.staging_enabled and layout.is_mla:
+            raise LayoutError("MLA pools cannot use the staging path (staging.enabled is on): MLA "
+                              "sends whole rows and needs no gather; run this engine's daemon with "
+                              "staging.enabled = false (KVD_STAGING_ENABLED=0)")
+        opened = open_pool(layout, memory)
+        transport = self._transport()
+        try:
+            for base, length in opened.regions:
+                transport.register(base, length)
+            tensors, device = None, ""
+            if self.config.staging_enabled and not layout.hisparse:
+                from kvd.mem.stagemem import device_of, pool_tensors
+
+                tensors, device = pool_tensors(layout, opened), device_of(opened)
+                self._ensure_staging(device)
+        except Exception:
+            for base, _ in opened.regions:
+                transport.unregister(base)
+            opened.close()
+            raise
+        pool_id = self._next_id
+        self._next_id += 1
+        pool = LocalPool(pool_id, f"{key_prefix}#{pool_id}", layout, opened, conn_id, bootstrap=bootstrap,
+                         tensors=tensors, device=device)
+        self.local[pool_id] = pool
+        return pool
+
+    def _ensure_staging(self, device: str) -> StagingPool:
+        from kvd.mem.stagemem import StagingPool
+
+        stage = self.staging.get(device)
+        if stage is None:
+            stage = StagingPool(device, self.config.staging_pool_bytes)
+            self._transport().register(stage.base, stage.nbytes)
+            self.staging[device] = stage
+            log.info("staging_ready", device=device, bytes=stage.nbytes, receive_bytes=stage.recv_bytes)
+        return stage
+
+    def drop(self, pool: LocalPool) -> None:
+        """Unregister and unmap a pool nothing uses any more."""
+        self.local.pop(pool.pool_id, None)
+        transport = self._transport()
+        for base, _ in pool.opened.regions:
+            transport.unregister(base)
+        pool.opened.close()
+
+    def pools_of(self, conn_id: int) -> list[LocalPool]:
+        return [x for x in self.local.values() if x.conn_id == conn_id]
+
+    def reap(self, busy: set[int]) -> bool:
+        """Drop closing pools no room uses; True while some closing pool is still busy."""
+        for pool in [x for x in self.local.values() if x.closing]:
+            if pool.pool_id not in busy:
+                self.drop(pool)
+                log.info("pool_closed", pool=pool.key)
+        return any(x.closing for x in self.local.values())
+
+    def staging_figures(self) -> list[dict[str, Any]]:
+        return [stage.stats() for stage in self.staging.values()]
+
+    def close(self) -> None:
+        for stage in self.staging.values():
+            stage.close()
+        if self._kernels is not None:
+            self._kernels.close()
+        for pool in self.local.values():
+            pool.tensors = None
+            pool.opened.close()
+
+
+__all__ = ["PoolRegistry"]

@@ -1,0 +1,164 @@
+"""The records of a room on either side: plain data the side modules and pipelines share.
+
+No behaviour beyond small derived values: what happens to a room is decided in
+:mod:`kvd.sides.sender`, :mod:`kvd.sides.receiver`, their staged pipelines, and the
+state machine of :mod:`kvd.core.rooms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvd.core.planner import HeadSlice
+from kvd.core.ring import RingSlot
+from kvd.core.rooms import CompletionTracker, RoomMachine, TransferPath
+from kvd.core.staging import ChunkGeometry, ChunkLedger, StagedWriter
+from kvd.mem.pools import LocalPool, RemotePool
+from kvd.wire import peer as wp
+
+if TYPE_CHECKING:
+    from kvd.mem.stagemem import StagingPool
+
+
+# --- prefill side ----------------------------------------------------------------------------
+
+@dataclass
+class StagedSend:
+    """A request on the staged path: chunk geometry, the receiver's grants, progress."""
+
+    geometry: ChunkGeometry
+    writer: int
+    grants: dict[int, int] = field(default_factory=dict)  # chunk -> region offset at the receiver
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    started: bool = False
+    done: bool = False
+    chunks_written: int = 0
+    not_gathering: asyncio.Event = field(default_factory=asyncio.Event)  # set: no kernel reads the pool
+
+    def __post_init__(self) -> None:
+        self.not_gathering.set()
+
+
+@dataclass
+class ReceiverRequest:
+    """One decode rank's request to this sender for a room."""
+
+    msg: wp.TransferRequest
+    remote: RemotePool
+    slices: tuple[HeadSlice, ...]
+    dst_cursor: int = 0  # pages (or HiSparse tokens) of dst_indices already written
+    aborted: bool = False
+    reported: bool = False
+    staged: StagedSend | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # fence of this request's staged writes
+
+    @property
+    def dummy(self) -> bool:
+        return not self.slices
+
+
+@dataclass
+class Chunk:
+    pages: np.ndarray
+    is_last: bool
+    aux: bytes
+
+
+@dataclass
+class SenderRoom:
+    pool: LocalPool
+    room: int
+    machine: RoomMachine
+    requests: dict[tuple[str, int], ReceiverRequest] = field(default_factory=dict)
+    expected: int | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    got_last: bool = False
+    src_pages_done: int = 0
+    pages_received: int = 0
+    bytes_done: int = 0
+    aux: bytes = b""
+    path: TransferPath = TransferPath.DIRECT
+    engine_told: bool = False
+    direct_done: bool = False  # every chunk of the per-slice requests is written
+    src_tokens: list[np.ndarray] = field(default_factory=list)  # room tokens so far (staged path)
+    src_token_count: int = 0
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_done  # a sender learns the total only when its last chunk is written
+
+    def tokens_upto(self, end: int) -> np.ndarray:
+        """The room's first ``end`` source tokens (the engine's chunks, concatenated once)."""
+        if len(self.src_tokens) > 1:
+            self.src_tokens = [np.concatenate(self.src_tokens)]
+        return self.src_tokens[0][:end]
+
+    def staged(self) -> list[tuple[ReceiverRequest, StagedSend]]:
+        return [(r, r.staged) for r in self.requests.values() if r.staged is not None]
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pool.pool_id, self.room)
+
+
+# --- decode side -----------------------------------------------------------------------------
+
+@dataclass
+class SenderLink:
+    rank: int
+    daemon: str
+    dummy: bool
+    final: bool = False      # sent a final status: it will write nothing more
+    acked: bool = False      # answered our abort
+    bytes_written: int = 0
+
+
+@dataclass
+class StagedReceive:
+    """A room on the staged path: its writers, chunk ledger and the regions it holds."""
+
+    writers: tuple[StagedWriter, ...]
+    ledger: ChunkLedger
+    stage: StagingPool
+    dst_tokens: np.ndarray
+    slots: dict[int, RingSlot] = field(default_factory=dict)  # chunk -> receive-ring region
+    landed: dict[int, int] = field(default_factory=dict)  # chunk -> bytes peers wrote into it
+    scattering: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class ReceiverRoom:
+    pool: LocalPool
+    room: int
+    transfer_id: int
+    machine: RoomMachine
+    dst_indices: np.ndarray
+    bootstrap_addr: str
+    prefill_engine_id: str
+    hisparse: bool
+    bytes_total: int = 0
+    senders: dict[int, SenderLink] = field(default_factory=dict)
+    tracker: CompletionTracker | None = None
+    aux: bytes = b""
+    released: bool = False
+    dead_since: float | None = None
+    path: TransferPath = TransferPath.DIRECT  # decided once, at bootstrap
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # bootstrap, grants: cancelled at release
+    staged: StagedReceive | None = None
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(s.bytes_written for s in self.senders.values())
+
+    def peers(self) -> set[str]:
+        return {s.daemon for s in self.senders.values()}
+
+
+__all__ = ["StagedSend", "ReceiverRequest", "Chunk", "SenderRoom", "SenderLink", "StagedReceive",
+           "ReceiverRoom"]

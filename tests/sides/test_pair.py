@@ -1,0 +1,237 @@
+"""The room sides in one process: real SenderSide/ReceiverSide, in-memory peers, memcpy transport.
+
+Uses the pair harness of tests/sides/pair.py (no sockets, no daemons, no Mooncake): every
+test asserts on the bytes in the decode pools (tools.kvpattern patterns, a canary
+everywhere else) and on the events the engines get.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvd.core.planner import map_heads
+from kvd.sides.records import ReceiverRoom
+from kvd.wire import engine as we
+from kvd.wire import peer as wp
+from tests.sides.pair import Cluster, FakeDaemon, layout
+from tools.kvpattern import fill_prefill, pages_to_tokens, verify_decode
+
+CANARY = 0xA5
+SEED = 7
+
+
+class Transfer:
+    """Prefill ranks on one daemon, decode ranks on another, one room."""
+
+    def __init__(self, cluster: Cluster, prefill_tp: int, decode_tp: int, *, kv_heads: int = 4,
+                 staged: bool = False, hisparse: bool = False, pages: int = 6, page_size: int = 4) -> None:
+        self.cluster = cluster
+        self.prefill: FakeDaemon = cluster.daemon("prefill")
+        self.decode: FakeDaemon = cluster.daemon("decode")
+        if staged:
+            self.prefill.enable_staging()
+            self.decode.enable_staging()
+        self.src = [self.prefill.add_pool(layout("prefill", prefill_tp, r, kv_heads=kv_heads, page_size=page_size))
+                    for r in range(prefill_tp)]
+        self.dst = [self.decode.add_pool(layout("decode", decode_tp, r, kv_heads=kv_heads, page_size=page_size,
+                                                hisparse=hisparse), fill=CANARY) for r in range(decode_tp)]
+        for pool, arrays in self.src:
+            fill_prefill(arrays, pool.layout, SEED)
+        rng = np.random.default_rng(1)
+        self.src_pages = rng.choice(32, pages, replace=False).astype(np.int64)
+        self.hisparse = hisparse
+        self.page_size = page_size
+        n_dst = pages * page_size if hisparse else pages
+        self.dst_index = rng.choice(32 * (page_size if hisparse else 1), n_dst, replace=False).astype(np.int64)
+
+    def recv(self, room: int = 1, timeout_s: float = 0.0) -> None:
+        for pool, _ in self.dst:
+            self.decode.receivers.start(pool, we.RecvRoom(
+                req_id=1, pool_id=pool.pool_id, room=room, bootstrap_addr=self.prefill.address,
+                prefill_engine_id="prefill-0", pages=self.dst_index, timeout_s=timeout_s,
+                enable_hisparse=self.hisparse))
+
+    def send(self, room: int = 1, chunks: int = 2, aux: bytes = b"first-token") -> None:
+        parts = np.array_split(self.src_pages, chunks)
+        offset = 0
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            for pool, _ in self.src:
+                self.prefill.senders.on_chunk(pool, we.SendChunk(
+                    req_id=1, pool_id=pool.pool_id, room=room, pages=part, is_last=last,
+                    aux=aux if last else b"", page_offset=offset))
+            offset += len(part)
+
+    def verify(self) -> list[str]:
+        problems = []
+        src_tokens = pages_to_tokens(self.src_pages, self.page_size)
+        dst_tokens = self.dst_index if self.hisparse else pages_to_tokens(self.dst_index, self.page_size)
+        for pool, arrays in self.dst:
+            problems += verify_decode(arrays, pool.layout, src_tokens, dst_tokens, SEED, CANARY)
+        return problems
+
+    def decode_events(self, room: int = 1) -> list[we.RoomEvent | None]:
+        return [self.decode.final_event(pool, room) for pool, _ in self.dst]
+
+
+@pytest.fixture
+async def cluster():
+    c = Cluster()
+    yield c
+    await c.close()
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "kv_heads"),
+                         [(1, 1, 4), (2, 1, 4), (1, 2, 4), (4, 2, 4), (3, 1, 3), (4, 1, 2), (1, 4, 2), (2, 4, 8)])
+async def test_direct_transfer_is_exact_for_every_tp_pair(cluster, prefill_tp, decode_tp, kv_heads):
+    t = Transfer(cluster, prefill_tp, decode_tp, kv_heads=kv_heads)
+    t.recv()
+    await cluster.settle()
+    t.send()
+    await cluster.settle()
+    assert t.verify() == []
+    events = t.decode_events()
+    assert all(ev is not None and ev.state == "success" and ev.aux == b"first-token" for ev in events), events
+    assert not t.decode.receivers.rooms and not t.prefill.senders.rooms
+    assert not t.decode.errors and not t.prefill.errors
+
+
+async def test_completion_is_counted_per_sender_rank(cluster):
+    """TP 2 -> 1: one sender's final report is not enough; each rank reports once."""
+    t = Transfer(cluster, 2, 1)
+    t.recv()
+    await cluster.settle()
+    cluster.hold = lambda d: isinstance(d.msg, wp.TransferStatus) and d.msg.final and d.msg.sender_rank == 1
+    t.send()
+    await cluster.settle()
+    rr: ReceiverRoom = next(iter(t.decode.receivers.rooms.values()))
+    assert rr.tracker is not None and rr.tracker.missing == [1]
+    assert not rr.machine.state.final
+    cluster.hold = lambda d: False
+    cluster.release_held()
+    await cluster.settle()
+    assert t.decode_events()[0].state == "success"
+    assert t.verify() == []
+
+
+async def test_gqa_replicas_get_dummy_requests_and_send_each_head_once(cluster):
+    """4 prefill ranks, 2 KV heads: ranks 0/1 and 2/3 are replicas; one of each pair writes."""
+    t = Transfer(cluster, 4, 1, kv_heads=2)
+    t.recv()
+    await cluster.settle()
+    requests = cluster.sent(wp.TransferRequest)
+    mapping = map_heads(2, 4, 1)
+    assert sorted(r.sender_rank for r in requests if not r.dummy) == sorted(mapping.required_senders(0))
+    assert sorted(r.sender_rank for r in requests) == sorted(mapping.notified_senders(0))
+    assert any(r.dummy for r in requests)
+    t.send()
+    await cluster.settle()
+    assert t.verify() == []
+    assert t.decode_events()[0].state == "success"
+
+
+async def test_abort_releases_only_after_the_sender_fenced_and_nothing_lands_after(cluster):
+    t = Transfer(cluster, 1, 1)
+    t.recv()
+    await cluster.settle()
+    t.prefill.transport.hold()  # the first write stays in flight
+    t.send(chunks=1)
+    await cluster.settle(50)
+    pool, arrays = t.dst[0]
+    t.decode.receivers.abort_from_engine(pool, 1)
+    await cluster.settle(50)
+    assert t.decode.final_event(pool, 1) is None, "released while a write could still land"
+    failed = [ev for _, ev in t.decode.events if ev.state == "failed"]
+    assert failed and "aborted" in failed[0].reason
+    t.prefill.transport.release()
+    await cluster.settle()
+    ev = t.decode.final_event(pool, 1)
+    assert ev is not None and ev.state == "failed" and ev.released
+    snapshot = arrays.array.copy()
+    await cluster.settle()
+    assert np.array_equal(snapshot, arrays.array), "bytes landed after release"
+
+
+async def test_late_messages_after_release_never_touch_a_new_room_with_the_same_id(cluster):
+    t = Transfer(cluster, 1, 1)
+    t.recv()
+    await cluster.settle()
+    t.send()
+    await cluster.settle()
+    old = cluster.sent(wp.TransferStatus)[-1]
+    assert t.decode_events()[0].state == "success"
+    t.decode.events.clear()
+    t.recv()  # the engine reuses room 1
+    await cluster.settle()
+    t.decode.route(old)  # a replayed final status of the first transfer
+    await cluster.settle()
+    assert t.decode.errors["stale_message"] == 1
+    rr = next(iter(t.decode.receivers.rooms.values()))
+    assert not rr.machine.state.final and rr.tracker is not None and not rr.tracker.reported
+
+
+async def test_a_room_whose_prefill_never_sends_ends_at_its_deadline(cluster):
+    t = Transfer(cluster, 2, 1)
+    t.recv(timeout_s=3.0)
+    await cluster.settle()
+    cluster.clock.advance(2.0)
+    cluster.expire()
+    assert t.decode.receivers.rooms, "ended before its deadline"
+    cluster.clock.advance(1.5)
+    cluster.expire()
+    await cluster.settle()
+    ev = t.decode_events()[0]
+    assert ev is not None and ev.state == "failed" and "timed out" in ev.reason
+    assert t.decode.errors["timeout"] == 1
+    assert t.verify() != [] and all("canary" not in p for p in t.verify())  # nothing written, nothing stray
+    assert not t.prefill.senders.rooms  # the abort reached the senders
+
+
+async def test_staged_room_goes_chunk_by_chunk_and_frees_its_staging(cluster):
+    t = Transfer(cluster, 2, 1, staged=True, pages=12)
+    t.recv()
+    await cluster.settle()
+    rr = next(iter(t.decode.receivers.rooms.values()))
+    assert rr.staged is not None
+    chunks = rr.staged.ledger.geometry.num_chunks
+    assert chunks > 1
+    grants = cluster.sent(wp.StagingGrant)
+    assert grants, "regions are granted (prefetched) before prefill sends anything"
+    t.send(chunks=3)
+    await cluster.settle()
+    assert t.verify() == []
+    assert t.decode_events()[0].state == "success"
+    assert len(cluster.sent(wp.ChunkWritten)) == chunks * 2
+    assert t.decode._stage.whole and t.prefill._stage.whole
+    assert t.decode.receivers.paths
+
+
+async def test_hisparse_writes_token_indices_into_the_host_pool(cluster):
+    t = Transfer(cluster, 2, 1, hisparse=True)
+    t.recv()
+    await cluster.settle()
+    t.send()
+    await cluster.settle()
+    assert t.verify() == []
+    assert t.decode_events()[0].state == "success"
+
+
+async def test_a_sender_rank_reporting_twice_fails_the_room_not_the_side(cluster):
+    t = Transfer(cluster, 2, 1)
+    t.recv()
+    await cluster.settle()
+    t.send()
+    await cluster.settle()
+    final = [m for m in cluster.sent(wp.TransferStatus) if m.final][0]
+    t.decode.events.clear()
+    t.recv(room=2)
+    await cluster.settle()
+    rr = next(iter(t.decode.receivers.rooms.values()))
+    forged = wp.TransferStatus(src=final.src, room=2, transfer_id=rr.transfer_id, pool_key=rr.pool.key,
+                               sender_rank=0, ok=True, final=True)
+    t.decode.route(forged)
+    t.decode.route(forged)
+    await cluster.settle()
+    assert t.decode.errors["bad_peer_message"] >= 1
+    assert t.decode.receivers.rooms == {} or all(r.machine.state.final for r in t.decode.receivers.rooms.values())
