@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvd import protocol as p
+from kvd.wire import HEADER_VERSION
 
 
 def _request(**kw) -> p.TransferRequest:
@@ -22,7 +23,7 @@ def _request(**kw) -> p.TransferRequest:
 
 def test_header_is_version_then_type_then_fields_in_order():
     raw = msgpack.unpackb(_request().encode())
-    assert raw[0] == p.PROTOCOL_VERSION and raw[1] == p.TransferRequest.TYPE
+    assert raw[0] == HEADER_VERSION == 1 and raw[1] == p.TransferRequest.TYPE
     assert raw[2:4] == ["tcp://a:1", "t"]
     assert len(raw) == 2 + len(p.TransferRequest.FIELDS)
 
@@ -90,7 +91,7 @@ def test_newer_peer_with_extra_trailing_fields_is_understood():
 
 def test_newer_version_number_still_decodes_known_fields():
     raw = msgpack.unpackb(p.Heartbeat(src="x", token="", nonce=5).encode())
-    raw[0] = p.PROTOCOL_VERSION + 3
+    raw[0] = max(p.PROTOCOL_VERSION, HEADER_VERSION) + 3
     assert p.decode(msgpack.packb(raw)).nonce == 5
 
 

@@ -1,0 +1,214 @@
+"""Messages between kvd daemons (ZMQ): directory, pool announce, transfers, aborts, staging.
+
+Every peer message starts with ``src`` (the sending daemon's address, so replies and heartbeats
+can be routed) and ``token`` (the shared auth token). Both are required on the wire, as they
+always were, but default to "" in Python: call sites build a message without them and the peer
+hub stamps them once, with :func:`stamped`, just before it encodes.
+
+Declarations only: each class is a frozen dataclass whose annotations are its wire fields, in
+wire order; append new fields at the end with ``wire(default, since=PROTOCOL_VERSION)``. TYPE
+numbers are forever. This module never touches a socket, asyncio, zmq or torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TypeVar
+
+from kvd.wire.codec import Message
+from kvd.wire.fields import Indices, Map, wire
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class PeerMessage(Message):
+    """Base of the daemon <-> daemon messages (no TYPE of its own, never sent as such)."""
+
+    src: str = wire("", required_on_wire=True)
+    token: str = wire("", required_on_wire=True)
+
+
+P = TypeVar("P", bound=PeerMessage)
+
+
+def stamped(msg: P, src: str, token: str) -> P:
+    """``msg`` from daemon ``src`` with auth ``token``: what the peer hub sends."""
+    return dataclasses.replace(msg, src=src, token=token)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Heartbeat(PeerMessage):
+    """Liveness ping; answered by HeartbeatAck."""
+
+    TYPE = 32
+    nonce: int
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class HeartbeatAck(PeerMessage):
+    """Answer to Heartbeat."""
+
+    TYPE = 33
+    nonce: int
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class RankAnnounce(PeerMessage):
+    """A daemon tells an engine's directory daemon that it serves one prefill rank."""
+
+    TYPE = 34
+    layout: Map
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class EngineQuery(PeerMessage):
+    """Decode daemon -> directory: topology of a prefill engine."""
+
+    TYPE = 35
+    engine_id: str
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class EngineInfo(PeerMessage):
+    """Directory -> decode daemon: per prefill rank its layout and serving daemon (ready only
+    once every rank has registered, like SGLang's 503-until-complete)."""
+
+    TYPE = 36
+    engine_id: str
+    ready: bool
+    tp_size: int
+    layouts: list[Map]
+    daemons: list[str]
+    error: str = ""
+    # The ranks disagree on the layout: the asker's rooms fail at once (an older directory
+    # leaves it False; its rooms then fail at their deadline).
+    conflict: bool = wire(False, since=2)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class PoolAnnounce(PeerMessage):
+    """Decode daemon -> prefill daemon, once per (decode pool, prefill engine): the receiver's
+    layout and registered buffer addresses, so per-room requests stay small. A receiver with
+    a staging pool names its registered range (``staging_bytes`` 0: none, or an older peer)."""
+
+    TYPE = 37
+    pool_key: str
+    layout: Map
+    buffers: list[int]
+    session_id: str
+    prefill_engine_id: str
+    staging_base: int = wire(0, since=2)
+    staging_bytes: int = wire(0, since=2)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class PoolAck(PeerMessage):
+    """Prefill daemon accepts (or refuses, naming both layouts) a decode pool. ``staging``:
+    it will take the staged path for this pool (an older peer leaves it False: per-slice)."""
+
+    TYPE = 38
+    pool_key: str
+    ok: bool
+    error: str = ""
+    staging: bool = wire(False, since=2)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class TransferRequest(PeerMessage):
+    """Decode -> prefill, per room and sender rank: where to write (page indices, or token
+    indices into a HiSparse host pool). A dummy request has nothing to write; it only lets
+    a replica sender finish. transfer_id tells a reused room id's transfers apart.
+
+    ``chunk_tokens`` > 0 asks for the staged path: the room goes in chunks of that many
+    tokens, this sender's block is number ``writer`` of ``writers`` in each chunk's region,
+    and each region's offset follows in a StagingGrant."""
+
+    TYPE = 39
+    room: int
+    transfer_id: int
+    pool_key: str
+    prefill_engine_id: str
+    sender_rank: int
+    dst_indices: Indices
+    dummy: bool
+    deadline_s: float
+    enable_hisparse: bool = wire(False, since=2)
+    chunk_tokens: int = wire(0, since=2)
+    writer: int = wire(0, since=2)
+    writers: int = wire(0, since=2)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class TransferStatus(PeerMessage):
+    """Prefill -> decode: a sender rank finished writing a room (or failed, with the reason).
+    Non-final statuses report progress (bytes written so far)."""
+
+    TYPE = 40
+    room: int
+    transfer_id: int
+    pool_key: str
+    sender_rank: int
+    ok: bool
+    reason: str = ""
+    aux: bytes = b""
+    bytes_written: int = 0
+    final: bool = True
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class AbortTransfer(PeerMessage):
+    """Decode -> prefill: stop writing this room; answer AbortAck once no write can land."""
+
+    TYPE = 41
+    room: int
+    transfer_id: int
+    pool_key: str
+    sender_rank: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class AbortAck(PeerMessage):
+    """Prefill -> decode: every write of the room has finished or will never be issued."""
+
+    TYPE = 42
+    room: int
+    transfer_id: int
+    pool_key: str
+    sender_rank: int
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class StagingGrant(PeerMessage):
+    """Decode -> prefill (staged path): chunk ``chunk``'s region starts at ``offset`` in the
+    receiver's staging pool. Sent as space frees up, a few chunks ahead of the writes."""
+
+    TYPE = 43
+    room: int
+    transfer_id: int
+    pool_key: str
+    sender_rank: int
+    chunk: int
+    offset: int
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ChunkWritten(PeerMessage):
+    """Prefill -> decode (staged path): this sender's block of a chunk has landed."""
+
+    TYPE = 44
+    room: int
+    transfer_id: int
+    pool_key: str
+    sender_rank: int
+    chunk: int
+    nbytes: int
+
+
+PEER_MESSAGES = (Heartbeat, HeartbeatAck, RankAnnounce, EngineQuery, EngineInfo, PoolAnnounce,
+                 PoolAck, TransferRequest, TransferStatus, AbortTransfer, AbortAck, StagingGrant,
+                 ChunkWritten)
+
+__all__ = ["PEER_MESSAGES", "AbortAck", "AbortTransfer", "ChunkWritten", "EngineInfo", "EngineQuery",
+           "Heartbeat", "HeartbeatAck", "PeerMessage", "PoolAck", "PoolAnnounce", "RankAnnounce",
+           "StagingGrant", "TransferRequest", "TransferStatus", "stamped"]
