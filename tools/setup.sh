@@ -33,3 +33,10 @@ python3 -m pip install torch==2.13.0
 
 # kvd itself, editable, with the CPU (non-CUDA) Mooncake build and the test tools.
 python3 -m pip install -e '.[cpu,test]'
+
+# SGLang's PD-disaggregation classes, for the kvd.sglang backend's tests (tests/sglang): the
+# pinned wheel without its CUDA dependencies, then the pure-Python packages its imports need.
+# The constraint keeps torch at 2.13.0 whatever a package asks for.
+echo "torch==2.13.0" > /tmp/kvd-torch-constraint.txt
+python3 -m pip install -c /tmp/kvd-torch-constraint.txt -r tools/requirements-sglang.txt
+python3 -m pip install --no-deps sglang==0.5.23

@@ -211,6 +211,10 @@ class KvdClient:
         """Drop the stashed events of a room the engine is finished with."""
         self._t.forget(room)
 
+    def pushed(self, room: int) -> RoomStatus | None:
+        """The latest event pushed for ``room`` that this client has read (no I/O)."""
+        return self._t.pushed(room)
+
 
 # --- asyncio client ----------------------------------------------------------------------------
 
@@ -368,6 +372,14 @@ class AsyncKvdClient:
 
     def forget(self, room: int) -> None:
         self._t.forget(room)
+
+    def pushed(self, room: int) -> RoomStatus | None:
+        """The latest event the daemon pushed for ``room``, from the local stash (no I/O)."""
+        return self._t.pushed(room)
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and self._error is None
 
 
 for _name in ("register_pool", "send", "recv", "poll", "wait", "wait_released", "abort", "status", "forget"):

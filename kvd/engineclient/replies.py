@@ -198,6 +198,10 @@ class ReplyTracker:
         """The room's final status if one was pushed, else None."""
         return st if (st := self._stash.get(room)) is not None and st.done else None
 
+    def pushed(self, room: int) -> RoomStatus | None:
+        """The room's latest pushed status, final or not (None: nothing pushed)."""
+        return self._stash.get(room)
+
     def released(self, room: int) -> RoomStatus | None:
         return st if (st := self._stash.get(room)) is not None and st.released else None
 
