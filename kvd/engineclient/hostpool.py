@@ -50,7 +50,9 @@ class HostPool:
         self._unlinked = False
         # One array over the whole segment; buffer views are slices of it, so close() has a
         # single export to drop before the mapping can be released.
-        self._array: np.ndarray | None = np.frombuffer(shm.buf, dtype=np.uint8)
+        buf = shm.buf
+        assert buf is not None, "an open segment has a buffer"
+        self._array: np.ndarray | None = np.frombuffer(buf, dtype=np.uint8)
 
     @classmethod
     def create(cls, layout: PoolLayout, name: str | None = None) -> HostPool:
