@@ -156,13 +156,13 @@ class Daemon:
                     return room_event(sr, req_id=msg.req_id)
                 raise RequestError("unknown_room", f"no room {msg.room} in flight on this connection", msg.room)
             case we.AbortRoom():
-                pool = self.registry.local.get(msg.pool_id)
-                if pool is None or pool.conn_id != conn_id:
+                owned = self.registry.local.get(msg.pool_id)
+                if owned is None or owned.conn_id != conn_id:
                     raise RequestError("unknown_pool", f"pool {msg.pool_id} is not registered on this connection")
-                if pool.layout.role == "decode":
-                    self.receivers.abort_from_engine(pool, msg.room)
+                if owned.layout.role == "decode":
+                    self.receivers.abort_from_engine(owned, msg.room)
                 else:
-                    self.senders.abort_from_engine(pool, msg.room, "aborted by the prefill engine")
+                    self.senders.abort_from_engine(owned, msg.room, "aborted by the prefill engine")
                 return we.Ok(req_id=msg.req_id)
             case we.StatusRequest():
                 return we.StatusReply(req_id=msg.req_id, status=self.snapshot())

@@ -17,6 +17,7 @@ Two roles, one component:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import structlog
@@ -153,10 +154,8 @@ class Directory:
             if left is not None and left <= 0:
                 raise EngineNotReady(f"prefill engine {engine_id!r} at {bootstrap} did not become ready")
             event = self._changed.setdefault(key, asyncio.Event())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), REQUERY_S if left is None else min(left, REQUERY_S))
-            except TimeoutError:
-                pass
 
     async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str, deadline: float | None) -> bool:
         """Announce a decode pool to a sender daemon once; True if both sides will stage."""

@@ -74,7 +74,8 @@ class PeerHub:
 
     def send(self, addr: str, msg: Message) -> None:
         """Stamp and queue one message to a peer; never blocks the loop (a full queue drops and counts)."""
-        msg = wp.stamped(msg, self.address, self.token)
+        if isinstance(msg, wp.PeerMessage):
+            msg = wp.stamped(msg, self.address, self.token)
         if addr == self.address:
             # A daemon can be its own peer (prefill and decode engines on one node).
             asyncio.get_running_loop().call_soon(self._handle, msg)

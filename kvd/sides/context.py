@@ -61,10 +61,12 @@ class Bootstrap(Protocol):
 class RoomContext(Protocol):
     """The daemon as a room side sees it."""
 
-    config: Config
-    pools: PoolLookup
-    bootstrap: Bootstrap
-
+    @property
+    def config(self) -> Config: ...
+    @property
+    def pools(self) -> PoolLookup: ...
+    @property
+    def bootstrap(self) -> Bootstrap: ...
     @property
     def transport(self) -> Transport: ...
     @property

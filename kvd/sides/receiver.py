@@ -18,7 +18,15 @@ import numpy as np
 
 from kvd.core.layout import LayoutError, PoolLayout, check_compatible
 from kvd.core.planner import PlanError, map_heads
-from kvd.core.rooms import CompletionTracker, Deadlines, RoomError, RoomInput, RoomMachine, RoomState, TransferPath
+from kvd.core.rooms import (
+    CompletionTracker,
+    Deadlines,
+    RoomError,
+    RoomInput,
+    RoomMachine,
+    RoomState,
+    TransferPath,
+)
 from kvd.core.staging import StagingError, staging_applies
 from kvd.mem.pools import LocalPool
 from kvd.sides.context import RoomContext

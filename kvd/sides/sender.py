@@ -16,7 +16,6 @@ from collections import OrderedDict
 
 from kvd.core.layout import LayoutError, check_compatible
 from kvd.core.planner import (
-    HeadSlice,
     PlanError,
     WriteOps,
     check_ops_within,
