@@ -54,7 +54,8 @@ class StagingPool:
         self.recv_bytes = (nbytes - send) // ALIGN * ALIGN
         self.send_offset = self.recv_bytes
         self.recv = AsyncRing(RingAllocator(self.recv_bytes, ALIGN))
-        self.send = AsyncRing(RingAllocator(nbytes - self.send_offset, ALIGN))
+        self.send_capacity = nbytes - self.send_offset
+        self.send = AsyncRing(RingAllocator(self.send_capacity, ALIGN))
         self.data_bytes = 0  # bytes of receive regions that peers have written into
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from kvd.sides.sender import SenderSide
 from kvd.sides.tasks import TaskOwner
 from kvd.transfer.base import BatchResult, Transport
 from kvd.transfer.mooncake import MooncakeTransport
+from kvd.transfer.sessions import SessionedTransport
 from kvd.wire import engine as we
 from kvd.wire.codec import Message
 
@@ -58,12 +59,12 @@ class Daemon:
         self.metrics = Metrics()
         self.errors: Counter[str] = Counter()
         self.tasks = TaskOwner(on_crash=lambda name, exc: self.count_error("task_crash"))
-        self._transport: Transport | None = None
+        self._transport: SessionedTransport | None = None
         self.registry = PoolRegistry(config, lambda: self.transport)
         self.pools = self.registry
         self.peers = PeerHub(config, self, self.tasks)
         self.engines = EngineServer(config, self)
-        self.directory = Directory(config, self.registry, lambda: self.transport, self.send_peer,
+        self.directory = Directory(config, self.registry, self.receive_session, self.send_peer,
                                    self.count_error, self.now)
         self.bootstrap = self.directory
         self.senders = SenderSide(self)
@@ -103,7 +104,8 @@ class Daemon:
         self.metrics.add_received(nbytes)
 
     def room_changed(self, role: str, before: RoomState | None, after: RoomState, **ctx: Any) -> None:
-        log.info("room_state", role=role, state=after.value, previous=before.value if before else None, **ctx)
+        level = log.warning if after is RoomState.FAILED else log.info
+        level("room_state", role=role, state=after.value, previous=before.value if before else None, **ctx)
 
     def send_peer(self, addr: str, msg: Message) -> None:
         self.peers.send(addr, msg)
@@ -116,6 +118,20 @@ class Daemon:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         return self.tasks.spawn(coro, name)
+
+    async def receive_session(self, peer: str) -> str:
+        if self._transport is None:
+            raise RuntimeError("the transport is not started yet")
+        return await self._transport.receive_session(peer)
+
+    async def revoke_peer(self, peer: str, reason: str) -> None:
+        """The write fence: close ``peer``'s receive session; pools are announced anew after."""
+        if self._transport is None:
+            return
+        if self._transport.has_session(peer):
+            self.count_error("peer_revoked")
+        self.directory.peer_dead(peer)  # its announces named the revoked session
+        await self._transport.revoke(peer, reason)
 
     # --- routing ------------------------------------------------------------------------------
     def on_peer_message(self, msg: Message) -> None:
@@ -227,8 +243,22 @@ class Daemon:
         c = self.config
         loop = asyncio.get_running_loop()
         prepare_socket_path(c.socket_path)  # refuse a live socket before binding anything else
-        self._transport = await loop.run_in_executor(None, lambda: MooncakeTransport(
-            c.hostname, c.protocol, c.devices, c.workers, c.queues, c.max_batch_ops))
+        # A batch to a stalled peer gives up within the heartbeat window (plus a second).
+        timeout = c.heartbeat_interval_s * c.heartbeat_misses + 1.0
+        main: Transport = await loop.run_in_executor(None, lambda: MooncakeTransport(
+            c.hostname, c.protocol, c.devices, c.workers, c.queues, c.max_batch_ops, transfer_timeout_s=timeout))
+
+        def open_session() -> Transport:
+            return MooncakeTransport(c.hostname, c.protocol, c.devices, workers=1, queues=1,
+                                     transfer_timeout_s=timeout)
+
+        sessions: Callable[[], Transport] = open_session
+        if c.same_node != "off":  # peers on this machine: CUDA IPC copies (kvd.transfer.router)
+            from kvd.transfer.router import SameNodeTransport, with_endpoint
+
+            main = await loop.run_in_executor(None, SameNodeTransport, main, c.workers)
+            sessions = with_endpoint(open_session)  # receive sessions answer same-node peers too
+        self._transport = SessionedTransport(main, sessions)
         await self.peers.start()
         self.directory.address = self.peers.address
         await self.engines.start()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -26,8 +26,7 @@ from kvd.core.config import Config
 from kvd.core.layout import LayoutError, PoolLayout, check_compatible
 from kvd.mem.pools import LocalPool, RemotePool
 from kvd.shell.pool_registry import PoolRegistry
-from kvd.sides.context import EngineNotReady, LayoutConflict, PoolRefused
-from kvd.transfer.base import Transport
+from kvd.sides.context import EngineNotReady, LayoutConflict, PoolAccepted, PoolRefused
 from kvd.wire import peer as wp
 from kvd.wire.codec import Message
 
@@ -35,29 +34,41 @@ log = structlog.get_logger("kvd.directory")
 
 #: A client re-asks a directory this often while it waits (pushed answers arrive at once).
 REQUERY_S = 1.0
+#: Daemons remembered per engine as waiting for it, or as holding an answer to update.
+MAX_ASKERS = 4096
+
+
+def _shape(layout: PoolLayout) -> dict[str, object]:
+    """What every rank of one engine must agree on: the layout but the rank."""
+    return {k: v for k, v in layout.to_dict().items() if k != "tp_rank"}
 
 
 class Directory:
-    def __init__(self, config: Config, registry: PoolRegistry, transport: Callable[[], Transport],
+    def __init__(self, config: Config, registry: PoolRegistry, receive_session: Callable[[str], Awaitable[str]],
                  send_peer: Callable[[str, Message], None], count_error: Callable[[str], None],
                  now: Callable[[], float]) -> None:
         self.config = config
         self.registry = registry
-        self._transport = transport
+        self._receive_session = receive_session
         self._send = send_peer
         self._count_error = count_error
         self._now = now
         self.address = ""
         # directory role: engine -> rank -> (layout, serving daemon); engine -> conflict text
         self.ranks: dict[str, dict[int, tuple[PoolLayout, str]]] = {}
-        self.conflicts: dict[str, str] = {}
+        self._rank_pool: dict[tuple[str, int], str] = {}  # (engine, rank) -> the announced pool's key
+        self.conflicts: dict[str, str] = {}  # engine -> the last refused rank's problem (while incomplete)
         self._watchers: dict[str, set[str]] = {}  # engine -> daemons waiting for it to be complete
+        self._told: dict[str, set[str]] = {}  # engine -> daemons holding a ready answer (told of changes)
         # client role
         self._info: dict[tuple[str, str], wp.EngineInfo] = {}
-        self._refused: dict[tuple[str, str], str] = {}
+        self._refused: dict[tuple[str, str], tuple[str, float]] = {}  # conflict text, when learnt
+        #: Whether a peer was heard from (same incarnation) within some seconds; the daemon wires
+        #: the peer hub's in. Cached answers of a peer not heard from lately are asked again.
+        self.current: Callable[[str, float], bool] = lambda peer, within: True
         self._changed: dict[tuple[str, str], asyncio.Event] = {}
         self._announced: dict[tuple[str, str, str], asyncio.Future[bool]] = {}
-        self._peer_staging: dict[tuple[str, str], bool] = {}
+        self._accepted: dict[tuple[str, str], PoolAccepted] = {}
 
     def handlers(self) -> dict[type, Callable[..., None]]:
         return {wp.RankAnnounce: self.on_rank_announce, wp.EngineQuery: self.on_engine_query,
@@ -65,46 +76,79 @@ class Directory:
                 wp.PoolAck: self.on_pool_ack}
 
     # --- directory role ------------------------------------------------------------------------
-    def announce_rank(self, layout: PoolLayout, directory: str) -> None:
+    def announce_rank(self, layout: PoolLayout, directory: str, pool_key: str = "") -> None:
         """A local prefill rank registered: tell its engine's directory (maybe this daemon)."""
-        msg = wp.RankAnnounce(src=self.address, layout=layout.to_dict())
+        msg = wp.RankAnnounce(src=self.address, layout=layout.to_dict(), pool_key=pool_key)
         if directory == self.address:
-            self.on_rank_announce(msg)  # raises LayoutConflict: the engine's registration fails
+            self.on_rank_announce(msg)  # raises LayoutConflict: this rank's registration fails
+        else:
+            self._send(directory, msg)
+
+    def withdraw_rank(self, layout: PoolLayout, directory: str, pool_key: str) -> None:
+        """A local prefill rank's pool is gone: its directory forgets the rank (an engine that
+        registers again, maybe with another layout, is not refused because of it)."""
+        msg = wp.RankAnnounce(src=self.address, layout=layout.to_dict(), pool_key=pool_key, withdraw=True)
+        if directory == self.address:
+            self.on_rank_announce(msg)
         else:
             self._send(directory, msg)
 
     def on_rank_announce(self, msg: wp.RankAnnounce) -> None:
-        """Record which daemon serves a prefill rank; ranks that disagree on the layout are refused
-        and the conflict is reported to every decode daemon that asks (its rooms fail at once)."""
+        """Record which daemon serves a prefill rank, replacing what that rank announced before.
+
+        A rank whose layout disagrees with the engine's other ranks is refused (a local one
+        with LayoutConflict: its registration fails); the others keep their entries, and the
+        conflict is reported to decode daemons only while the engine is incomplete. Nothing is
+        sticky: a withdraw, a re-registration or the announcing daemon's restart heals it."""
         layout = PoolLayout.from_dict(msg.layout)
-        ranks = self.ranks.setdefault(layout.engine_id, {})
-        shape = {k: v for k, v in layout.to_dict().items() if k != "tp_rank"}
-        for other, _ in ranks.values():
-            if other.tp_rank != layout.tp_rank and \
-                    {k: v for k, v in other.to_dict().items() if k != "tp_rank"} != shape:
+        engine, rank = layout.engine_id, layout.tp_rank
+        if not isinstance(engine, str) or not engine:
+            raise LayoutError(f"engine_id must be a non-empty string, got {engine!r}")
+        ranks = self.ranks.setdefault(engine, {})
+        if msg.withdraw:
+            entry = ranks.get(rank)
+            if entry is not None and entry[1] == msg.src and self._rank_pool.get((engine, rank), "") == msg.pool_key:
+                del ranks[rank]
+                self._rank_pool.pop((engine, rank), None)
+                log.info("rank_withdrawn", engine=engine, rank=rank, daemon=msg.src)
+                self._engine_changed(engine)
+            if not ranks:
+                self.ranks.pop(engine, None)
+            return
+        shape = _shape(layout)
+        for other_rank, (other, _) in ranks.items():
+            if other_rank != rank and _shape(other) != shape:
                 self._count_error("layout")
-                problem = (f"prefill ranks of engine {layout.engine_id!r} disagree on the layout: "
-                           f"[{layout.describe()}] vs [{other.describe()}]")
-                self.conflicts[layout.engine_id] = problem
-                log.warning("rank_layout_mismatch", engine=layout.engine_id, error=problem)
-                self._engine_changed(layout.engine_id)
+                problem = (f"prefill rank {rank} of engine {engine!r} disagrees with rank {other_rank} on "
+                           f"the layout: [{layout.describe()}] vs [{other.describe()}]; rank {rank} refused")
+                self.conflicts[engine] = problem
+                log.warning("rank_layout_mismatch", engine=engine, daemon=msg.src, error=problem)
+                self._engine_changed(engine)
                 raise LayoutConflict(problem)
-        ranks[layout.tp_rank] = (layout, msg.src)
-        self._engine_changed(layout.engine_id)
+        before = ranks.get(rank)
+        ranks[rank] = (layout, msg.src)
+        self._rank_pool[(engine, rank)] = msg.pool_key
+        if before is not None and before != (layout, msg.src):
+            log.info("rank_replaced", engine=engine, rank=rank, daemon=msg.src, previous=before[1])
+        self._engine_changed(engine)
 
     def _engine_changed(self, engine_id: str) -> None:
-        """Push the answer to everyone waiting once the engine is complete or in conflict."""
+        """Tell everyone who waits for the engine, or holds an answer about it, what it looks like now."""
         reply = self.engine_info_reply(engine_id)
-        if not (reply.ready or reply.conflict):
-            return
-        for daemon in self._watchers.pop(engine_id, set()):
+        if reply.ready:
+            self.conflicts.pop(engine_id, None)  # the engine is whole and consistent again
+        waiting = self._watchers.pop(engine_id, set()) if reply.ready or reply.conflict else set()
+        for daemon in waiting | self._told.get(engine_id, set()):
             self._send(daemon, reply)
+        if reply.ready:
+            self._told.setdefault(engine_id, set()).update(waiting)
         self._learn((self.address, engine_id), reply)
 
     def engine_info_reply(self, engine_id: str) -> wp.EngineInfo:
         ranks = self.ranks.get(engine_id, {})
-        conflict = self.conflicts.get(engine_id, "")
-        ready = not conflict and bool(ranks) and len(ranks) == next(iter(ranks.values()))[0].tp_size
+        first = next(iter(ranks.values()))[0] if ranks else None
+        ready = first is not None and len(ranks) == first.tp_size and set(ranks) == set(range(first.tp_size))
+        conflict = "" if ready else self.conflicts.get(engine_id, "")
         ordered = [ranks[r] for r in sorted(ranks)] if ready else []
         return wp.EngineInfo(src=self.address, engine_id=engine_id, ready=ready,
                              tp_size=ordered[0][0].tp_size if ordered else 0,
@@ -114,8 +158,10 @@ class Directory:
 
     def on_engine_query(self, msg: wp.EngineQuery) -> None:
         reply = self.engine_info_reply(msg.engine_id)
-        if not (reply.ready or reply.conflict):
-            self._watchers.setdefault(msg.engine_id, set()).add(msg.src)
+        askers = self._told if reply.ready else self._watchers
+        daemons = askers.setdefault(msg.engine_id, set())
+        if len(daemons) < MAX_ASKERS:  # decode daemons of a cluster; a flood of names is not kept
+            daemons.add(msg.src)
         self._send(msg.src, reply)
 
     # --- client role ---------------------------------------------------------------------------
@@ -126,24 +172,38 @@ class Directory:
         self._learn((msg.src, msg.engine_id), msg)
 
     def _learn(self, key: tuple[str, str], msg: wp.EngineInfo) -> None:
+        """Keep the newest answer about an engine: ready, in conflict, or neither (what was
+        cached before is stale: the engine changed)."""
+        self._refused.pop(key, None)
         if msg.ready:
             self._info[key] = msg
-        elif msg.conflict:
-            self._refused[key] = msg.error
         else:
-            return
+            self._info.pop(key, None)
+            if msg.conflict:
+                self._refused[key] = (msg.error, self._now())
+            else:
+                return
         event = self._changed.pop(key, None)
         if event is not None:
             event.set()
+
+    def _cached(self, key: tuple[str, str]) -> wp.EngineInfo | None:
+        """A cached answer, if the directory daemon is known to be the same incarnation still."""
+        info = self._info.get(key)
+        if info is not None and not self.current(key[0], self.config.heartbeat_timeout_s):
+            del self._info[key]  # idle for a while: it may have restarted; ask again
+            return None
+        return info
 
     async def engine_info(self, bootstrap: str, engine_id: str, deadline: float | None) -> wp.EngineInfo:
         """Topology of a prefill engine once every rank is registered with its directory."""
         key = (bootstrap, engine_id)
         while True:
-            if key in self._info:
-                return self._info[key]
-            if key in self._refused:
-                raise LayoutConflict(self._refused[key])
+            if (info := self._cached(key)) is not None:
+                return info
+            refused = self._refused.get(key)
+            if refused is not None and self._now() - refused[1] < REQUERY_S:
+                raise LayoutConflict(refused[0])
             if bootstrap == self.address:
                 self._learn(key, self.engine_info_reply(engine_id))
                 if key in self._info or key in self._refused:
@@ -157,17 +217,26 @@ class Directory:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), REQUERY_S if left is None else min(left, REQUERY_S))
 
-    async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str, deadline: float | None) -> bool:
-        """Announce a decode pool to a sender daemon once; True if both sides will stage."""
+    async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str,
+                            deadline: float | None) -> PoolAccepted:
+        """Announce a decode pool to a sender daemon once, naming the receive session meant for
+        that daemon alone (revoking it is the write fence); what the sender agreed to."""
         key = (daemon, pool.key, engine_id)
         fut = self._announced.get(key)
+        if fut is not None and fut.done() and not self.current(daemon, self.config.heartbeat_timeout_s):
+            fut = None  # not heard from lately: it may have restarted and forgotten the pool
         if fut is None or (fut.done() and fut.exception() is not None):
             fut = asyncio.get_running_loop().create_future()
             self._announced[key] = fut
             stage = self.registry.staging_pool(pool)
+            try:
+                session = await self._receive_session(daemon)
+            except Exception:
+                self._announced.pop(key, None)
+                raise
             self._send(daemon, wp.PoolAnnounce(
                 pool_key=pool.key, layout=pool.layout.to_dict(), buffers=list(pool.buffers),
-                session_id=self._transport().session_id, prefill_engine_id=engine_id,
+                session_id=session, prefill_engine_id=engine_id,
                 staging_base=stage.base if stage else 0, staging_bytes=stage.recv_bytes if stage else 0))
         timeout = max(0.1, deadline - self._now()) if deadline is not None else None
         try:
@@ -175,7 +244,9 @@ class Directory:
         except TimeoutError:
             self._announced.pop(key, None)
             raise TimeoutError(f"prefill daemon {daemon} did not accept pool {pool.key}") from None
-        return self.registry.staging_pool(pool) is not None and self._peer_staging.get((daemon, pool.key), False)
+        accepted = self._accepted.get((daemon, pool.key), PoolAccepted(False))
+        return PoolAccepted(accepted.staging and self.registry.staging_pool(pool) is not None,
+                            accepted.send_ring_bytes)
 
     def on_pool_announce(self, msg: wp.PoolAnnounce) -> None:
         error = ""
@@ -198,13 +269,14 @@ class Directory:
             self._count_error("layout")
             error = str(exc)
         staging = not error and self.config.staging_enabled and msg.staging_bytes > 0 and bool(self.registry.staging)
-        self._send(msg.src, wp.PoolAck(pool_key=msg.pool_key, ok=not error, error=error, staging=staging))
+        self._send(msg.src, wp.PoolAck(pool_key=msg.pool_key, ok=not error, error=error, staging=staging,
+                                       send_ring_bytes=self.registry.send_ring_bytes()))
 
     def on_pool_ack(self, msg: wp.PoolAck) -> None:
         for (daemon, pool_key, _), fut in self._announced.items():
             if daemon == msg.src and pool_key == msg.pool_key and not fut.done():
                 if msg.ok:
-                    self._peer_staging[(daemon, pool_key)] = msg.staging
+                    self._accepted[(daemon, pool_key)] = PoolAccepted(msg.staging, msg.send_ring_bytes)
                     fut.set_result(True)
                 else:
                     fut.set_exception(PoolRefused(msg.error))
@@ -215,6 +287,28 @@ class Directory:
         self._info = {k: v for k, v in self._info.items() if k[0] != peer}
         self._refused = {k: v for k, v in self._refused.items() if k[0] != peer}
         self._announced = {k: v for k, v in self._announced.items() if k[0] != peer}
+
+    def peer_restarted(self, peer: str) -> None:
+        """``peer`` is a new incarnation: drop everything its old one told us, in both roles
+        (the ranks it served here, the pools it announced, what we learnt from it)."""
+        self.peer_dead(peer)
+        self._accepted = {k: v for k, v in self._accepted.items() if k[0] != peer}
+        for engine in [e for e, ranks in self.ranks.items() if any(d == peer for _, d in ranks.values())]:
+            ranks = self.ranks[engine]
+            for rank in [r for r, (_, d) in ranks.items() if d == peer]:
+                del ranks[rank]
+                self._rank_pool.pop((engine, rank), None)
+            log.info("ranks_forgotten", engine=engine, daemon=peer, reason="restarted")
+            if not ranks:
+                del self.ranks[engine]
+            self._engine_changed(engine)
+        for told in self._told.values():
+            told.discard(peer)
+        dropped = [k for k, pool in self.registry.remote_pools.items() if pool.daemon == peer]
+        for key in dropped:
+            del self.registry.remote_pools[key]
+        if dropped:
+            log.info("remote_pools_forgotten", daemon=peer, pools=len(dropped), reason="restarted")
 
 
 __all__ = ["Directory", "REQUERY_S"]

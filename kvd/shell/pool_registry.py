@@ -65,6 +65,10 @@ class PoolRegistry:
             self._kernels = KernelRunner(self.config.staging_kernel_threads)
         return self._kernels
 
+    def send_ring_bytes(self) -> int:
+        """The smallest send ring of this daemon's staging pools (0: no staging)."""
+        return min((stage.send_capacity for stage in self.staging.values()), default=0)
+
     def kernel_seconds(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in (self._kernels.busy_s.items() if self._kernels else ())}
 

@@ -9,6 +9,7 @@ Nothing here does I/O.
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kvd.core.config import Config
@@ -38,6 +39,14 @@ class PoolRefused(LayoutError):
     """A sender daemon refused this decode pool (layouts that cannot be paired); names both."""
 
 
+@dataclass(frozen=True)
+class PoolAccepted:
+    """A sender daemon's answer to a pool announce."""
+
+    staging: bool  # both sides will take the staged path for this pool
+    send_ring_bytes: int = 0  # the sender's send ring: a staged block must fit (0: unknown)
+
+
 class PoolLookup(Protocol):
     """The pools a side may touch: this daemon's prefill ranks and the decode pools peers announced."""
 
@@ -53,8 +62,8 @@ class Bootstrap(Protocol):
         ...
 
     async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str,
-                            deadline: float | None) -> bool:
-        """Announce a decode pool to a sender daemon once; True if both sides will stage."""
+                            deadline: float | None) -> PoolAccepted:
+        """Announce a decode pool to a sender daemon once; what the sender agreed to."""
         ...
 
 
@@ -83,6 +92,9 @@ class RoomContext(Protocol):
         """A decode room succeeded after ``seconds`` with ``nbytes`` received."""
     def staging_pool(self, pool: LocalPool) -> StagingPool | None: ...
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
+    async def revoke_peer(self, peer: str, reason: str) -> None:
+        """Close ``peer``'s receive session: once this returns, no write from it can land here."""
+        ...
 
 
-__all__ = ["RoomContext", "PoolLookup", "Bootstrap", "EngineNotReady", "LayoutConflict", "PoolRefused"]
+__all__ = ["RoomContext", "PoolLookup", "Bootstrap", "PoolAccepted", "EngineNotReady", "LayoutConflict", "PoolRefused"]

@@ -11,6 +11,7 @@ The staged pipeline lives in :mod:`kvd.sides.staged_recv`.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import Counter
 
@@ -46,6 +47,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         super().__init__(ctx)
         self._by_transfer: dict[int, ReceiverRoom] = {}
         self.paths: Counter[TransferPath] = Counter()  # rooms started, by path
+        self._fencing: set[str] = set()  # peers whose receive session is being revoked
         self.staged_path = StagedReceiver(ctx, self)
 
     def handlers(self) -> dict[type, object]:
@@ -59,7 +61,9 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             raise RoomError(f"room {msg.room} is still in flight on this pool (state "
                             f"{self.rooms[key].machine.state.value}); wait for its release")
         c = self.ctx.config
-        waiting = msg.timeout_s if msg.timeout_s > 0 else c.waiting_timeout_s
+        # An engine's timeout may shorten the room's wait, never lengthen it past the configured
+        # maximum (inf, nan, 0 or negative: the configured value).
+        waiting = min(msg.timeout_s, c.waiting_timeout_s) if 0 < msg.timeout_s < math.inf else c.waiting_timeout_s
         deadlines = Deadlines(min(c.bootstrap_timeout_s, waiting), waiting, c.transfer_timeout_s)
         layout = pool.layout
         per_index = layout.token_bytes if msg.enable_hisparse else layout.page_bytes
@@ -87,12 +91,11 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             for s in mapping.notified_senders(local.tp_rank):
                 rr.senders[s] = SenderLink(s, info.daemons[s], dummy=s not in required)
             rr.tracker = CompletionTracker(required)
-            willing = True
-            for daemon in sorted(rr.peers()):
-                willing &= await self.ctx.bootstrap.announce_pool(daemon, rr.pool, rr.prefill_engine_id,
-                                                                  rr.machine.deadline)
-            if willing and not staging_applies(layouts[0], local, hisparse=rr.hisparse):
-                rr.staged = self.staged_path.plan(rr, mapping)
+            answers = [await self.ctx.bootstrap.announce_pool(daemon, rr.pool, rr.prefill_engine_id,
+                                                              rr.machine.deadline) for daemon in sorted(rr.peers())]
+            if all(a.staging for a in answers) and not staging_applies(layouts[0], local, hisparse=rr.hisparse):
+                rings = [a.send_ring_bytes for a in answers if a.send_ring_bytes > 0]
+                rr.staged = self.staged_path.plan(rr, mapping, min(rings) if rings else 0)
         except (LayoutError, PlanError) as exc:
             self.ctx.count_error("layout")
             self.fail(rr, str(exc))
@@ -114,7 +117,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                 enable_hisparse=rr.hisparse,
                 chunk_tokens=st.ledger.geometry.chunk_tokens if st is not None and staged else 0,
                 writer=st.ledger.writer_index(link.rank) if st is not None and staged else 0,
-                writers=len(st.writers) if st is not None and staged else 0))
+                writers=len(st.writers) if st is not None and staged else 0, confirms=True))
         self.transition(rr, RoomInput.BOOTSTRAPPED)
         self.paths[rr.path] += 1
         if st is not None:
@@ -127,7 +130,15 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             return  # every sender finished; the last scatters are still running
         self.transition(rr, RoomInput.COMPLETED)
         self.ctx.observe_room(self.ctx.now() - rr.machine.created_at, rr.bytes_done)
+        self._send_outcomes(rr, ok=True, reason="")
         self.maybe_release(rr)
+
+    def _send_outcomes(self, rr: ReceiverRoom, *, ok: bool, reason: str) -> None:
+        """The receiver's verdict to every sender rank: a prefill engine hears success only from here."""
+        for link in rr.senders.values():
+            self.ctx.send_peer(link.daemon, wp.RoomOutcome(room=rr.room, transfer_id=rr.transfer_id,
+                                                           pool_key=rr.pool.key, sender_rank=link.rank, ok=ok,
+                                                           reason=reason))
 
     # --- peer messages ------------------------------------------------------------------
     def lookup(self, transfer_id: int, pool_key: str, room: int) -> ReceiverRoom | None:
@@ -207,28 +218,52 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             self._tell(rr)  # success is told once, by the release that follows at once
 
     def after_fail(self, rr: ReceiverRoom, reason: str) -> None:
+        rr.failed_at = self.ctx.now()
         self._tell(rr)
         for link in rr.senders.values():
             if not link.final and not link.dummy:
                 self.ctx.send_peer(link.daemon, wp.AbortTransfer(
                     room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key, sender_rank=link.rank,
                     reason=reason))
+        self._send_outcomes(rr, ok=False, reason=reason)
 
-    def _may_still_write(self, rr: ReceiverRoom, now: float) -> list[int]:
+    def _may_still_write(self, rr: ReceiverRoom) -> list[int]:
         """Sender ranks whose writes into this room's pages could still land."""
         if rr.machine.state is RoomState.SUCCESS:
             return []
-        fence_over = rr.dead_since is not None and now - rr.dead_since >= self.ctx.config.abort_fence_s
-        writers = [s.rank for s in rr.senders.values()
-                   if not (s.dummy or s.final or s.acked or fence_over)]
+        writers = [s.rank for s in rr.senders.values() if s.may_write]
         if rr.staged is not None and rr.staged.scattering:
             writers.append(-1)  # this daemon's own scatter into the pages
         return writers
 
+    # --- the write fence ---------------------------------------------------------------------
+    def fence_peer(self, peer: str, reason: str) -> None:
+        """Revoke ``peer``'s receive session, then release every room only it could still write.
+
+        Bounded and safe: the room's pages go back to the engine only once the receiving end
+        refuses the peer's writes, whatever the peer does later (a stall, a partition that heals)."""
+        if peer in self._fencing:
+            return
+        self._fencing.add(peer)
+        self.ctx.spawn(self._fence(peer, reason), f"fence-peer-{peer}")
+
+    async def _fence(self, peer: str, reason: str) -> None:
+        try:
+            await self.ctx.revoke_peer(peer, reason)
+        finally:
+            self._fencing.discard(peer)
+        for rr in list(self.rooms.values()):
+            hit = [link for link in rr.senders.values() if link.daemon == peer and link.may_write]
+            for link in hit:
+                link.revoked = True
+            if hit and not rr.machine.state.final:
+                self.fail(rr, f"prefill daemon {peer} was fenced off: {reason}")
+            self.maybe_release(rr)
+
     def maybe_release(self, rr: ReceiverRoom) -> None:
         if rr.released or not rr.machine.state.final:
             return
-        if self._may_still_write(rr, self.ctx.now()):
+        if self._may_still_write(rr):
             return
         rr.released = True
         if self.rooms.get((rr.pool.pool_id, rr.room)) is rr:
@@ -246,14 +281,22 @@ class ReceiverSide(SideBase[ReceiverRoom]):
 
     # --- housekeeping -------------------------------------------------------------------
     def tick(self, rr: ReceiverRoom, now: float) -> None:
-        if rr.machine.state.final:
-            self.maybe_release(rr)
+        if not rr.machine.state.final:
+            return
+        self.maybe_release(rr)
+        if rr.released or rr.failed_at is None or now - rr.failed_at < self.ctx.config.abort_fence_s:
+            return
+        # A live sender that has not answered the abort within the fence time is fenced off.
+        for peer in sorted({s.daemon for s in rr.senders.values() if s.may_write}):
+            self.fence_peer(peer, f"no abort answer for room {rr.room} within {self.ctx.config.abort_fence_s:g} s")
 
     def uses_peer(self, rr: ReceiverRoom, peer: str) -> bool:
         return peer in rr.peers() or (not rr.senders and peer == rr.bootstrap_addr)
 
-    def peer_lost(self, rr: ReceiverRoom, peer: str, now: float) -> None:
-        rr.dead_since = rr.dead_since or now
+    def peer_dead(self, peer: str, what: str) -> None:
+        super().peer_dead(peer, what)
+        if any(link.daemon == peer and link.may_write for rr in self.rooms.values() for link in rr.senders.values()):
+            self.fence_peer(peer, "stopped answering heartbeats")
 
     def busy_pools(self) -> set[int]:
         return {rr.pool.pool_id for rr in self.rooms.values()}

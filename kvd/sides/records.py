@@ -51,8 +51,10 @@ class ReceiverRequest:
     remote: RemotePool
     slices: tuple[HeadSlice, ...]
     dst_cursor: int = 0  # pages (or HiSparse tokens) of dst_indices already written
+    bytes_written: int = 0  # into this receiver (a sender rank may serve several)
     aborted: bool = False
     reported: bool = False
+    outcome: bool | None = None  # the receiver's verdict (requests with msg.confirms wait for it)
     staged: StagedSend | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # fence of this request's staged writes
 
@@ -115,7 +117,13 @@ class SenderLink:
     dummy: bool
     final: bool = False      # sent a final status: it will write nothing more
     acked: bool = False      # answered our abort
+    revoked: bool = False    # its daemon's receive session was revoked: nothing of it can land
     bytes_written: int = 0
+
+    @property
+    def may_write(self) -> bool:
+        """Whether a write of this sender into the room's pages could still land."""
+        return not (self.dummy or self.final or self.acked or self.revoked)
 
 
 @dataclass
@@ -147,7 +155,7 @@ class ReceiverRoom:
     tracker: CompletionTracker | None = None
     aux: bytes = b""
     released: bool = False
-    dead_since: float | None = None
+    failed_at: float | None = None  # the abort fence runs from here
     path: TransferPath = TransferPath.DIRECT  # decided once, at bootstrap
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # bootstrap, grants: cancelled at release
     staged: StagedReceive | None = None

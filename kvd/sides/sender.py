@@ -46,12 +46,13 @@ class SenderSide(SideBase[SenderRoom]):
         # dropped. Per rank: every sender rank of a room shares the transfer id, and a replica's
         # dummy request may arrive after the real sender has finished.
         self._ended: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._requests: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
         self.staged_path = StagedSender(ctx, self)
 
     def handlers(self) -> dict[type, object]:
         """Peer messages this side handles (the daemon routes them here)."""
         return {wp.TransferRequest: self.on_request, wp.AbortTransfer: self.on_abort,
-                wp.StagingGrant: self.staged_path.on_grant}
+                wp.StagingGrant: self.staged_path.on_grant, wp.RoomOutcome: self.on_outcome}
 
     def _deadlines(self) -> Deadlines:
         c = self.ctx.config
@@ -115,6 +116,7 @@ class SenderSide(SideBase[SenderRoom]):
             self.fail(sr, f"receiver {rkey} asked twice for room {msg.room}")
             return
         sr.requests[rkey] = req
+        self._requests[(msg.transfer_id, msg.sender_rank)] = (sr, req)
         if not req.dummy:
             sr.path = TransferPath.of_request(hisparse=msg.enable_hisparse, chunk_tokens=msg.chunk_tokens)
         if req.staged is not None:
@@ -174,6 +176,20 @@ class SenderSide(SideBase[SenderRoom]):
         self.ctx.send_peer(msg.src, wp.AbortAck(room=msg.room, transfer_id=msg.transfer_id,
                                                 pool_key=msg.pool_key, sender_rank=msg.sender_rank))
 
+    def on_outcome(self, msg: wp.RoomOutcome) -> None:
+        """The receiver's verdict: success completes a room whose writes are done; failure fails it."""
+        found = self._requests.get((msg.transfer_id, msg.sender_rank))
+        if found is None or found[1].msg.src != msg.src or found[1].msg.pool_key != msg.pool_key:
+            self.ctx.count_error("stale_message")
+            return
+        sr, req = found
+        req.outcome = msg.ok
+        if not msg.ok:
+            req.aborted = True  # the receiver has given up on this room: nothing more to it
+            self.fail(sr, f"receiver failed the room: {msg.reason or 'failed'}")
+        else:
+            self.maybe_complete(sr)
+
     def abort_from_engine(self, pool: LocalPool, room: int, reason: str) -> None:
         sr = self.rooms.get((pool.pool_id, room))
         if sr is not None:
@@ -216,7 +232,8 @@ class SenderSide(SideBase[SenderRoom]):
         result = await self.ctx.transport.write(req.remote.session_id, ops.src, ops.dst, ops.length)
         self.ctx.observe_batch(result)
         sr.bytes_done += result.nbytes
-        self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=False, nbytes=sr.bytes_done))
+        req.bytes_written += result.nbytes
+        self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=False))
 
     def _plan_chunk(self, sr: SenderRoom, chunk: Chunk) -> list[tuple[ReceiverRequest, WriteOps]]:
         """Write ops of one chunk for every live receiver, bounds-checked on both sides."""
@@ -256,16 +273,20 @@ class SenderSide(SideBase[SenderRoom]):
 
     # --- endings ------------------------------------------------------------------------
     def maybe_complete(self, sr: SenderRoom) -> None:
+        """Report each receiver once every write is done; complete once every receiver that
+        confirms has said success (an older receiver's request does not wait)."""
         if sr.machine.state.final or not sr.direct_done:
             return
-        if all(r.staged is None or r.staged.done or r.aborted for r in sr.requests.values()):
-            for req in sr.requests.values():
-                if not req.aborted:
-                    req.reported = True
-                    self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=True, aux=sr.aux,
-                                                                 nbytes=sr.bytes_done))
-            self.transition(sr, RoomInput.COMPLETED)
-            self._finish(sr)
+        if not all(r.staged is None or r.staged.done or r.aborted for r in sr.requests.values()):
+            return
+        for req in sr.requests.values():
+            if not req.aborted and not req.reported:
+                req.reported = True
+                self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=True, aux=sr.aux))
+        if any(r.msg.confirms and r.outcome is None and not r.aborted for r in sr.requests.values()):
+            return  # written; the receivers' verdicts decide what the engine hears
+        self.transition(sr, RoomInput.COMPLETED)
+        self._finish(sr)
 
     def after_fail(self, sr: SenderRoom, reason: str) -> None:
         # Tell receivers only once no batch of this room is in flight.
@@ -288,6 +309,8 @@ class SenderSide(SideBase[SenderRoom]):
         for req in sr.requests.values():
             self._remember_ended(req.msg.transfer_id, req.msg.sender_rank)
             self.staged_path.untrack(req)
+            if self._requests.get((req.msg.transfer_id, req.msg.sender_rank), (None, None))[1] is req:
+                del self._requests[(req.msg.transfer_id, req.msg.sender_rank)]
         if self.rooms.get(sr.key) is sr:
             del self.rooms[sr.key]
         if not sr.engine_told:
@@ -295,11 +318,11 @@ class SenderSide(SideBase[SenderRoom]):
             self.ctx.tell_engine(sr.pool, room_event(sr, released=True))
 
     def _status(self, req: ReceiverRequest, *, ok: bool, final: bool, reason: str = "",
-                aux: bytes = b"", nbytes: int = 0) -> wp.TransferStatus:
+                aux: bytes = b"") -> wp.TransferStatus:
         m = req.msg
         return wp.TransferStatus(room=m.room, transfer_id=m.transfer_id, pool_key=m.pool_key,
                                  sender_rank=m.sender_rank, ok=ok, reason=reason, aux=aux,
-                                 bytes_written=nbytes, final=final)
+                                 bytes_written=req.bytes_written, final=final)
 
     def _reply_failed(self, msg: wp.TransferRequest, reason: str) -> None:
         self.ctx.send_peer(msg.src, wp.TransferStatus(

@@ -39,18 +39,28 @@ class StagedReceiver:
         self.ctx = ctx
         self.side = side
 
-    def plan(self, rr: ReceiverRoom, mapping: TpMapping) -> StagedReceive | None:
-        """Chunk plan of a staged room, or None (per-slice) when staging cannot express it."""
+    def plan(self, rr: ReceiverRoom, mapping: TpMapping, send_ring_bytes: int = 0) -> StagedReceive | None:
+        """Chunk plan of a staged room, or None (per-slice) when staging cannot express it.
+
+        A chunk's region holds one block per writer, and each sender gathers its block into its
+        own send ring: the chunk is sized so that a block fits half the smallest sender's ring
+        (two in flight), as well as half of this daemon's receive ring."""
         stage = self.ctx.staging_pool(rr.pool)
         writers = staged_writers(mapping, rr.pool.layout.tp_rank)
         if stage is None or writers is None or len(rr.dst_indices) == 0:
             return None
         local, c = rr.pool.layout, self.ctx.config
-        geometry = plan_chunks(len(rr.dst_indices) * local.page_size,
-                               block_bytes_per_token(local, writers[0].num_heads), len(writers),
-                               max_tokens=c.staging_chunk_tokens,
-                               max_region_bytes=min(c.staging_chunk_bytes, stage.recv_bytes // 2),
-                               page_size=local.page_size)
+        max_region = min(c.staging_chunk_bytes, stage.recv_bytes // 2)
+        if send_ring_bytes > 0:
+            max_region = min(max_region, len(writers) * (send_ring_bytes // 2))
+        try:
+            geometry = plan_chunks(len(rr.dst_indices) * local.page_size,
+                                   block_bytes_per_token(local, writers[0].num_heads), len(writers),
+                                   max_tokens=c.staging_chunk_tokens, max_region_bytes=max_region,
+                                   page_size=local.page_size)
+        except StagingError as exc:  # the rings cannot hold one token: per-slice, never a failed room
+            log.warning("staging_not_possible", room=rr.room, error=str(exc))
+            return None
         return StagedReceive(writers, ChunkLedger(geometry, tuple(w.sender_rank for w in writers)), stage,
                              pages_to_tokens(rr.dst_indices, local.page_size))
 

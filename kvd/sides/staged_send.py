@@ -175,6 +175,7 @@ class StagedSender:
         log.debug("staged_write", room=sr.room, chunk=chunk, rank=req.msg.sender_rank, bytes=result.nbytes,
                   write_s=round(result.seconds, 4))
         sr.bytes_done += result.nbytes
+        req.bytes_written += result.nbytes
         st.chunks_written = chunk + 1
         del st.grants[chunk]
         m = req.msg

@@ -6,9 +6,10 @@ re-exported here, so ``from kvd.transfer.mooncake import TransportError`` (and t
 
 A daemon owns one :class:`MooncakeTransport`: it registers memory once, and
 writes batches of (src, dst, length) into a peer's registered memory. Mooncake's
-calls block, so every one runs on a small thread pool; the event loop only
-awaits futures. Writes are spread over several dispatch queues keyed by the
-peer session, so one slow or dead peer cannot hold up the others.
+calls block, so every one runs on worker threads; the event loop only awaits
+futures. Each peer session has its own workers (per-peer dispatch), so one slow or
+dead peer cannot hold up the others, and Mooncake's transfer timeout is tied to the
+heartbeat window by the daemon.
 
 Never call Mooncake from the event loop thread.
 """
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
+import os
 import time
-import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,11 +31,14 @@ from kvd.transfer.base import BatchResult, Transport, TransportError
 __all__ = ["BatchResult", "MooncakeTransport", "Transport", "TransportError"]
 
 
+MAX_PEER_EXECUTORS = 256
+
+
 class MooncakeTransport:
     """Mooncake TransferEngine with the P2P handshake (no metadata server)."""
 
     def __init__(self, hostname: str, protocol: str = "tcp", devices: str = "", workers: int = 4,
-                 queues: int = 4, max_batch_ops: int = 1024) -> None:
+                 queues: int = 4, max_batch_ops: int = 1024, transfer_timeout_s: float = 0.0) -> None:
         try:
             from mooncake.engine import TransferEngine
         except ImportError as exc:  # pragma: no cover - install problem
@@ -40,6 +46,10 @@ class MooncakeTransport:
                 "the Mooncake transfer engine is not installed: pip install "
                 "mooncake-transfer-engine-non-cuda (CPU), mooncake-transfer-engine (CUDA 12) "
                 f"or mooncake-transfer-engine-cuda13 ({exc})") from exc
+        if transfer_timeout_s > 0:
+            # Mooncake reads its transfer timeout from the environment when an engine starts: a
+            # batch to a stalled peer gives up within the heartbeat window, not after 30 s.
+            os.environ["MC_TRANSFER_TIMEOUT"] = str(max(1, math.ceil(transfer_timeout_s)))
         self._engine = TransferEngine()
         rc = self._engine.initialize(hostname, "P2PHANDSHAKE", protocol, devices)
         if rc != 0:
@@ -49,11 +59,11 @@ class MooncakeTransport:
         self.devices = devices or ("auto" if protocol == "rdma" else "-")
         self.session_id = f"{hostname}:{self._engine.get_rpc_port()}"
         self.max_batch_ops = max_batch_ops
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(workers, queues),
-                                                           thread_name_prefix="kvd-mooncake")
-        # One semaphore per dispatch queue: at most `per_queue` batches of that queue in flight.
-        per_queue = max(2, workers // max(1, queues))
-        self._queues = [asyncio.Semaphore(per_queue) for _ in range(max(1, queues))]
+        # Per-peer dispatch: each peer session gets its own few worker threads, so a stalled or
+        # dead peer holds only its own threads (until Mooncake's transfer timeout), never the
+        # batches of healthy peers. Idle executors beyond MAX_PEER_EXECUTORS are closed.
+        self._per_peer = max(2, workers // max(1, queues))
+        self._executors: OrderedDict[str, concurrent.futures.ThreadPoolExecutor] = OrderedDict()
         self._registered: dict[int, int] = {}
 
     # --- memory -----------------------------------------------------------------------------
@@ -78,8 +88,17 @@ class MooncakeTransport:
         return sorted(self._registered.items())
 
     # --- data -------------------------------------------------------------------------------
-    def queue_for(self, peer_session: str) -> int:
-        return zlib.crc32(peer_session.encode()) % len(self._queues)
+    def _executor(self, peer_session: str) -> concurrent.futures.ThreadPoolExecutor:
+        ex = self._executors.get(peer_session)
+        if ex is None:
+            ex = concurrent.futures.ThreadPoolExecutor(self._per_peer, thread_name_prefix="kvd-mooncake")
+            self._executors[peer_session] = ex
+            while len(self._executors) > MAX_PEER_EXECUTORS:
+                _, old = self._executors.popitem(last=False)
+                old.shutdown(wait=False)  # running batches finish; nothing new is queued there
+        else:
+            self._executors.move_to_end(peer_session)
+        return ex
 
     def _write_blocking(self, peer_session: str, src: list[int], dst: list[int],
                         length: list[int]) -> tuple[int, float]:
@@ -98,8 +117,7 @@ class MooncakeTransport:
             return BatchResult(0, 0, 0.0)
         loop = asyncio.get_running_loop()
         args = (peer_session, src.tolist(), dst.tolist(), length.tolist())
-        async with self._queues[self.queue_for(peer_session)]:
-            rc, seconds = await loop.run_in_executor(self._pool, self._write_blocking, *args)
+        rc, seconds = await loop.run_in_executor(self._executor(peer_session), self._write_blocking, *args)
         if rc != 0:
             raise TransportError(f"Mooncake write of {len(src)} ops to {peer_session} failed (rc {rc})")
         return BatchResult(int(length.sum()), len(src), seconds)
@@ -113,9 +131,14 @@ class MooncakeTransport:
         return BatchResult(int(sum(length)), len(src), seconds)
 
     def close(self) -> None:
+        """Unregister everything, stop the workers and destroy the engine (its server sockets
+        close and its threads are joined: ~1 s, so never on the event loop)."""
         for addr in list(self._registered):
             self.unregister(addr)
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        for ex in self._executors.values():
+            ex.shutdown(wait=True, cancel_futures=False)
+        self._executors.clear()
+        self._engine = None
 
 
 def _conforms(transport: MooncakeTransport) -> Transport:  # checked by mypy: MooncakeTransport is a Transport

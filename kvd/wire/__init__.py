@@ -35,6 +35,7 @@ from kvd.wire.peer import (
     AbortAck,
     AbortTransfer,
     ChunkWritten,
+    RoomOutcome,
     EngineInfo,
     EngineQuery,
     Heartbeat,
@@ -56,7 +57,7 @@ __all__ = [
     "decode", "encode", "field_names", "frame", "message_types", "stamped", "wire",
     "AbortRoom", "ErrorReply", "Ok", "PollRoom", "PoolRegistered", "RecvRoom", "RegisterPool",
     "RoomEvent", "SendChunk", "StatusReply", "StatusRequest",
-    "AbortAck", "AbortTransfer", "ChunkWritten", "EngineInfo", "EngineQuery", "Heartbeat",
+    "AbortAck", "AbortTransfer", "ChunkWritten", "RoomOutcome", "EngineInfo", "EngineQuery", "Heartbeat",
     "HeartbeatAck", "PoolAck", "PoolAnnounce", "RankAnnounce", "StagingGrant", "TransferRequest",
     "TransferStatus",
 ]

@@ -30,6 +30,16 @@ class FrameBuffer:
 
     def feed(self, data: bytes) -> None:
         self._buf += data
+        if len(self._buf) >= _LEN.size:  # refuse an oversized frame before buffering more of it
+            (size,) = _LEN.unpack_from(self._buf)
+            if size > self._max:
+                self._buf.clear()
+                raise ProtocolError(f"frame of {size} bytes exceeds the {self._max}-byte limit")
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a frame that has started arriving (0: between frames)."""
+        return len(self._buf)
 
     def next_payload(self) -> bytes | None:
         """The next whole payload, or None until more bytes arrive; ProtocolError on a frame

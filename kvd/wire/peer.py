@@ -5,6 +5,12 @@ can be routed) and ``token`` (the shared auth token). Both are required on the w
 always were, but default to "" in Python: call sites build a message without them and the peer
 hub stamps them once, with :func:`stamped`, just before it encodes.
 
+Every peer message ends with ``incarnation`` (appended in revision 2): a random id the sending
+daemon draws at each start. A daemon restarted on the same address is a new incarnation, and
+its peers drop what the old one told them (announced pools, directory entries, cached engine
+topology) instead of trusting it. An older peer sends "" (unknown: nothing is dropped). The hub
+stamps it too. Fields a message gains later go *after* it.
+
 Declarations only: each class is a frozen dataclass whose annotations are its wire fields, in
 wire order; append new fields at the end with ``wire(default, since=PROTOCOL_VERSION)``. TYPE
 numbers are forever. This module never touches a socket, asyncio, zmq or torch.
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvd.wire.codec import Message
 from kvd.wire.fields import Indices, Map, wire
@@ -31,9 +37,13 @@ class PeerMessage(Message):
 P = TypeVar("P", bound=PeerMessage)
 
 
-def stamped(msg: P, src: str, token: str) -> P:
-    """``msg`` from daemon ``src`` with auth ``token``: what the peer hub sends."""
-    return dataclasses.replace(msg, src=src, token=token)
+def stamped(msg: P, src: str, token: str, incarnation: str = "") -> P:
+    """``msg`` from daemon ``src`` (started as ``incarnation``) with auth ``token``: what the
+    peer hub sends."""
+    changes: dict[str, Any] = {"src": src, "token": token}
+    if incarnation:
+        changes["incarnation"] = incarnation  # every concrete peer message declares it
+    return dataclasses.replace(msg, **changes)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -42,6 +52,7 @@ class Heartbeat(PeerMessage):
 
     TYPE = 32
     nonce: int
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -50,6 +61,7 @@ class HeartbeatAck(PeerMessage):
 
     TYPE = 33
     nonce: int
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -58,6 +70,11 @@ class RankAnnounce(PeerMessage):
 
     TYPE = 34
     layout: Map
+    # The announced rank's pool (a withdraw names it, so a newer registration of the rank stays).
+    pool_key: str = wire("", since=2)
+    # The rank's pool is gone: the directory forgets the rank (an older directory ignores it).
+    withdraw: bool = wire(False, since=2)
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -66,6 +83,7 @@ class EngineQuery(PeerMessage):
 
     TYPE = 35
     engine_id: str
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -83,6 +101,7 @@ class EngineInfo(PeerMessage):
     # The ranks disagree on the layout: the asker's rooms fail at once (an older directory
     # leaves it False; its rooms then fail at their deadline).
     conflict: bool = wire(False, since=2)
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -99,6 +118,7 @@ class PoolAnnounce(PeerMessage):
     prefill_engine_id: str
     staging_base: int = wire(0, since=2)
     staging_bytes: int = wire(0, since=2)
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -111,6 +131,10 @@ class PoolAck(PeerMessage):
     ok: bool
     error: str = ""
     staging: bool = wire(False, since=2)
+    # Bytes of the prefill daemon's send ring: a staged chunk's block must fit in it (0: an
+    # older peer, whose ring is assumed to hold the receiver's chunks as it always did).
+    send_ring_bytes: int = wire(0, since=2)
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -136,6 +160,10 @@ class TransferRequest(PeerMessage):
     chunk_tokens: int = wire(0, since=2)
     writer: int = wire(0, since=2)
     writers: int = wire(0, since=2)
+    # The receiver will send a RoomOutcome: the sender tells its engine success only on a
+    # successful outcome (an older receiver leaves it False: the sender's own view decides).
+    confirms: bool = wire(False, since=2)
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -153,6 +181,7 @@ class TransferStatus(PeerMessage):
     aux: bytes = b""
     bytes_written: int = 0
     final: bool = True
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -165,6 +194,7 @@ class AbortTransfer(PeerMessage):
     pool_key: str
     sender_rank: int
     reason: str = ""
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -176,6 +206,7 @@ class AbortAck(PeerMessage):
     transfer_id: int
     pool_key: str
     sender_rank: int
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -190,6 +221,7 @@ class StagingGrant(PeerMessage):
     sender_rank: int
     chunk: int
     offset: int
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -203,12 +235,28 @@ class ChunkWritten(PeerMessage):
     sender_rank: int
     chunk: int
     nbytes: int
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class RoomOutcome(PeerMessage):
+    """Decode -> prefill, once per sender rank when a room ends: the receiver's verdict, so the
+    prefill engine never hears success for a room its receiver failed."""
+
+    TYPE = 45
+    room: int
+    transfer_id: int
+    pool_key: str
+    sender_rank: int
+    ok: bool
+    reason: str = ""
+    incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
 
 
 PEER_MESSAGES = (Heartbeat, HeartbeatAck, RankAnnounce, EngineQuery, EngineInfo, PoolAnnounce,
                  PoolAck, TransferRequest, TransferStatus, AbortTransfer, AbortAck, StagingGrant,
-                 ChunkWritten)
+                 ChunkWritten, RoomOutcome)
 
 __all__ = ["PEER_MESSAGES", "AbortAck", "AbortTransfer", "ChunkWritten", "EngineInfo", "EngineQuery",
-           "Heartbeat", "HeartbeatAck", "PeerMessage", "PoolAck", "PoolAnnounce", "RankAnnounce",
+           "Heartbeat", "HeartbeatAck", "PeerMessage", "PoolAck", "PoolAnnounce", "RankAnnounce", "RoomOutcome",
            "StagingGrant", "TransferRequest", "TransferStatus", "stamped"]

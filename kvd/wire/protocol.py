@@ -28,6 +28,7 @@ from kvd.wire.peer import (
     AbortAck,
     AbortTransfer,
     ChunkWritten,
+    RoomOutcome,
     EngineInfo,
     EngineQuery,
     Heartbeat,
@@ -48,4 +49,5 @@ __all__ = [
     "Heartbeat", "HeartbeatAck", "RankAnnounce", "EngineQuery", "EngineInfo", "PoolAnnounce",
     "PoolAck", "TransferRequest", "TransferStatus", "AbortTransfer", "AbortAck", "StagingGrant",
     "ChunkWritten",
+    "RoomOutcome",
 ]

@@ -30,7 +30,7 @@ from kvd.core.layout import PoolLayout
 from kvd.core.rooms import RoomState
 from kvd.mem.memory import OpenedPool
 from kvd.mem.pools import LocalPool, RemotePool
-from kvd.sides.context import EngineNotReady
+from kvd.sides.context import EngineNotReady, PoolAccepted
 from kvd.sides.receiver import ReceiverSide
 from kvd.sides.sender import SenderSide
 from kvd.sides.tasks import TaskOwner
@@ -92,6 +92,9 @@ class FakeDaemon:
     errors: Counter[str] = field(default_factory=Counter)
     states: list[tuple[str, int, str]] = field(default_factory=list)  # (role, room, state)
     received: int = 0
+    sessions: dict[str, MemcpyTransport] = field(default_factory=dict)  # per-peer receive sessions
+    revoked: list[str] = field(default_factory=list)
+    generation: int = 0
 
     def __post_init__(self) -> None:
         self.pools = self
@@ -166,13 +169,33 @@ class FakeDaemon:
                 raise EngineNotReady(f"prefill engine {engine_id!r} did not become ready")
             await asyncio.sleep(0)
 
-    async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str, deadline: float | None) -> bool:
+    async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str,
+                            deadline: float | None) -> PoolAccepted:
         peer = self.cluster.nodes[daemon]
         stage = self.staging_pool(pool)
-        peer.remote_pools[pool.key] = RemotePool(pool.key, pool.layout, list(pool.buffers), self.address,
+        session = self.receive_session(daemon)
+        peer.remote_pools[pool.key] = RemotePool(pool.key, pool.layout, list(pool.buffers), session,
                                                  self.address, staging_base=stage.base if stage else 0,
                                                  staging_bytes=stage.recv_bytes if stage else 0)
-        return stage is not None and peer._stage is not None
+        return PoolAccepted(stage is not None and peer._stage is not None,
+                            peer._stage.send_capacity if peer._stage is not None else 0)
+
+    def receive_session(self, peer: str) -> str:
+        """A memcpy transport of this daemon's memory that only ``peer`` is told about."""
+        session = self.sessions.get(peer)
+        if session is None:
+            self.generation += 1
+            session = MemcpyTransport(f"{self.address}<-{peer}#{self.generation}", self.cluster.fabric)
+            for addr, length in self._transport.regions():
+                session.register(addr, length)
+            self.sessions[peer] = session
+        return session.session_id
+
+    async def revoke_peer(self, peer: str, reason: str) -> None:
+        session = self.sessions.pop(peer, None)
+        self.revoked.append(peer)
+        if session is not None:
+            session.close()
 
     # --- set-up ---------------------------------------------------------------------------
     def enable_staging(self, nbytes: int = 8 << 20) -> None:

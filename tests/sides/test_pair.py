@@ -235,3 +235,108 @@ async def test_a_sender_rank_reporting_twice_fails_the_room_not_the_side(cluster
     await cluster.settle()
     assert t.decode.errors["bad_peer_message"] >= 1
     assert t.decode.receivers.rooms == {} or all(r.machine.state.final for r in t.decode.receivers.rooms.values())
+
+
+async def test_a_stalled_sender_is_fenced_off_and_no_byte_lands_after_release(cluster):
+    """Defect 1: the sender stalls mid-write (its write held), the room fails at its deadline,
+    the abort is never answered; after the fence time the receiver revokes the sender's receive
+    session and only then releases; the stalled write resumes and lands nothing."""
+    t = Transfer(cluster, 1, 1)
+    t.recv(timeout_s=3.0)
+    await cluster.settle()
+    t.prefill.transport.hold()  # the sender's write is in flight and stays there (a SIGSTOP)
+    cluster.hold = lambda d: isinstance(d.msg, wp.AbortAck)  # and it never answers the abort
+    t.send(chunks=1)
+    await cluster.settle(50)
+    pool, arrays = t.dst[0]
+    cluster.clock.advance(3.5)  # transferring deadline (3 s) passes
+    cluster.expire()
+    await cluster.settle(50)
+    assert t.decode.final_event(pool, 1) is None, "released while the stalled sender could still write"
+    cluster.clock.advance(cluster.config.abort_fence_s + 0.1)
+    cluster.expire()
+    await cluster.settle()
+    ev = t.decode.final_event(pool, 1)
+    assert ev is not None and ev.state == "failed" and ev.released
+    assert t.decode.revoked == [t.prefill.address]
+    arrays.array[:] = 0x5A  # the engine reuses its pages: a sentinel that must survive
+    t.prefill.transport.release()  # the stalled sender resumes
+    await cluster.settle()
+    assert (arrays.array == 0x5A).all(), "bytes of the dead room landed after release"
+    prefill_final = [ev for _, ev in t.prefill.events if ev.released]
+    assert prefill_final and prefill_final[0].state == "failed", "prefill told success for a failed room"
+
+
+async def test_the_prefill_engine_hears_the_receivers_verdict_not_its_own(cluster):
+    """Defect 7: sender rank 0 finished and reported; rank 1 fails; the decode room fails, so
+    rank 0's engine must hear failed, not success."""
+    t = Transfer(cluster, 2, 1)
+    t.recv()
+    await cluster.settle()
+    src1, _ = t.src[1]
+    for pool, _ in t.src[:1]:  # only rank 0's engine produces its chunks
+        t.prefill.senders.on_chunk(pool, we.SendChunk(req_id=1, pool_id=pool.pool_id, room=1, pages=t.src_pages,
+                                                      is_last=True, aux=b"x", page_offset=0))
+    await cluster.settle()
+    assert any(m.final and m.ok and m.sender_rank == 0 for m in cluster.sent(wp.TransferStatus))
+    t.prefill.senders.abort_from_engine(src1, 1, "rank 1 engine gave up")
+    await cluster.settle()
+    decode_ev = t.decode_events()[0]
+    assert decode_ev is not None and decode_ev.state == "failed"
+    states = {pid: ev.state for pid, ev in t.prefill.events if ev.released}
+    assert states == {t.src[0][0].pool_id: "failed", src1.pool_id: "failed"}
+
+
+async def test_staged_chunks_fit_the_smallest_senders_send_ring(cluster):
+    """Defect 8: a sender whose send ring is smaller than the receiver's chunk region; the
+    receiver plans chunks that fit, and the room succeeds."""
+    t = Transfer(cluster, 1, 2, staged=False, pages=24, kv_heads=4)
+    t.prefill.enable_staging(8 * 1024)  # send ring of 2 KiB: a few tokens per block
+    t.decode.enable_staging(1 << 20)
+    for i, (pool, arrays) in enumerate(t.src):  # re-register the pools for the staged path
+        from kvd.mem.stagemem import pool_tensors
+        pool.tensors, pool.device = pool_tensors(pool.layout, arrays.opened()), "cpu"
+        t.src[i] = (pool, arrays)
+    for pool, arrays in t.dst:
+        from kvd.mem.stagemem import pool_tensors
+        pool.tensors, pool.device = pool_tensors(pool.layout, arrays.opened()), "cpu"
+    for reg in (t.prefill._stage, t.decode._stage):
+        assert reg is not None
+    t.prefill.transport.register(t.prefill._stage.base, t.prefill._stage.nbytes)
+    t.decode.transport.register(t.decode._stage.base, t.decode._stage.nbytes)
+    t.recv()
+    await cluster.settle()
+    rooms = list(t.decode.receivers.rooms.values())
+    assert all(rr.staged is not None for rr in rooms)
+    block = max(rr.staged.ledger.geometry.block_bytes(0) for rr in rooms)
+    assert block <= t.prefill._stage.send_capacity // 2
+    t.send(chunks=2)
+    await cluster.settle()
+    assert [ev.state for ev in t.decode_events()] == ["success", "success"]
+    assert t.verify() == []
+
+
+async def test_an_engine_timeout_never_outlives_the_configured_maximum(cluster):
+    """Defect 6: timeout_s = inf (or nan) is clamped to the configured waiting timeout."""
+    t = Transfer(cluster, 1, 1)
+    t.recv(timeout_s=float("inf"))
+    await cluster.settle()
+    rr = next(iter(t.decode.receivers.rooms.values()))
+    assert rr.machine.deadlines.waiting_for_input == cluster.config.waiting_timeout_s
+    cluster.clock.advance(cluster.config.waiting_timeout_s + 0.1)
+    cluster.expire()
+    await cluster.settle()
+    ev = t.decode_events()[0]
+    assert ev is not None and ev.state == "failed"
+
+
+async def test_one_sender_rank_serving_several_receivers_reports_each_its_own_bytes(cluster):
+    """Small defect: with one prefill rank and k decode ranks, bytes_done is per receiver."""
+    t = Transfer(cluster, 1, 4, kv_heads=4)
+    t.recv()
+    await cluster.settle()
+    t.send()
+    await cluster.settle()
+    events = t.decode_events()
+    assert all(ev is not None and ev.state == "success" for ev in events)
+    assert all(ev.bytes_done == ev.bytes_total for ev in events), [(e.bytes_done, e.bytes_total) for e in events]

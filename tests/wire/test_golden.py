@@ -72,6 +72,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
                          offset=1 << 33),
     "ChunkWritten": dict(**_PEER, room=4, transfer_id=99, pool_key="D0/0", sender_rank=1, chunk=2,
                          nbytes=1 << 21),
+    # added after the typed protocol landed (pinned when added)
+    "RoomOutcome": dict(**_PEER, room=4, transfer_id=99, pool_key="D0/0", sender_rank=1, ok=False,
+                        reason="receiver timed out"),
 }
 
 # The fields appended after the first release (``since`` > 1), pinned here so that nobody

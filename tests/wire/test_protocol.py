@@ -77,7 +77,7 @@ def test_staging_messages_round_trip_and_name_bad_fields():
     assert isinstance(back, p.StagingGrant) and (back.chunk, back.offset) == (4, 1 << 33)
     raw = msgpack.unpackb(p.ChunkWritten(src="s", token="t", room=1, transfer_id=2, pool_key="k",
                                          sender_rank=3, chunk=4, nbytes=5).encode())
-    raw[-1] = "five"
+    raw[2 + [f.name for f in p.ChunkWritten.FIELDS].index("nbytes")] = "five"
     with pytest.raises(p.ProtocolError, match="ChunkWritten.nbytes"):
         p.decode(msgpack.packb(raw))
 
