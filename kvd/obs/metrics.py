@@ -122,10 +122,9 @@ class Metrics:
     def add_received(self, nbytes: int) -> None:
         """Count bytes that landed here (writes are one-sided: the receiver learns of them).
 
-        The receiver side calls this with each *growth* of a sender's reported bytes, once per
-        report: a ``ChunkWritten``'s ``nbytes`` (staged path), or a ``TransferStatus``'s
-        ``bytes_written`` less what that sender rank had reported before (direct path), so
-        ``kvd_bytes_total{direction="received"}`` matches the senders' ``sent``.
+        The daemon calls this with a receiver room's bytes when the room completes (through
+        ``RoomContext.observe_room``): the counter moves once per successful room, and bytes
+        that landed in a room that then failed are not counted.
         """
         if nbytes < 0:
             raise ValueError(f"received bytes must be >= 0, got {nbytes}")
