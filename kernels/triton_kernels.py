@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -30,13 +31,14 @@ import triton.language as tl
 
 from .reference import PoolBuffers, check_args, check_rows
 
-__all__ = ["LaunchConfig", "gather_triton", "is_interpreted", "launch_config", "scatter_triton",
+__all__ = ["LaunchConfig", "copy_ops_triton", "gather_triton", "is_interpreted", "launch_config", "scatter_triton",
            "scatter_writers_triton"]
 
 _UNIT_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 _TABLE_CACHE_SIZE = 256
 _tables: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
 _sm_counts: dict[int, int] = {}
+_copy_hints = True
 
 
 # Triton reads these parameters' annotations itself (tl.constexpr marks compile-time ones); the
@@ -224,3 +226,72 @@ def scatter_writers_triton(staging: torch.Tensor, buffers: Sequence[torch.Tensor
     if len(head_starts) == 0:
         raise ValueError("scatter_writers needs at least one writer")
     _launch(staging, buffers, token_idx, list(head_starts), num_heads, False, config)
+
+
+# --- batched copies (the same-node transport's path for many ops) ------------------------------
+@triton.jit
+def _copy_pieces_kernel(  # type: ignore[no-untyped-def]
+    src_table,  # *i64 [P]: byte address of each piece's source
+    dst_table,  # *i64 [P]: byte address of each piece's destination
+    len_table,  # *i64 [P]: units in each piece (<= PIECE)
+    like,  # *unit: gives the element type
+    PIECE: tl.constexpr,  # most units of one piece (power of two)
+    ALIGN: tl.constexpr,  # bytes every address is a multiple of
+):
+    pid = tl.program_id(0)
+    n = tl.load(len_table + pid)
+    src = tl.load(src_table + pid).to(tl.pointer_type(like.dtype.element_ty))
+    dst = tl.load(dst_table + pid).to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGN > 1:
+        src = tl.multiple_of(src, ALIGN)
+        dst = tl.multiple_of(dst, ALIGN)
+    cols = tl.arange(0, PIECE)
+    mask = cols < n
+    data = tl.load(src + cols, mask=mask, eviction_policy="evict_first")
+    tl.store(dst + cols, data, mask=mask)
+
+
+def copy_ops_triton(src: Sequence[int] | Any, dst: Sequence[int] | Any, length: Sequence[int] | Any,
+                    device: torch.device, piece_bytes: int = 16384) -> int:
+    """Copy ``length[i]`` bytes from device address ``src[i]`` to ``dst[i]`` for every op, in one launch
+    on the current stream (asynchronous). Addresses must be device memory this process can access
+    (its own, or CUDA-IPC-opened). Ops are cut into pieces of at most ``piece_bytes`` so that large
+    and tiny ops alike spread over every SM. Returns the number of pieces launched."""
+    import numpy as np
+
+    s = np.asarray(src, dtype=np.int64)
+    d = np.asarray(dst, dtype=np.int64)
+    n = np.asarray(length, dtype=np.int64)
+    keep = n > 0
+    s, d, n = s[keep], d[keep], n[keep]
+    if n.size == 0:
+        return 0
+    bits = int(np.bitwise_or.reduce(np.concatenate([s, d, n])))
+    align = 16
+    while bits % align:
+        align //= 2
+    unit = min(align, 4)
+    piece = max(unit, min(piece_bytes, triton.next_power_of_2(int(n.max()))))
+    counts = -(-n // piece)
+    op = np.repeat(np.arange(n.size), counts)
+    first = np.cumsum(counts) - counts
+    k = np.arange(op.size) - np.repeat(first, counts)
+    off = k * piece
+    ps, pd = s[op] + off, d[op] + off
+    pn = np.minimum(n[op] - off, piece) // unit
+    table = torch.from_numpy(np.stack([ps, pd, pn])).pin_memory().to(device, non_blocking=True)
+    like = torch.empty(0, dtype=_UNIT_DTYPES[unit], device=device)
+    units = piece // unit
+    global _copy_hints
+    warps = 8 if piece >= 8192 else 4
+    if _copy_hints:
+        try:
+            _copy_pieces_kernel[(op.size,)](table[0], table[1], table[2], like, PIECE=units, ALIGN=align,
+                                            num_warps=warps)
+        except Exception:  # a Triton without alignment hints on scalar pointers: plain accesses
+            _copy_hints = False
+    if not _copy_hints:
+        _copy_pieces_kernel[(op.size,)](table[0], table[1], table[2], like, PIECE=units, ALIGN=1,
+                                        num_warps=warps)
+    table.record_stream(torch.cuda.current_stream(device))
+    return int(op.size)

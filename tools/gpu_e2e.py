@@ -206,6 +206,7 @@ def run(a) -> dict:
              "--staging-prefetch-chunks", str(a.prefetch_chunks)]
     if a.staged:
         flags.insert(0, "--staging-enabled")
+    flags += ["--transport-same-node", a.same_node]
     prefill = start_daemon(tmp, "prefill", *flags)
     decode = start_daemon(tmp, "decode", *flags)
     try:
@@ -222,6 +223,7 @@ def run(a) -> dict:
         for p in procs:
             p.join(60)
         dstat, pstat = decode.status()["daemon"], prefill.status()["daemon"]
+        peer_paths = _peer_paths(prefill.log())
     finally:
         prefill.stop()
         decode.stop()
@@ -233,7 +235,23 @@ def run(a) -> dict:
     return {"ok": all(r.ok for r in reports), "bytes": nbytes, "seconds": seconds,
             "gbps": nbytes / seconds / 1e9 if seconds > 0 else 0.0, "paths": dstat["rooms_by_path"],
             "write_ops": pstat["write_ops_total"], "errors": {**pstat["errors"], **dstat["errors"]},
-            "failures": [(r.role, r.rank, r.error, r.mismatches[:2]) for r in reports if not r.ok], **kern}
+            "failures": [(r.role, r.rank, r.error, r.mismatches[:2]) for r in reports if not r.ok],
+            "peer_paths": peer_paths, **kern}
+
+
+def _peer_paths(log_text: str) -> list[str]:
+    """The prefill daemon's peer_path and same_node_fallback log events (which path each peer got)."""
+    import json
+
+    out = []
+    for line in log_text.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") in ("peer_path", "same_node_fallback"):
+            out.append(f"{ev['event']}: {ev.get('path')} ({ev.get('reason')})")
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -256,6 +274,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--no-staging", dest="staged", action="store_false")
     ap.add_argument("--raw", action="store_true", help="also time a raw GPU->GPU Mooncake bulk write")
+    ap.add_argument("--same-node", default="cuda_ipc", choices=("cuda_ipc", "off"),
+                    help="the daemons' transport.same_node ('off': every peer over the network, TCP here)")
     return ap
 
 
@@ -269,6 +289,8 @@ def main(argv=None) -> int:
           f"{r['write_ops']} write ops, errors {r['errors']}")
     if r["failures"]:
         print("  failures:", r["failures"])
+    for line in r["peer_paths"]:
+        print("  " + line)
     kernel = r["gather_s"] + r["scatter_s"]
     if a.raw:
         raw = raw_gpu_write(min(r["bytes"], 4 << 30))

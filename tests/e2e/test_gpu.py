@@ -70,3 +70,15 @@ def _open_in_child(layout, memory, q) -> None:
     pool = pool_tensors(lay, open_pool(lay, memory))
     q.put([float(b[3, 1, 2].float()) for b in pool.buffers])
     del torch
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp, staged", [(1, 1, True), (4, 1, True), (2, 1, False)])
+def test_gpu_same_node_cuda_ipc_byte_exact(prefill_tp, decode_tp, staged):
+    """Two daemons on one machine: the prefill daemon's writes go over CUDA IPC, not TCP."""
+    from tools.gpu_e2e import run
+
+    r = run(args(prefill_tp=prefill_tp, decode_tp=decode_tp, staged=staged, same_node="cuda_ipc",
+                 tokens=4096 if staged else 512))
+    assert r["ok"], r["failures"]
+    assert any("peer_path: cuda_ipc" in p for p in r["peer_paths"]), r["peer_paths"]
+    assert not any("same_node_fallback" in p for p in r["peer_paths"]), r["peer_paths"]

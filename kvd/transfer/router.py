@@ -1,0 +1,267 @@
+"""Per-peer routing: peers on this machine get GPU copies over CUDA IPC, the others the network.
+
+:class:`SameNodeTransport` wraps the network transport (Mooncake, TCP or RDMA) and has the
+same interface; the room sides do not know it is there. Every region registered with it is
+registered with the network transport too, and, where it is device memory, exported on this
+machine (:mod:`kvd.transfer.cudaipc`). On the first write to a peer session it decides that
+peer's path once:
+
+- ``local``: the peer is this daemon (both pools are ours): device-to-device copies;
+- ``cuda_ipc``: the peer is another daemon on this machine and its regions opened here:
+  copies from our memory straight into its (one pass, no network, no host bounce);
+- ``network``: anything else, with the reason (another machine, no CUDA here, endpoint off...).
+
+A batch on a same-node path whose source or destination is not in opened device memory
+(host pools, a region the peer could not export) goes over the network instead: that is a
+*fallback*, counted per peer with its reason and logged (the first time per reason at
+warning level), never silent. :meth:`paths` returns all of it for ``kvctl status``.
+
+Copies: up to ``memcpy_ops`` ops as ``cuMemcpyAsync`` each, more as one batched Triton
+kernel (``kvd_kernels.copy_ops_triton``); each batch returns once its stream is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from kvd.transfer.base import BatchResult, Transport, TransportError
+from kvd.transfer.cudaipc import ExportedRegion, IpcEndpoint, IpcPeer, cuda, inside
+
+__all__ = ["PeerPath", "SameNodeTransport", "with_endpoint"]
+
+log = structlog.get_logger("kvd.transfer")
+
+
+@dataclass
+class PeerPath:
+    """How one peer session's writes go, and why."""
+
+    path: str  # "local", "cuda_ipc" or "network"
+    reason: str
+    batches: dict[str, int] = field(default_factory=lambda: {"same_node": 0, "network": 0})
+    bytes: dict[str, int] = field(default_factory=lambda: {"same_node": 0, "network": 0})
+    fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> batches sent over the network
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "reason": self.reason, "batches": dict(self.batches), "bytes": dict(self.bytes),
+                "fallbacks": dict(self.fallbacks)}
+
+
+class SameNodeTransport:
+    """:class:`~kvd.transfer.base.Transport` that routes each peer to CUDA IPC copies or the network."""
+
+    def __init__(self, network: Transport, workers: int = 4, memcpy_ops: int = 16) -> None:
+        self.network = network
+        self.session_id = network.session_id
+        self.protocol = network.protocol
+        self.devices = network.devices
+        self.memcpy_ops = memcpy_ops
+        self.disabled = ""  # why no peer can get a same-node path here ("" = they can)
+        self._endpoint: IpcEndpoint | None = None
+        try:
+            import torch  # noqa: F401 - streams and the batched copy kernel need it
+
+            cuda()
+            self._endpoint = IpcEndpoint(self.session_id)
+        except (TransportError, ImportError, OSError) as exc:
+            self.disabled = str(exc)
+        self._registered: dict[int, int] = {}
+        self._device_regions: list[tuple[int, int]] = []  # sorted (addr, length), exported device memory
+        self._not_exported: dict[int, str] = {}
+        self._peers: dict[str, IpcPeer] = {}
+        self._paths: dict[str, PeerPath] = {}
+        self._deciding: dict[str, asyncio.Future[PeerPath]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="kvd-samenode")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    # --- memory -----------------------------------------------------------------------------
+    def register(self, addr: int, length: int) -> None:
+        self.network.register(addr, length)
+        self._registered.setdefault(addr, length)
+        if self._endpoint is None:
+            return
+        exported = self._endpoint.add(addr, length)
+        with self._lock:
+            if isinstance(exported, ExportedRegion):
+                self._device_regions = sorted({*self._device_regions, (addr, length)})
+            else:
+                self._not_exported[addr] = exported
+        if not isinstance(exported, ExportedRegion):
+            log.info("same_node_region_not_exported", addr=hex(addr), bytes=length, reason=exported)
+
+    def regions(self) -> list[tuple[int, int]]:
+        return sorted(self._registered.items())
+
+    def unregister(self, addr: int) -> None:
+        self._registered.pop(addr, None)
+        self.network.unregister(addr)
+        if self._endpoint is not None:
+            self._endpoint.remove(addr)
+        with self._lock:
+            self._device_regions = [r for r in self._device_regions if r[0] != addr]
+            self._not_exported.pop(addr, None)
+
+    # --- routing ------------------------------------------------------------------------------
+    @property
+    def same_node(self) -> str:
+        """'cuda_ipc' when peers on this machine can get the same-node path, else 'off: <reason>'."""
+        return f"off: {self.disabled}" if self.disabled else "cuda_ipc"
+
+    def paths(self) -> dict[str, dict[str, Any]]:
+        """Per peer session: path, reason, batches and bytes by route, fallbacks by reason."""
+        return {peer: p.to_dict() for peer, p in self._paths.items()}
+
+    def _decide_blocking(self, peer_session: str) -> PeerPath:
+        if self.disabled:
+            return PeerPath("network", f"same-node path off on this daemon: {self.disabled}")
+        if peer_session == self.session_id:
+            return PeerPath("local", "the peer is this daemon: device-to-device copies")
+        peer = IpcPeer(peer_session)
+        try:
+            peer.refresh()
+        except TransportError as exc:
+            return PeerPath("network", str(exc))
+        self._peers[peer_session] = peer
+        note = f"; {len(peer.skipped)} region(s) not opened: {peer.skipped[0]}" if peer.skipped else ""
+        return PeerPath("cuda_ipc", f"same machine: {len(peer.starts)} region(s) opened over CUDA IPC{note}")
+
+    async def _path(self, peer_session: str) -> PeerPath:
+        path = self._paths.get(peer_session)
+        if path is not None:
+            return path
+        pending = self._deciding.get(peer_session)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(self._pool, self._decide_blocking, peer_session)
+            self._deciding[peer_session] = pending
+            path = await pending
+            self._paths[peer_session] = path
+            del self._deciding[peer_session]
+            log.info("peer_path", peer=peer_session, path=path.path, reason=path.reason,
+                     network=self.protocol)
+            return path
+        return await pending
+
+    def _fallback(self, peer_session: str, path: PeerPath, reason: str) -> None:
+        first = reason not in path.fallbacks
+        path.fallbacks[reason] = path.fallbacks.get(reason, 0) + 1
+        if first:
+            log.warning("same_node_fallback", peer=peer_session, path=path.path, network=self.protocol,
+                        reason=reason)
+
+    def _destinations(self, peer_session: str, path: PeerPath, dst: np.ndarray,
+                      length: np.ndarray) -> np.ndarray | None:
+        if path.path == "local":
+            return dst if inside(self._device_regions, dst, length) else None
+        peer = self._peers[peer_session]
+        peer.check()  # raises once the peer revoked this session: the batch fails, it never lands
+        mapped = peer.translate(dst, length)
+        if mapped is None:  # a region registered after we looked: read the peer's list again
+            try:
+                peer.refresh()
+            except TransportError:
+                return None
+            mapped = peer.translate(dst, length)
+        return mapped
+
+    async def write(self, peer_session: str, src: np.ndarray, dst: np.ndarray,
+                    length: np.ndarray) -> BatchResult:
+        if len(src) == 0:
+            return BatchResult(0, 0, 0.0)
+        path = await self._path(peer_session)
+        if path.path != "network":
+            s, d, n = (np.asarray(a, dtype=np.int64) for a in (src, dst, length))
+            reason = ""
+            if not inside(self._device_regions, s, n):
+                reason = "source outside this daemon's exported device memory (host memory?)"
+            else:
+                loop = asyncio.get_running_loop()
+                try:
+                    mapped = await loop.run_in_executor(self._pool, self._destinations, peer_session, path, d, n)
+                except TransportError as exc:
+                    raise TransportError(f"same-node write to {peer_session} refused: {exc}") from exc
+                if mapped is None:
+                    reason = f"destination outside the device memory {peer_session} exported (host pool?)"
+                else:
+                    try:
+                        result = await loop.run_in_executor(self._pool, self._copy, s, mapped, n)
+                    except TransportError as exc:
+                        reason = f"CUDA copy failed: {exc}"
+                    else:
+                        path.batches["same_node"] += 1
+                        path.bytes["same_node"] += result.nbytes
+                        return result
+            self._fallback(peer_session, path, reason)
+        result = await self.network.write(peer_session, src, dst, length)
+        path.batches["network"] += 1
+        path.bytes["network"] += result.nbytes
+        return result
+
+    # --- copies -------------------------------------------------------------------------------
+    def _stream(self, device: int) -> Any:
+        import torch
+
+        streams = getattr(self._local, "streams", None)
+        if streams is None:
+            streams = self._local.streams = {}
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device=device)
+        return streams[device]
+
+    def _copy(self, src: np.ndarray, dst: np.ndarray, length: np.ndarray) -> BatchResult:
+        import torch
+
+        c = cuda()
+        device = c.device_of(int(src[0]))
+        if device is None:
+            raise TransportError(f"source {int(src[0]):#x} is not device memory")
+        c.use(device)
+        stream = self._stream(device)
+        t0 = time.perf_counter()
+        try:
+            if len(src) <= self.memcpy_ops:
+                for s, d, n in zip(src.tolist(), dst.tolist(), length.tolist(), strict=True):
+                    c.memcpy_async(d, s, n, stream.cuda_stream)
+            else:
+                from kvd_kernels.triton_kernels import copy_ops_triton
+
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    copy_ops_triton(src, dst, length, torch.device("cuda", device))
+            stream.synchronize()
+        except TransportError:
+            raise
+        except Exception as exc:  # torch / Triton errors
+            raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+        return BatchResult(int(length.sum()), len(src), time.perf_counter() - t0)
+
+    def close(self) -> None:
+        if self._endpoint is not None:
+            self._endpoint.close()
+        self._pool.shutdown(wait=True, cancel_futures=False)
+        self._peers.clear()
+        self.network.close()
+
+
+def with_endpoint(open_session: Callable[[], Transport]) -> Callable[[], Transport]:
+    """Receive sessions (kvd.transfer.sessions) that same-node peers can find too: each session's
+    memory is exported under the session's own id, and closing (revoking) the session closes that
+    endpoint, so a same-node peer's next batch to it fails as a network write would."""
+
+    def open_with_endpoint() -> Transport:
+        return SameNodeTransport(open_session(), workers=1)
+
+    return open_with_endpoint
+
+
+def _conforms(transport: SameNodeTransport) -> Transport:  # checked by mypy: SameNodeTransport is a Transport
+    return transport

@@ -1,0 +1,70 @@
+"""SameNodeTransport: per-peer routing, never a silent fallback (CPU here; the GPU half is in
+tests/e2e/test_gpu.py and tools/bench_gpu.py)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from kvd.transfer import cudaipc
+from kvd.transfer.memcpy import MemcpyFabric, MemcpyTransport
+from kvd.transfer.router import SameNodeTransport, with_endpoint
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(_has_cuda(), reason="checks the CPU behaviour")
+async def test_without_cuda_every_peer_goes_over_the_network_and_says_why() -> None:
+    fabric = MemcpyFabric()
+    a = SameNodeTransport(MemcpyTransport("a", fabric))
+    b = SameNodeTransport(MemcpyTransport("b", fabric))
+    assert a.same_node.startswith("off: ")
+    src, dst = ctypes.create_string_buffer(b"kvd!" * 64), ctypes.create_string_buffer(256)
+    a.register(ctypes.addressof(src), 256)
+    b.register(ctypes.addressof(dst), 256)
+    res = await a.write("b", np.array([ctypes.addressof(src)]), np.array([ctypes.addressof(dst)]), np.array([256]))
+    assert res.nbytes == 256 and dst.raw == src.raw[:256]
+    p = a.paths()["b"]
+    assert p["path"] == "network" and "same-node path off" in p["reason"]
+    assert p["batches"] == {"same_node": 0, "network": 1} and p["bytes"]["network"] == 256
+    assert a.regions() == [(ctypes.addressof(src), 256)]
+    a.close()
+    b.close()
+
+
+def test_with_endpoint_wraps_sessions() -> None:
+    fabric = MemcpyFabric()
+    opened = with_endpoint(lambda: MemcpyTransport("s1", fabric))()
+    assert isinstance(opened, SameNodeTransport) and opened.session_id == "s1"
+    opened.close()
+
+
+def test_inside_checks_every_op_against_sorted_regions() -> None:
+    regions = [(1000, 100), (5000, 10)]
+    ok = cudaipc.inside(regions, np.array([1000, 1090, 5000]), np.array([100, 10, 10]))
+    assert ok
+    assert not cudaipc.inside(regions, np.array([1090]), np.array([11]))
+    assert not cudaipc.inside(regions, np.array([999]), np.array([1]))
+    assert not cudaipc.inside([], np.array([1]), np.array([1]))
+
+
+def test_peer_translate_maps_into_opened_regions_or_refuses() -> None:
+    peer = cudaipc.IpcPeer("x", starts=[1000, 5000], ends=[1100, 5010], offsets=[7, -3])
+    got = peer.translate(np.array([1000, 5005]), np.array([100, 5]))
+    assert got is not None and got.tolist() == [1007, 5002]
+    assert peer.translate(np.array([1050]), np.array([51])) is None
+    assert peer.translate(np.array([10]), np.array([1])) is None
+
+
+def test_no_endpoint_means_network_with_reason() -> None:
+    with pytest.raises(cudaipc.TransportError, match="no same-node endpoint"):
+        cudaipc.fetch_regions("nobody-here:1")
