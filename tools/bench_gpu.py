@@ -169,7 +169,7 @@ E2E = [  # name, prefill TP, decode TP, kv heads, same_node, staged
 ]
 
 
-def e2e_section(tokens: int, which: str) -> list[str]:
+def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
     from tools import gpu_e2e
 
     d2d = d2d_gbps(4 << 30)
@@ -179,7 +179,7 @@ def e2e_section(tokens: int, which: str) -> list[str]:
         if which and not any(w in name for w in which.split(",")):
             continue
         a = gpu_e2e.parser().parse_args(["--prefill-tp", str(ptp), "--decode-tp", str(dtp), "--kv-heads", str(heads),
-                                         "--tokens", str(tokens), "--same-node", same, "--timeout", "240"]
+                                         "--tokens", str(tokens), "--same-node", same, "--timeout", str(timeout)]
                                         + ([] if staged else ["--no-staging"]))
         a.num_pages = a.rooms * a.tokens // a.page_size + 64
         try:
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw-bytes", type=int, default=1 << 30)
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--e2e", default="", help="comma-separated substrings of the end-to-end cases to run")
+    ap.add_argument("--e2e-timeout", type=float, default=240.0, help="seconds each end-to-end case may take")
     ap.add_argument("--skip-raw", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         out += raw_section(a.raw_bytes)
         print("\n".join(out), flush=True)
     if not a.skip_e2e:
-        out += e2e_section(a.tokens, a.e2e)
+        out += e2e_section(a.tokens, a.e2e, a.e2e_timeout)
     if not a.skip_kernels:
         from tools import bench_gpu_kernels
 
