@@ -298,14 +298,36 @@ FIELDS: tuple[Field, ...] = (
           "permissions of the Unix socket (octal); never world-writable"),
     Field("socket", "group", "socket_group", _str,
           "group to chgrp the socket to, so engine users in it may connect (empty = kvd's own group)"),
+    Field("socket", "max_frame_bytes", "socket_max_frame_bytes", parse_size,
+          "largest request an engine may send; a longer length prefix closes the connection"),
+    Field("socket", "offload_bytes", "socket_offload_bytes", parse_size,
+          "requests larger than this are decoded off the event loop"),
+    Field("socket", "frame_timeout_s", "socket_frame_timeout_s", _positive_float,
+          "seconds a started request may take to arrive in full before the connection is closed"),
+    Field("socket", "idle_timeout_s", "socket_idle_timeout_s", _positive_float,
+          "seconds a connection that holds no pool may stay silent before it is closed"),
+    Field("socket", "max_connections", "socket_max_connections", _positive_int,
+          "engine connections at once; at the limit the longest-idle one without a pool is closed"),
+    Field("socket", "backlog", "socket_backlog", _positive_int,
+          "listen backlog of the Unix socket (connects queued before kvd accepts them)"),
     Field("peer", "port", "peer_port", _port,
           "ZMQ ROUTER port other daemons connect to (0 = pick a free port)"),
     Field("peer", "auth_token", "auth_token", _str,
           "shared secret peers must present (empty = no auth); prefer the file or env over a flag"),
+    Field("peer", "max_message_bytes", "peer_max_message_bytes", parse_size,
+          "largest peer message; ZMQ drops a peer that sends a longer one before buffering it"),
+    Field("peer", "max_peers", "peer_max_peers", _positive_int,
+          "peer daemons kept at once (one DEALER socket each); the longest-idle is reclaimed"),
+    Field("peer", "idle_s", "peer_idle_s", _positive_float,
+          "seconds after which a peer with no rooms and no traffic is forgotten (socket closed)"),
+    Field("pools", "gpu", "pools_gpu", _bool,
+          "engines register GPU (CUDA IPC) pools: import torch at start-up, never on the loop"),
     Field("transport", "protocol", "protocol", _choice("tcp", "rdma"),
           "Mooncake transport: 'tcp' or 'rdma'"),
     Field("transport", "devices", "devices", _devices,
           "RDMA devices, e.g. 'mlx5_0,mlx5_1' (empty = auto-detect)"),
+    Field("transport", "same_node", "same_node", _choice("cuda_ipc", "off"),
+          "peers on this machine: 'cuda_ipc' (GPU copies between IPC-opened memory) or 'off' (network)"),
     Field("transfer", "workers", "workers", _positive_int,
           "threads issuing Mooncake writes"),
     Field("transfer", "queues", "queues", _positive_int,
@@ -358,10 +380,21 @@ class Config:
     socket_path: str = "/run/kvd/kvd.sock"
     socket_mode: int = 0o660
     socket_group: str = ""
+    socket_max_frame_bytes: int = 64 << 20
+    socket_offload_bytes: int = 1 << 20
+    socket_frame_timeout_s: float = 10.0
+    socket_idle_timeout_s: float = 300.0
+    socket_max_connections: int = 1024
+    socket_backlog: int = 1024
     peer_port: int = 17500
     auth_token: str = ""
+    peer_max_message_bytes: int = 64 << 20
+    peer_max_peers: int = 1024
+    peer_idle_s: float = 300.0
+    pools_gpu: bool = False
     protocol: str = "tcp"
     devices: str = ""
+    same_node: str = "cuda_ipc"
     workers: int = 4
     queues: int = 4
     max_batch_ops: int = 1024

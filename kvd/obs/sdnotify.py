@@ -4,6 +4,10 @@
 ``WatchdogSec=`` restarts a daemon whose loop has hung; both need these few lines. Every
 call is a no-op returning False when ``$NOTIFY_SOCKET`` is unset (not under systemd,
 tests), and a send error never raises: losing a notification must not take kvd down.
+
+:class:`Watchdog` pings only while every loop it watches has reported a finished pass
+recently: a loop that hangs or keeps failing stops the pings, and systemd restarts kvd.
+It never pings from a timer of its own.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["notify", "ready", "status", "stopping", "watchdog_interval", "watchdog_ping"]
+__all__ = ["Watchdog", "notify", "ready", "status", "stopping", "watchdog_interval", "watchdog_ping"]
 
 
 def _address(raw: str) -> str | None:
@@ -79,3 +83,44 @@ def watchdog_interval() -> float | None:
     if value <= 0:
         return None
     return value / 1e6 / 2
+
+
+class Watchdog:
+    """Pings systemd's watchdog only while the loops it watches do their work.
+
+    Each loop calls :meth:`beat` after a pass that did its job; :meth:`maybe_ping` (called
+    from one of them, with the loop clock) pings at ``interval`` only if every loop beat
+    within its allowed staleness. Clock values are passed in, so it is tested without time.
+    """
+
+    def __init__(self, interval: float | None) -> None:
+        self.interval = interval
+        self._stale_after: dict[str, float] = {}
+        self._beats: dict[str, float] = {}
+        self._last_ping = float("-inf")
+        self.pings = 0
+        self.withheld = 0
+
+    def watch(self, name: str, stale_after: float, now: float) -> None:
+        """Require ``name`` to beat at least every ``stale_after`` seconds (from ``now`` on)."""
+        self._stale_after[name] = stale_after
+        self._beats[name] = now
+
+    def beat(self, name: str, now: float) -> None:
+        self._beats[name] = now
+
+    def lagging(self, now: float) -> list[str]:
+        """The loops that have not beaten in time."""
+        return [n for n, limit in self._stale_after.items() if now - self._beats.get(n, float("-inf")) > limit]
+
+    def maybe_ping(self, now: float) -> bool:
+        """Ping if due and every loop is healthy; True if a ping was sent (or would be, off systemd)."""
+        if self.interval is None or now - self._last_ping < self.interval:
+            return False
+        if self.lagging(now):
+            self.withheld += 1
+            return False
+        self._last_ping = now
+        self.pings += 1
+        watchdog_ping()
+        return True

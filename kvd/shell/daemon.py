@@ -13,6 +13,7 @@ import asyncio
 import os
 import secrets
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -27,7 +28,7 @@ from kvd.core.planner import check_token_indices
 from kvd.core.rooms import RoomState
 from kvd.mem.pools import LocalPool
 from kvd.obs.metrics import Metrics
-from kvd.obs.sdnotify import ready, stopping, watchdog_interval, watchdog_ping
+from kvd.obs.sdnotify import Watchdog, ready, stopping, watchdog_interval
 from kvd.shell.directory import Directory
 from kvd.shell.engine_server import EngineServer, RequestError, prepare_socket_path
 from kvd.shell.peer_hub import PeerHub
@@ -47,6 +48,11 @@ if TYPE_CHECKING:  # torch comes in only once staging is on
     from kvd.mem.stagemem import KernelRunner, StagingPool
 
 log = structlog.get_logger("kvd.daemon")
+
+#: Exit status after a fatal failure (EX_SOFTWARE): non-zero, so systemd restarts kvd.
+EXIT_FATAL = 70
+#: Seconds without a healthy housekeeping pass after which the watchdog is no longer pinged.
+HOUSEKEEPING_STALE_S = 5.0
 
 
 class Daemon:
@@ -197,15 +203,18 @@ class Daemon:
     def register_pool(self, conn_id: int, msg: we.RegisterPool) -> LocalPool:
         """Open, check and register an engine's pool; a prefill rank is announced to its directory."""
         layout = PoolLayout.from_dict(msg.layout)
+        if msg.memory.get("kind") == "cuda_ipc" and "torch" not in sys.modules:
+            log.warning("torch_import_on_loop", hint="set pools.gpu = true (KVD_POOLS_GPU=1) to import "
+                                                     "torch at start-up instead of on this registration")
         pool = self.registry.open(conn_id, layout, msg.memory, msg.bootstrap, f"{self.address}#{self.boot_id}")
-        if layout.role == "prefill":
-            try:
-                self.directory.announce_rank(layout, msg.bootstrap or self.address)
-            except Exception:
-                self.registry.drop(pool)
-                raise
-        log.info("pool_registered", pool=pool.key, layout=layout.describe(),
-                 bytes=layout.pool_bytes, memory=msg.memory.get("kind"))
+        try:  # from here on a refusal must not leave the pool registered
+            if layout.role == "prefill":
+                self.directory.announce_rank(layout, msg.bootstrap or self.address, pool.key)
+            log.info("pool_registered", pool=pool.key, layout=layout.describe(),
+                     bytes=layout.pool_bytes, memory=msg.memory.get("kind"))
+        except BaseException:
+            self.registry.drop(pool)
+            raise
         return pool
 
     def engine_gone(self, conn_id: int) -> None:
@@ -259,6 +268,17 @@ class Daemon:
             main = await loop.run_in_executor(None, SameNodeTransport, main, c.workers)
             sessions = with_endpoint(open_session)  # receive sessions answer same-node peers too
         self._transport = SessionedTransport(main, sessions)
+        # Supervision and healing: the peer loop and housekeeping feed the watchdog; a peer's new
+        # incarnation drops what its old one told us; a dropped prefill pool leaves its directory.
+        self.watchdog = Watchdog(watchdog_interval())
+        self.peers.watchdog = self.watchdog
+        self.peers.incarnation = self.boot_id
+        self.peers.restart_hooks.append(self.directory.peer_restarted)
+        self.directory.current = self.peers.current
+        self.registry.drop_hooks.append(lambda pool: self.directory.withdraw_rank(
+            pool.layout, pool.bootstrap or self.address, pool.key) if pool.layout.role == "prefill" else None)
+        if c.pools_gpu:
+            log.info("gpu_ready", found=await loop.run_in_executor(None, self.registry.preload_gpu))
         await self.peers.start()
         self.directory.address = self.peers.address
         await self.engines.start()
@@ -268,27 +288,37 @@ class Daemon:
         log.info("transport_ready", protocol=self.transport.protocol, devices=self.transport.devices,
                  session=self.transport.session_id, peer_address=self.address,
                  socket=c.socket_path, version=__version__)
-        self.spawn(self._housekeeping(), "housekeeping")
+        self.watchdog.watch("housekeeping", HOUSEKEEPING_STALE_S, self.now())
+        self.tasks.spawn(self._housekeeping(), "housekeeping", critical=True)
 
     async def _housekeeping(self) -> None:
-        """Deadlines, heartbeats, the watchdog and gauges: one cheap pass every 100 ms."""
-        interval = watchdog_interval()
-        last_ping = last_beat = 0.0
+        """Deadlines, heartbeats, the watchdog and gauges: one cheap pass every 100 ms.
+
+        Each step is guarded: a step that raises is logged with its traceback and counted, the
+        other steps still run, and a step failing pass after pass is fatal (TaskOwner.guard).
+        The watchdog is pinged only after a pass whose every step succeeded, and only while the
+        peer receive loop reports passes too (Watchdog)."""
+        guard, last_beat = self.tasks.guard, float("-inf")
+        steps = ("housekeeping.senders", "housekeeping.receivers", "housekeeping.peers", "housekeeping.gauges")
         while True:
             now = self.now()
-            self.senders.expire(now)
-            self.receivers.expire(now)
+            with guard(steps[0]):
+                self.senders.expire(now)
+            with guard(steps[1]):
+                self.receivers.expire(now)
             if now - last_beat >= self.config.heartbeat_interval_s:
                 last_beat = now
-                self.peers.heartbeat(self.active_peers(), now)
-            if interval and now - last_ping >= interval:
-                last_ping = now
-                watchdog_ping()
-            self.metrics.set_rooms(room_counts(self.senders, self.receivers))
-            if self.registry.staging:  # pool figures only: no walk over the rooms every 100 ms
-                pools = self.registry.staging_figures()
-                self.metrics.set_staging(*(sum(x[k] for x in pools)
-                                           for k in ("pool_bytes", "reserved_bytes", "in_use_bytes", "waiting")))
+                with guard(steps[2]):
+                    self.peers.heartbeat(self.active_peers(), now)
+            with guard(steps[3]):
+                self.metrics.set_rooms(room_counts(self.senders, self.receivers))
+                if self.registry.staging:  # pool figures only: no walk over the rooms every 100 ms
+                    pools = self.registry.staging_figures()
+                    self.metrics.set_staging(*(sum(x[k] for x in pools) for k in (
+                        "pool_bytes", "reserved_bytes", "in_use_bytes", "waiting")))
+            if all(self.tasks.healthy(s) for s in steps) and self.tasks.critical_alive():
+                self.watchdog.beat("housekeeping", now)
+            self.watchdog.maybe_ping(now)
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
@@ -302,18 +332,28 @@ class Daemon:
             self._transport.close()
 
     async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT; a second signal exits at once."""
+        """Run until SIGTERM/SIGINT; a second signal exits at once. A fatal failure (a critical
+        loop ended, or keeps failing) shuts down and exits with status 70, so systemd restarts
+        kvd instead of keeping a half-dead daemon."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
         await self.start()
         ready(f"serving on {self.config.socket_path} and {self.address}")
-        await self._stop.wait()
-        log.info("shutting_down")
+        waits = {loop.create_task(self._stop.wait(), name="serve-stop"),
+                 loop.create_task(self.tasks.wait_fatal(), name="serve-fatal")}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        fatal = self.tasks.fatal_reason
+        log.info("shutting_down", fatal=fatal)
         try:
             await asyncio.wait_for(self.stop(), timeout=10)
         except TimeoutError:
             log.warning("shutdown_timeout")
+        if fatal is not None:
+            log.critical("exiting_for_restart", reason=fatal, status=EXIT_FATAL)
+            raise SystemExit(EXIT_FATAL)
 
     def _on_signal(self) -> None:
         if self._stop.is_set():

@@ -5,6 +5,15 @@ its directory is created, a stale socket left by a dead daemon is replaced but a
 live one is not, and every connection's peer uid/gid/pid (SO_PEERCRED) is logged.
 Each request gets exactly one reply with its req_id; bad input gets an ErrorReply
 and a counter, and the connection and the daemon carry on.
+
+Bounded: a request longer than ``socket.max_frame_bytes`` is refused as soon as its length
+prefix arrives (nothing of it is buffered) and the connection is closed; a request that
+started arriving must arrive in full within ``socket.frame_timeout_s``; a connection that
+holds no pool and stays silent for ``socket.idle_timeout_s`` is closed; at
+``socket.max_connections`` the longest-idle connection without a pool makes room (none:
+the newcomer gets a ``busy`` error); requests over ``socket.offload_bytes`` are decoded off
+the event loop. The shape of every request is checked here, before the daemon sees it.
+This module never decides what a request does and never blocks the loop.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ import os
 import socket
 import stat
 import struct
-from typing import Protocol
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
@@ -26,10 +37,11 @@ from kvd.core.layout import LayoutError
 from kvd.core.planner import PlanError
 from kvd.core.rooms import RoomError
 from kvd.mem.memory import PoolMemoryError
+from kvd.shell.peer_hub import PeerAddressError, check_peer_address
 from kvd.transfer.base import TransportError
 from kvd.wire.codec import Message, ProtocolError, decode
-from kvd.wire.engine import ENGINE_REQUESTS, ErrorReply
-from kvd.wire.framing import MAX_FRAME_BYTES, FrameBuffer, frame
+from kvd.wire.engine import ENGINE_REQUESTS, ErrorReply, PoolRegistered, RecvRoom, RegisterPool
+from kvd.wire.framing import FrameBuffer, frame
 
 log = structlog.get_logger("kvd.engine_api")
 
@@ -78,12 +90,53 @@ class EngineHandler(Protocol):
     def count_error(self, kind: str) -> None: ...
 
 
+#: Longest engine_id / bootstrap address accepted (they become log fields and map keys).
+MAX_NAME = 256
+
+
+def check_request(msg: Message) -> None:
+    """The shape of a request, checked before the daemon acts on it (RequestError if wrong): a
+    non-string engine_id or an address kvd cannot connect to is the engine's mistake, never an
+    internal error halfway through a registration."""
+    if isinstance(msg, RegisterPool):
+        layout: Any = msg.layout
+        engine = layout.get("engine_id") if isinstance(layout, dict) else None
+        if not isinstance(engine, str) or not engine or len(engine) > MAX_NAME:
+            raise RequestError("layout", f"layout.engine_id must be a non-empty string of at most {MAX_NAME} "
+                                         f"characters, got {str(engine)[:80]!r}")
+        for name in ("tp_rank", "tp_size"):
+            value = layout.get(name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RequestError("layout", f"layout.{name} must be an integer, got {str(value)[:80]!r}")
+        if msg.bootstrap:
+            _address(msg.bootstrap, "bootstrap")
+    elif isinstance(msg, RecvRoom):
+        _address(msg.bootstrap_addr, "bootstrap_addr")
+        if not msg.prefill_engine_id or len(msg.prefill_engine_id) > MAX_NAME:
+            raise RequestError("bad_request", f"prefill_engine_id must be a non-empty string of at most "
+                                              f"{MAX_NAME} characters", msg.room)
+
+
+def _address(addr: str, what: str) -> None:
+    try:
+        check_peer_address(addr)
+    except PeerAddressError as exc:
+        raise RequestError("bad_request", f"{what}: {exc}") from None
+
+
+@dataclass
+class _Conn:
+    writer: asyncio.StreamWriter
+    last_active: float
+    pooled: bool = False  # it registered a pool: an engine, kept however quiet it is
+
+
 class EngineServer:
     def __init__(self, config: Config, handler: EngineHandler) -> None:
         self.config = config
         self.handler = handler
         self._server: asyncio.AbstractServer | None = None
-        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._conns: dict[int, _Conn] = {}
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -92,7 +145,7 @@ class EngineServer:
         old = os.umask(0o177)  # the socket never exists world-accessible, not even for a moment
         try:
             self._server = await asyncio.start_unix_server(self._serve, path=c.socket_path,
-                                                           limit=MAX_FRAME_BYTES)
+                                                           limit=1 << 20, backlog=c.socket_backlog)
         finally:
             os.umask(old)
         os.chmod(c.socket_path, c.socket_mode)
@@ -102,15 +155,34 @@ class EngineServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for w in self._writers.values():
-            w.close()
+        for conn in self._conns.values():
+            conn.writer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket_path)
 
     def push(self, conn_id: int, msg: Message) -> None:
-        writer = self._writers.get(conn_id)
-        if writer is not None and not writer.is_closing():
-            writer.write(frame(msg.encode()))
+        conn = self._conns.get(conn_id)
+        if conn is not None and not conn.writer.is_closing():
+            conn.writer.write(frame(msg.encode()))
+
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def _make_room(self) -> bool:
+        """At the connection limit: close the longest-idle connection without a pool."""
+        idle = [(c.last_active, k) for k, c in self._conns.items() if not c.pooled]
+        if not idle:
+            return False
+        _, victim = min(idle)
+        self.handler.count_error("engine_conn_evicted")
+        log.warning("engine_connection_evicted", conn=victim, reason="max_connections")
+        self._conns[victim].writer.close()
+        return True
+
+    def _timeout(self, conn: _Conn, frames: FrameBuffer) -> float | None:
+        if frames.pending:
+            return self.config.socket_frame_timeout_s
+        return None if conn.pooled else self.config.socket_idle_timeout_s
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn_id = next(self._ids)
@@ -120,17 +192,37 @@ class EngineServer:
         except OSError:
             pid = uid = gid = -1
         clog = log.bind(conn=conn_id, peer_pid=pid, peer_uid=uid, peer_gid=gid)
+        if len(self._conns) >= self.config.socket_max_connections and not self._make_room():
+            self.handler.count_error("busy")
+            clog.warning("engine_connection_refused", reason="max_connections", limit=self.config.socket_max_connections)
+            writer.write(frame(ErrorReply(req_id=0, kind="busy", message=(
+                f"kvd serves {len(self._conns)} connections (socket.max_connections), all holding pools")).encode()))
+            writer.close()
+            return
         clog.info("engine_connected")
-        self._writers[conn_id] = writer
-        frames = FrameBuffer()
+        conn = self._conns[conn_id] = _Conn(writer, time.monotonic())
+        frames = FrameBuffer(self.config.socket_max_frame_bytes)
         try:
             while True:
-                data = await reader.read(1 << 20)
+                timeout = self._timeout(conn, frames)
+                try:
+                    async with asyncio.timeout(timeout):
+                        data = await reader.read(1 << 20)
+                except TimeoutError:
+                    what = "partial_frame" if frames.pending else "idle"
+                    self.handler.count_error(f"engine_{what}_timeout")
+                    clog.warning("engine_connection_timeout", reason=what, seconds=timeout,
+                                 buffered=frames.pending)
+                    break
                 if not data:
                     break
+                conn.last_active = time.monotonic()
                 frames.feed(data)
                 while (payload := frames.next_payload()) is not None:
-                    writer.write(frame(self._handle(conn_id, payload).encode()))
+                    reply = await self._handle_async(conn_id, payload)
+                    if isinstance(reply, PoolRegistered):
+                        conn.pooled = True
+                    writer.write(frame(reply.encode()))
                 await writer.drain()
         except ProtocolError as exc:  # a broken frame header: the stream cannot be resynchronised
             self.handler.count_error("protocol")
@@ -139,19 +231,32 @@ class EngineServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self._writers.pop(conn_id, None)
+            self._conns.pop(conn_id, None)
             clog.info("engine_disconnected")
             self.handler.engine_gone(conn_id)
             writer.close()
 
-    def _handle(self, conn_id: int, payload: bytes) -> Message:
+    async def _handle_async(self, conn_id: int, payload: bytes) -> Message:
+        """:meth:`_handle`, with a large request decoded in a worker thread first."""
+        if len(payload) <= self.config.socket_offload_bytes:
+            return self._handle(conn_id, payload)
+        try:
+            msg: Message | Exception = await asyncio.get_running_loop().run_in_executor(None, decode, payload)
+        except ProtocolError as exc:
+            msg = exc
+        return self._handle(conn_id, payload, msg)
+
+    def _handle(self, conn_id: int, payload: bytes, decoded: Message | Exception | None = None) -> Message:
         """One request -> one reply. Never raises: every failure becomes an ErrorReply."""
         req_id = 0
         try:
-            msg = decode(payload)
+            if isinstance(decoded, Exception):
+                raise decoded
+            msg = decode(payload) if decoded is None else decoded
             req_id = getattr(msg, "req_id", 0)
             if not isinstance(msg, ENGINE_REQUESTS):
                 raise RequestError("protocol", f"{type(msg).__name__} is not an engine request")
+            check_request(msg)
             return self.handler.on_engine_request(conn_id, msg)
         except ProtocolError as exc:
             kind, text, room = "protocol", str(exc), -1
@@ -167,9 +272,11 @@ class EngineServer:
             log.exception("engine_request_bug", error=str(exc))
             kind, text, room = "internal", f"{type(exc).__name__}: {exc}", -1
         self.handler.count_error(kind)
-        log.warning("engine_request_refused", conn=conn_id, kind=kind, error=text)
+        # A poll of a room not (or no longer) here is an answer engines poll for, not an incident.
+        (log.debug if kind == "unknown_room" else log.warning)("engine_request_refused", conn=conn_id,
+                                                               kind=kind, error=text)
         return ErrorReply(req_id=req_id if isinstance(req_id, int) else 0, kind=kind, message=text,
                             room=room)
 
 
-__all__ = ["EngineServer", "EngineHandler", "RequestError", "prepare_socket_path"]
+__all__ = ["EngineServer", "EngineHandler", "RequestError", "check_request", "prepare_socket_path"]

@@ -35,6 +35,8 @@ class PoolRegistry:
         self.staging: dict[str, StagingPool] = {}
         self._kernels: KernelRunner | None = None
         self._next_id = 1
+        #: Called with each engine pool once it is dropped (its prefill rank is withdrawn).
+        self.drop_hooks: list[Callable[[LocalPool], None]] = []
 
     # --- lookups (what the room sides see) ---------------------------------------------------
     def prefill_pool(self, engine_id: str, rank: int) -> LocalPool | None:
@@ -124,6 +126,24 @@ class PoolRegistry:
         for base, _ in pool.opened.regions:
             transport.unregister(base)
         pool.opened.close()
+        for hook in self.drop_hooks:
+            try:
+                hook(pool)
+            except Exception:  # the pool is gone either way; a hook's bug is logged, not raised
+                log.exception("pool_drop_hook_failed", pool=pool.key)
+
+    @staticmethod
+    def preload_gpu() -> str:
+        """Import torch and initialise CUDA (slow: seconds), so that no CUDA IPC registration
+        does it on the event loop; run it in a worker thread at start-up. What was found."""
+        try:
+            import torch
+        except ImportError as exc:
+            return f"torch unavailable: {exc}"
+        if not torch.cuda.is_available():
+            return f"torch {torch.__version__}, no CUDA device"
+        torch.cuda.init()
+        return f"torch {torch.__version__}, {torch.cuda.device_count()} CUDA device(s)"
 
     def pools_of(self, conn_id: int) -> list[LocalPool]:
         return [x for x in self.local.values() if x.conn_id == conn_id]

@@ -25,7 +25,7 @@ import dataclasses
 import typing
 from typing import Any, ClassVar
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from kvd.wire.fields import HEADER_VERSION, KINDS, Field, declared_field, is_classvar
 

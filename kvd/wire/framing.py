@@ -30,11 +30,10 @@ class FrameBuffer:
 
     def feed(self, data: bytes) -> None:
         self._buf += data
-        if len(self._buf) >= _LEN.size:  # refuse an oversized frame before buffering more of it
+        if len(self._buf) > _LEN.size:  # an oversized frame: keep its prefix only, never its bytes
             (size,) = _LEN.unpack_from(self._buf)
             if size > self._max:
-                self._buf.clear()
-                raise ProtocolError(f"frame of {size} bytes exceeds the {self._max}-byte limit")
+                del self._buf[_LEN.size:]
 
     @property
     def pending(self) -> int:
