@@ -15,8 +15,9 @@ import secrets
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -49,6 +50,9 @@ if TYPE_CHECKING:  # torch comes in only once staging is on
 
 log = structlog.get_logger("kvd.daemon")
 
+#: Final events kept per engine connection for polls after a room ended.
+ENDED_ROOMS_KEPT = 4096
+
 #: Exit status after a fatal failure (EX_SOFTWARE): non-zero, so systemd restarts kvd.
 EXIT_FATAL = 70
 #: Seconds without a healthy housekeeping pass after which the watchdog is no longer pinged.
@@ -77,6 +81,8 @@ class Daemon:
         self.receivers = ReceiverSide(self)
         self._routes: dict[type, Callable[[Any], None]] = {
             **self.directory.handlers(), **self.senders.handlers(), **self.receivers.handlers()}  # type: ignore[dict-item]
+        # Per engine connection, the final events of its latest ended rooms (bounded).
+        self._ended_rooms: dict[int, OrderedDict[int, we.RoomEvent]] = {}
         self._stop = asyncio.Event()
 
     # --- the RoomContext the sides see ----------------------------------------------------------
@@ -118,6 +124,12 @@ class Daemon:
 
     def tell_engine(self, pool: LocalPool, event: we.RoomEvent) -> None:
         self.engines.push(pool.conn_id, event)
+        if event.released:  # a poll after the end gets the final state, not "unknown room"
+            ended = self._ended_rooms.setdefault(pool.conn_id, OrderedDict())
+            ended[event.room] = event
+            ended.move_to_end(event.room)
+            while len(ended) > ENDED_ROOMS_KEPT:
+                ended.popitem(last=False)
 
     def staging_pool(self, pool: LocalPool) -> StagingPool | None:
         return self.registry.staging_pool(pool)
@@ -176,6 +188,9 @@ class Daemon:
                 sr = self.senders.find(conn_id, msg.room)
                 if sr is not None:
                     return room_event(sr, req_id=msg.req_id)
+                ended = self._ended_rooms[conn_id].get(msg.room) if conn_id in self._ended_rooms else None
+                if ended is not None:
+                    return replace(ended, req_id=msg.req_id)
                 raise RequestError("unknown_room", f"no room {msg.room} in flight on this connection", msg.room)
             case we.AbortRoom():
                 owned = self.registry.local.get(msg.pool_id)
@@ -219,6 +234,7 @@ class Daemon:
 
     def engine_gone(self, conn_id: int) -> None:
         """An engine went away: fail its rooms; unregister each pool once nothing can write into it."""
+        self._ended_rooms.pop(conn_id, None)
         pools = self.registry.pools_of(conn_id)
         for pool in pools:
             pool.closing = True

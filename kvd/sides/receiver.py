@@ -214,8 +214,10 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self.maybe_release(rm)  # also for a room that had already ended
 
     def entered(self, rr: ReceiverRoom, state: RoomState) -> None:
-        if state is RoomState.FAILED:
-            self._tell(rr)  # success is told once, by the release that follows at once
+        # Every state change reaches the engine (SGLang's poll maps them one to one); success
+        # is told once, by the release that follows at once.
+        if state is not RoomState.SUCCESS:
+            self._tell(rr)
 
     def after_fail(self, rr: ReceiverRoom, reason: str) -> None:
         rr.failed_at = self.ctx.now()

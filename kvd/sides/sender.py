@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from dataclasses import replace
 
 from kvd.core.layout import LayoutError, check_compatible
 from kvd.core.planner import (
@@ -116,6 +117,9 @@ class SenderSide(SideBase[SenderRoom]):
             self.fail(sr, f"receiver {rkey} asked twice for room {msg.room}")
             return
         sr.requests[rkey] = req
+        if 0 < msg.deadline_s < sr.machine.deadlines.waiting_for_input:
+            # The prefill room waits for its engine no longer than the receiver waits for it.
+            sr.machine.deadlines = replace(sr.machine.deadlines, waiting_for_input=msg.deadline_s)
         self._requests[(msg.transfer_id, msg.sender_rank)] = (sr, req)
         if not req.dummy:
             sr.path = TransferPath.of_request(hisparse=msg.enable_hisparse, chunk_tokens=msg.chunk_tokens)
