@@ -290,6 +290,17 @@ class Daemon:
         self.peers.watchdog = self.watchdog
         self.peers.incarnation = self.boot_id
         self.peers.restart_hooks.append(self.directory.peer_restarted)
+
+        def rooms_of_old_incarnation(peer: str) -> None:
+            # Rooms the old process had taken on can never complete; rooms still bootstrapping
+            # ask the new one (the directory caches are dropped) and go on.
+            self.senders.peer_dead(peer, "restarted decode daemon")
+            for rr in list(self.receivers.rooms.values()):
+                state = rr.machine.state
+                if state is not RoomState.BOOTSTRAPPING and not state.final and peer in rr.peers():
+                    self.receivers.fail(rr, f"prefill daemon {peer} restarted (new incarnation)")
+
+        self.peers.restart_hooks.append(rooms_of_old_incarnation)
         self.directory.current = self.peers.current
         self.registry.drop_hooks.append(lambda pool: self.directory.withdraw_rank(
             pool.layout, pool.bootstrap or self.address, pool.key) if pool.layout.role == "prefill" else None)

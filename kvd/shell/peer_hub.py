@@ -17,7 +17,7 @@ counted; the receive loop goes on either way. ``send`` never raises.
 Liveness: any message from a peer counts as a sign of life; heartbeats go to every peer with
 rooms in flight, and a peer silent for ``heartbeat_misses`` intervals is declared dead (its
 rooms fail). A peer whose messages carry a new incarnation was restarted: the restart hooks
-drop what its old incarnation told us, and its rooms fail as for a dead peer.
+drop what its old incarnation told us and fail the rooms it had taken on.
 
 This module never decides a room's fate and never blocks the loop.
 """
@@ -283,9 +283,8 @@ class PeerHub:
         self.handler.count_error("peer_restarted")
         log.warning("peer_restarted", peer=src, old=known, new=incarnation)
         self._close(src)  # a fresh connection for the new process
-        for hook in self.restart_hooks:
+        for hook in self.restart_hooks:  # drop its old state; fail the rooms it had taken on
             hook(src)
-        self.handler.peer_dead(src)  # its rooms can never complete: fail them now
         self.dead.discard(src)
         return True
 

@@ -40,9 +40,8 @@ async def test_a_loop_that_only_fails_is_fatal():
 
 async def test_guard_never_swallows_cancellation():
     owner = TaskOwner()
-    with pytest.raises(asyncio.CancelledError):
-        with owner.guard("loop"):
-            raise asyncio.CancelledError
+    with pytest.raises(asyncio.CancelledError), owner.guard("loop"):
+        raise asyncio.CancelledError
     assert owner.failures["loop"] == 0
 
 

@@ -1,0 +1,153 @@
+"""The directory heals (issue 12, item 4): an engine that registers again replaces its entry, a
+conflicting announce fails only the announcing rank, a restarted daemon's old entries and pools
+are dropped, and cached answers of a peer not heard from lately are asked again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from kvd.core.config import Config
+from kvd.core.layout import PoolLayout
+from kvd.mem.pools import RemotePool
+from kvd.shell.directory import Directory
+from kvd.sides.context import LayoutConflict
+from kvd.wire import peer as wp
+from kvd.wire.codec import Message
+
+ME = "tcp://127.0.0.1:1000"
+P1 = "tcp://127.0.0.1:1001"
+D1 = "tcp://127.0.0.1:2001"
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.remote_pools: dict[str, RemotePool] = {}
+
+    def staging_pool(self, pool: Any) -> None:
+        return None
+
+    def prefill_layout(self, engine_id: str) -> PoolLayout | None:
+        return None
+
+
+def lay(rank: int, tp: int = 2, heads: int = 4, engine: str = "P") -> PoolLayout:
+    return PoolLayout(engine, "prefill", tp, rank, num_layers=2, total_kv_heads=heads, head_dim=8,
+                      dtype="bfloat16", page_size=4, num_pages=16)
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Message]] = []
+        self.errors: Counter[str] = Counter()
+        self.t = 100.0
+        self.registry = Registry()
+
+        async def session(peer: str) -> str:
+            return "session"
+
+        self.dir = Directory(Config(), self.registry, session, lambda a, m: self.sent.append((a, m)),  # type: ignore[arg-type]
+                             lambda k: self.errors.update([k]), lambda: self.t)
+        self.dir.address = ME
+
+    def announce(self, layout: PoolLayout, src: str = P1, pool_key: str = "", withdraw: bool = False) -> None:
+        self.dir.on_rank_announce(wp.RankAnnounce(src=src, layout=layout.to_dict(), pool_key=pool_key or
+                                                  f"{src}#{layout.tp_rank}", withdraw=withdraw))
+
+    def info(self, engine: str = "P") -> wp.EngineInfo:
+        return self.dir.engine_info_reply(engine)
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def test_an_engine_restarted_with_another_layout_is_not_refused(h):
+    """Before: the directory never forgot a layout; the restarted engine was refused forever."""
+    h.announce(lay(0))
+    h.announce(lay(1))
+    assert h.info().ready
+    h.announce(lay(0), withdraw=True)  # the old engine's pools are dropped
+    h.announce(lay(1), withdraw=True)
+    h.announce(lay(0, heads=8))
+    h.announce(lay(1, heads=8))
+    info = h.info()
+    assert info.ready and not info.conflict and info.layouts[0]["total_kv_heads"] == 8
+
+
+def test_a_withdraw_of_an_old_pool_keeps_the_newer_registration(h):
+    h.announce(lay(0), pool_key="old")
+    h.announce(lay(0), pool_key="new")  # the engine re-registered before the old pool was reaped
+    h.announce(lay(0), pool_key="old", withdraw=True)
+    assert 0 in h.dir.ranks["P"]
+
+
+def test_a_conflicting_announce_fails_only_the_announcing_rank(h):
+    """Before: one conflicting announce marked the whole engine in conflict until restart."""
+    h.announce(lay(0))
+    with pytest.raises(LayoutConflict, match="rank 1"):
+        h.announce(lay(1, heads=8))
+    info = h.info()
+    assert not info.ready and info.conflict and 0 in h.dir.ranks["P"] and 1 not in h.dir.ranks["P"]
+    h.announce(lay(1))  # the rank, fixed, registers again
+    info = h.info()
+    assert info.ready and not info.conflict and not h.dir.conflicts
+
+
+def test_a_restarted_daemon_loses_its_ranks_and_pools(h):
+    h.announce(lay(0), src=P1)
+    h.announce(lay(1), src=ME)
+    h.registry.remote_pools["k"] = RemotePool("k", lay(0), [1], "s", daemon=D1)
+    h.registry.remote_pools["mine"] = RemotePool("mine", lay(0), [1], "s", daemon=P1)
+    h.dir.on_engine_query(wp.EngineQuery(src=D1, engine_id="P"))  # D1 holds a ready answer
+    h.sent.clear()
+    h.dir.peer_restarted(P1)
+    assert set(h.dir.ranks["P"]) == {1} and set(h.registry.remote_pools) == {"k"}
+    pushed = [m for a, m in h.sent if a == D1 and isinstance(m, wp.EngineInfo)]
+    assert pushed and not pushed[-1].ready  # D1 drops its cached topology
+
+
+async def test_a_pushed_change_drops_the_cached_topology(h):
+    ready = wp.EngineInfo(src=P1, engine_id="P", ready=True, tp_size=1, layouts=[lay(0, tp=1).to_dict()],
+                          daemons=[P1])
+    h.dir.on_engine_info(ready)
+    assert await h.dir.engine_info(P1, "P", h.t + 5) is not None
+    h.dir.on_engine_info(wp.EngineInfo(src=P1, engine_id="P", ready=False, tp_size=0, layouts=[], daemons=[]))
+    assert (P1, "P") not in h.dir._info
+
+
+async def test_cached_topology_and_announces_are_revalidated_after_silence(h):
+    """Before: a prefill daemon restarted on the same port while idle was never asked again:
+    'decode pool ... was never announced' for every later room."""
+    heard = {P1: True}
+    h.dir.current = lambda peer, within: heard.get(peer, False)
+    h.dir.on_engine_info(wp.EngineInfo(src=P1, engine_id="P", ready=True, tp_size=1,
+                                       layouts=[lay(0, tp=1).to_dict()], daemons=[P1]))
+
+    class Pool:
+        key = "D#1"
+        layout = lay(0, tp=1)
+        buffers = [4096]
+
+    async def announce() -> None:
+        await h.dir.announce_pool(P1, Pool(), "P", h.t + 5)  # type: ignore[arg-type]
+
+    task = asyncio.ensure_future(announce())
+    await asyncio.sleep(0)
+    h.dir.on_pool_ack(wp.PoolAck(src=P1, pool_key="D#1", ok=True))
+    await task
+    announces = lambda: [m for _, m in h.sent if isinstance(m, wp.PoolAnnounce)]  # noqa: E731
+    assert len(announces()) == 1
+    await h.dir.announce_pool(P1, Pool(), "P", h.t + 5)  # type: ignore[arg-type]
+    assert len(announces()) == 1  # heard from lately: the cache holds
+    heard[P1] = False  # idle past the heartbeat window: it may have restarted
+    task = asyncio.ensure_future(announce())
+    await asyncio.sleep(0.01)
+    assert len(announces()) == 2
+    h.dir.on_pool_ack(wp.PoolAck(src=P1, pool_key="D#1", ok=True))
+    await task
+    assert h.dir._cached((P1, "P")) is None  # and the topology is asked again
