@@ -1,6 +1,59 @@
-"""The end-to-end tests' cluster runner lives in tools/cluster.py (shared with the benchmarks)."""
+"""Helpers shared by the tests: the cluster runner (tools/cluster.py, shared with the
+benchmarks), the report check, and a scripted engine-protocol server for client tests."""
 
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from kvd.wire import codec, framing
 from tools.cluster import failures, hisparse_plan, make_plan, run_cluster, throughput
+
+
+class ThreadedEngineServer:
+    """Speaks the engine protocol on a Unix socket from its own thread and event loop, so the
+    blocking client can be tested too. Subclasses answer each decoded request in ``handle``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        assert self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_unix_server(self._serve, path=self.path)
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames = framing.FrameBuffer()
+        try:
+            while data := await reader.read(65536):
+                frames.feed(data)
+                while (payload := frames.next_payload()) is not None:
+                    if not self.handle(codec.decode(payload), writer):
+                        return
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def handle(self, msg: Any, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request by writing frames to ``writer``; False closes the connection."""
+        raise NotImplementedError
 
 
 def check_reports(reports) -> None:
@@ -10,4 +63,4 @@ def check_reports(reports) -> None:
     assert any(r.role == "decode" and r.bytes > 0 for r in reports)
 
 
-__all__ = ["check_reports", "failures", "hisparse_plan", "make_plan", "run_cluster", "throughput"]
+__all__ = ["ThreadedEngineServer", "check_reports", "failures", "hisparse_plan", "make_plan", "run_cluster", "throughput"]

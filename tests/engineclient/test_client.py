@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from kvd.client import (
 )
 from kvd.hostpool import ALIGN, HostPool
 from kvd.layout import PoolLayout
+from tests.support import ThreadedEngineServer
 
 LAYOUT = PoolLayout(engine_id="eng", role="prefill", tp_size=2, tp_rank=1, num_layers=2,
                     total_kv_heads=4, head_dim=8, dtype="bfloat16", page_size=4, num_pages=3)
@@ -138,55 +138,21 @@ def test_undecodable_frame_names_its_request() -> None:
 
 # --- a scripted fake daemon ----------------------------------------------------------------------
 
-class FakeKvd:
-    """Speaks the engine protocol on a Unix socket from its own thread, so the blocking client
-    can be tested too. Behaviour is scripted by room number and bootstrap_addr."""
+class FakeKvd(ThreadedEngineServer):
+    """A scripted daemon (tests.support.ThreadedEngineServer): behaviour by room number and
+    bootstrap_addr."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        super().__init__(path)
         self.received: list[p.Message] = []
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> FakeKvd:
-        self._thread.start()
-        assert self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        asyncio.run(self._main())
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        server = await asyncio.start_unix_server(self._serve, path=self.path)
-        self._ready.set()
-        await self._stop.wait()
-        server.close()
-        await server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        frames = p.FrameBuffer()
-        try:
-            while data := await reader.read(65536):
-                frames.feed(data)
-                while (payload := frames.next_payload()) is not None:
-                    msg = p.decode(payload)
-                    self.received.append(msg)
-                    for out in self.answer(msg):
-                        if out is None:
-                            writer.close()
-                            return
-                        writer.write(p.frame(out if isinstance(out, bytes) else p.encode(out)))
-                    await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+    def handle(self, msg: Any, writer: asyncio.StreamWriter) -> bool:
+        self.received.append(msg)
+        for out in self.answer(msg):
+            if out is None:
+                return False
+            writer.write(p.frame(out if isinstance(out, bytes) else p.encode(out)))
+        return True
 
     @staticmethod
     def answer(msg: Any) -> list[p.Message | bytes | None]:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from kvd import protocol as p
 from kvd.hostpool import HostPool
 from kvd.layout import PoolLayout
+from tests.support import ThreadedEngineServer
 from tools.fake_engine import RoomPlan, build_layout, run_decode_rank, run_prefill_rank
 from tools.kvpattern import (
     expected_receiver_token,
@@ -169,45 +170,19 @@ def test_plan_errors_are_reported(pools: list[HostPool]) -> None:
 
 # --- the fake engine ranks against a copying fake daemon -------------------------------------------
 
-class CopyingKvd:
+class CopyingKvd(ThreadedEngineServer):
     """Just enough of kvd for the fake engines: maps registered shm pools and, once every
     prefill rank sent a room's last chunk and the decode rank asked for it, copies the heads."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        super().__init__(path)
         self.pools: dict[int, tuple[PoolLayout, np.ndarray, list[int], Any]] = {}
         self.sent: dict[tuple[str, int], dict[int, tuple[list[int], bytes, Any, bool]]] = {}
         self.wanted: dict[tuple[int, int], tuple[list[int], str, Any]] = {}
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
-    def __enter__(self) -> CopyingKvd:
-        self._thread.start()
-        assert self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        server = await asyncio.start_unix_server(self._serve, path=self.path)
-        self._ready.set()
-        await self._stop.wait()
-        server.close()
-        await server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        frames = p.FrameBuffer()
-        try:
-            while data := await reader.read(65536):
-                frames.feed(data)
-                while (payload := frames.next_payload()) is not None:
-                    self._handle(p.decode(payload), writer)
-                await writer.drain()
-        finally:
-            writer.close()
+    def handle(self, msg: Any, writer: asyncio.StreamWriter) -> bool:
+        self._handle(msg, writer)
+        return True
 
     def _handle(self, msg: Any, writer: asyncio.StreamWriter) -> None:
         def out(m: p.Message, w: asyncio.StreamWriter = writer) -> None:
