@@ -59,6 +59,7 @@ def _staging_copy_kernel(  # type: ignore[no-untyped-def]
     BLOCK_R: tl.constexpr,  # next power of two >= RUN
     ALIGN: tl.constexpr,  # bytes: every run starts at a multiple of this (pool and staging)
     GATHER: tl.constexpr,  # True: pool -> staging, False: staging -> pool
+    STREAM: tl.constexpr = False,  # stores with the streaming cache hint (.cs)
 ):
     pid = tl.program_id(0)
     tile = pid % tiles_per_buffer
@@ -86,10 +87,16 @@ def _staging_copy_kernel(  # type: ignore[no-untyped-def]
         mask = valid[:, None] & (cols < RUN)[None, :]
     if GATHER:
         data = tl.load(pool_ptrs, mask=mask, eviction_policy="evict_first")
-        tl.store(stage_ptrs, data, mask=mask)
+        if STREAM:
+            tl.store(stage_ptrs, data, mask=mask, cache_modifier=".cs")
+        else:
+            tl.store(stage_ptrs, data, mask=mask)
     else:
         data = tl.load(stage_ptrs, mask=mask, eviction_policy="evict_first")
-        tl.store(pool_ptrs, data, mask=mask)
+        if STREAM:
+            tl.store(pool_ptrs, data, mask=mask, cache_modifier=".cs")
+        else:
+            tl.store(pool_ptrs, data, mask=mask)
 
 
 def is_interpreted() -> bool:
@@ -103,6 +110,7 @@ class LaunchConfig:
 
     block_tokens: int
     num_warps: int
+    stream: bool = False  # streaming-store cache hint
 
 
 def launch_config(run_bytes: int, num_tokens: int, num_slabs: int, sm_count: int = 132,
@@ -197,7 +205,7 @@ def _launch(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers
         _pool_table(pool), stage, token_idx, _device_table([h // unit for h in head_bytes], device),
         num_tokens, pool.pool_tokens, pool.row_stride * pool.itemsize // unit, tiles,
         NUM_BUFFERS=len(pool), RUN=run, BLOCK_T=config.block_tokens,
-        BLOCK_R=triton.next_power_of_2(run), ALIGN=align, GATHER=gather,
+        BLOCK_R=triton.next_power_of_2(run), ALIGN=align, GATHER=gather, STREAM=config.stream,
         num_warps=config.num_warps,
     )
 

@@ -154,7 +154,7 @@ def raw_section(nbytes: int) -> list[str]:
         lines.append(f"  {mode:<13} {res['gbps']:8.1f} GB/s (64 MiB ops) = {res['gbps'] / d2d:.3f} of D2D; one op "
                      f"{res['gbps_one_op']:.1f} GB/s = {res['gbps_one_op'] / d2d:.3f}; 4 KiB ops "
                      f"{res['ops_per_s_4k']:,.0f}/s; sampled bytes exact {res['exact_sampled']}"
-                     + (f"; path {next(iter(res['paths'].values()))['path']}" if res.get("paths") else ""))
+                     + (f"; paths {json.dumps(res['paths'])}" if res.get("paths") else ""))
     return lines
 
 

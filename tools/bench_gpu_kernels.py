@@ -99,6 +99,11 @@ class Row:
     kvd_vs_copy: float  # copy time / kvd time
     exact: bool
     config: str
+    sweep: dict[str, float] | None = None
+
+
+def _name(cfg: Any) -> str:
+    return f"{cfg.block_tokens}x{cfg.num_warps}w" + ("s" if cfg.stream else "")
 
 
 def _time_us(fn: Callable[[], None], rep: int) -> float:
@@ -176,13 +181,14 @@ def run_case(case: Case, page: int, tokens: int, sgl: types.ModuleType | None, r
         exact = exact and torch.equal(st_sgl, want)
     copy_us = _time_us(lambda: dst[:block].copy_(src[:block]), rep)
     best, best_cfg = _time_us(kvd_g, rep), "default"
+    sweep = {"default": best}
     for cfg in configs:
-        us = _time_us(lambda cfg=cfg: kvd_g(cfg), rep)
+        us = sweep[_name(cfg)] = _time_us(lambda cfg=cfg: kvd_g(cfg), rep)
         if us < best:
-            best, best_cfg = us, f"{cfg.block_tokens}x{cfg.num_warps}w"
+            best, best_cfg = us, _name(cfg)
     sgl_us = _time_us(sgl_g, rep) if sgl_g is not None else float("nan")
     rows.append(Row(case.name, page, tokens, "gather", block, copy_us, best, sgl_us, sgl_us / best,
-                    copy_us / best, exact, best_cfg))
+                    copy_us / best, exact, best_cfg, sweep if configs else None))
 
     # --- scatter of the whole region (all writers) ---
     region = torch.randint(0, 256, (block * writers,), dtype=torch.uint8, device=dev, generator=gen)
@@ -215,13 +221,14 @@ def run_case(case: Case, page: int, tokens: int, sgl: types.ModuleType | None, r
     nbytes = block * writers
     copy_us = _time_us(lambda: dst.copy_(src), rep)
     best, best_cfg = _time_us(kvd_s, rep), "default"
+    sweep = {"default": best}
     for cfg in configs:
-        us = _time_us(lambda cfg=cfg: kvd_s(cfg), rep)
+        us = sweep[_name(cfg)] = _time_us(lambda cfg=cfg: kvd_s(cfg), rep)
         if us < best:
-            best, best_cfg = us, f"{cfg.block_tokens}x{cfg.num_warps}w"
+            best, best_cfg = us, _name(cfg)
     sgl_us = _time_us(sgl_s, rep) if sgl_s is not None else float("nan")
     rows.append(Row(case.name, page, tokens, f"scatter{writers}w", nbytes, copy_us, best, sgl_us,
-                    sgl_us / best, copy_us / best, exact, best_cfg))
+                    sgl_us / best, copy_us / best, exact, best_cfg, sweep if configs else None))
     return rows
 
 
@@ -270,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sgl = load_sglang(a.sglang) if a.sglang and Path(a.sglang).exists() else None
     if sgl is None:
         print(f"bench_gpu_kernels: SGLang's staging_buffer.py not found at {a.sglang}: kvd vs copy only")
-    configs = [LaunchConfig(int(b), int(w)) for b, w in (c.split("x") for c in a.sweep.split(",") if c)]
+    configs = [LaunchConfig(int(b), int(w.rstrip("s")), w.endswith("s"))
+               for b, w in (c.split("x") for c in a.sweep.split(",") if c)]
     rows: list[Row] = []
     for name in a.cases.split(","):
         for page in (int(p) for p in a.pages.split(",")):
