@@ -103,8 +103,11 @@ PATHS = {
     "hisparse": PathCfg("hisparse", 1, 1, hisparse=True, num_pages=256, pages=32),
 }
 
-FAULTS = ("none", "stop_prefill", "stop_decode", "kill9_prefill", "kill9_decode", "restart_prefill",
+FAULTS = ("stop_prefill", "stop_decode", "kill9_prefill", "kill9_decode", "restart_prefill",
           "restart_decode", "kill_prefill_engine", "kill_decode_engine", "partition", "stalled_peer")
+
+ALL_FAULTS = ("none", *FAULTS)
+"""``none``: the same scenario without a fault (a baseline for the soak; CI runs FAULTS)."""
 
 # Which issue-12 defects each fault covers (the tests carry them as markers too).
 DEFECTS: dict[str, tuple[int, ...]] = {
@@ -343,15 +346,17 @@ class Result:
 class Cluster:
     """Nodes, daemons and engines of one scenario; close() removes everything."""
 
-    def __init__(self, tmp: Path, cfg: PathCfg, decode_nodes: int = 1, extra_prefill: tuple = ()) -> None:
+    def __init__(self, tmp: Path, cfg: PathCfg, decode_nodes: int = 1, extra_prefill: tuple = (),
+                 extra: tuple = ()) -> None:
         self.tmp, self.cfg = tmp, cfg
         self.net = Net()
         self.engines: list[Engine] = []
         try:
             self.pnode = self.net.add_node("prefill")
             self.dnodes = [self.net.add_node(f"decode{i}") for i in range(decode_nodes)]
-            self.prefill = self.net.start_daemon(tmp, self.pnode, "prefill", *cfg.flags(), *extra_prefill)
-            self.decodes = [self.net.start_daemon(tmp, n, f"decode{i}", *cfg.flags())
+            self.prefill = self.net.start_daemon(tmp, self.pnode, "prefill", *cfg.flags(), *extra,
+                                                 *extra_prefill)
+            self.decodes = [self.net.start_daemon(tmp, n, f"decode{i}", *cfg.flags(), *extra)
                             for i, n in enumerate(self.dnodes)]
         except Exception:
             self.close()
@@ -687,6 +692,32 @@ def _replace(cl: Cluster, old: NodeDaemon, new: NodeDaemon) -> None:
         cl.decodes[cl.decodes.index(old)] = new
 
 
+def _peer_send_child(q: Any, netns: str, address: str, frames: list[bytes], wait_s: float) -> None:
+    import zmq
+    enter(netns)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(address)
+    for f in frames:
+        s.send(f)
+    time.sleep(wait_s)
+    s.close()
+    ctx.term()
+    q.put(len(frames))
+
+
+def peer_send(netns: str, address: str, frames: list[bytes], wait_s: float = 0.5) -> int:
+    """Send raw peer frames to ``address`` from a DEALER inside node namespace ``netns``."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_peer_send_child, args=(q, netns, address, frames, wait_s))
+    proc.start()
+    n = q.get(timeout=120)
+    proc.join(10)
+    return int(n)
+
+
 def run_many(tmp: Path, jobs: list[tuple[str, str]]) -> dict[tuple[str, str], Result]:
     """Run scenarios concurrently (one thread each; every scenario has its own namespaces)."""
     results: dict[tuple[str, str], Result] = {}
@@ -706,4 +737,5 @@ def run_many(tmp: Path, jobs: list[tuple[str, str]]) -> dict[tuple[str, str], Re
     return results
 
 
-__all__ = ["DEFECTS", "FAULTS", "PATHS", "Cluster", "Result", "fresh_transfer", "run_many", "run_scenario"]
+__all__ = ["ALL_FAULTS", "DEFECTS", "FAULTS", "PATHS", "Cluster", "Result", "fresh_transfer", "peer_send", "run_many",
+           "run_scenario"]

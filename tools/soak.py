@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.faultkit import FAULTS, PATHS, Cluster, fresh_transfer, log_problems, run_many, wait_reclaimed  # noqa: E402
+from tools.faultkit import ALL_FAULTS, PATHS, Cluster, fresh_transfer, log_problems, run_many, wait_reclaimed  # noqa: E402
 from tools.fuzz import fuzz_engine_socket, fuzz_peer  # noqa: E402
 from tools.netns import enter  # noqa: E402
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--minutes", type=float, default=60.0, help="stop starting rounds after this long")
     ap.add_argument("--rounds", type=int, default=0, help="at most this many rounds (0: no limit)")
-    ap.add_argument("--faults", default=",".join(FAULTS), help="comma-separated, from: " + ",".join(FAULTS))
+    ap.add_argument("--faults", default=",".join(ALL_FAULTS[1:]), help="comma-separated, from: " + ",".join(ALL_FAULTS))
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated, from: " + ",".join(PATHS))
     ap.add_argument("--fuzz", type=int, default=200_000, help="malformed inputs per socket per round (0: none)")
     ap.add_argument("--parallel", type=int, default=3, help="scenarios run at once")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     faults = [f for f in args.faults.split(",") if f]
     paths = [p for p in args.paths.split(",") if p]
     for f in faults:
-        if f not in FAULTS:
+        if f not in ALL_FAULTS:
             ap.error(f"unknown fault {f!r}")
     for p in paths:
         if p not in PATHS:
