@@ -255,6 +255,16 @@ class KvdKVSender(_Room, BaseKVSender):
         self.last_sent = False
         self._metric = KVTransferMetric()
         self._t0: float | None = None
+        # A send() that never comes must not pin the prefill inflight queue: until the first
+        # chunk reaches kvd the daemon does not know the room, so the sender keeps SGLang's own
+        # deadline (SGLANG_DISAGGREGATION_WAITING_TIMEOUT, read once, armed at the first poll
+        # after init(), as SGLang's FakeKVSender does). After the first chunk kvd's timeouts rule.
+        from sglang.srt.environ import envs
+
+        self.waiting_timeout = float(envs.SGLANG_DISAGGREGATION_WAITING_TIMEOUT.get())
+        self.inited = False
+        self.has_sent = False
+        self.waiting_since: float | None = None
         if mgr.dp_size > 1 and not req_has_disagg_prefill_dp_rank:
             try:  # DP rank resolution: the decode asks SGLang's bootstrap server (/query_dp_ranks)
                 requests.post(f"http://{bootstrap_addr}/register_dp_rank", timeout=5,
@@ -267,6 +277,18 @@ class KvdKVSender(_Room, BaseKVSender):
     def init(self, num_kv_indices: int, aux_index: int | None = None) -> None:
         self.num_kv_indices = int(num_kv_indices)
         self.aux_index = aux_index
+        self.inited = True
+
+    def poll(self) -> int:
+        if self.conclude_state is None and self.inited and not self.has_sent:
+            now = time.monotonic()
+            if self.waiting_since is None:
+                self.waiting_since = now
+            elif now - self.waiting_since >= self.waiting_timeout:
+                self._daemon_call("abort", self.kv_mgr.client.abort, self.kv_mgr.pool_id, self.bootstrap_room)
+                return self._fail(f"kvd: no KV chunk was sent within {self.waiting_timeout:g}s after init() "
+                                  "(SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
+        return super().poll()
 
     def should_send_kv_chunk(self, num_pages: int, last_chunk: bool) -> bool:
         return num_pages > 0 or last_chunk
@@ -286,6 +308,7 @@ class KvdKVSender(_Room, BaseKVSender):
             aux = aux_row(self.kv_mgr.aux_ptrs, self.kv_mgr.aux_item_lens, int(self.aux_index))
         if self._t0 is None:
             self._t0 = time.perf_counter()
+        self.has_sent = True
         if self._daemon_call("send", self.kv_mgr.client.send, self.kv_mgr.pool_id, self.bootstrap_room,
                              pages, is_last, aux):
             self.state = max(self.state, KVPoll.Transferring)
