@@ -69,6 +69,8 @@ class Cuda:
         if count.value < 1:
             raise TransportError("no CUDA device visible")
         self.device_count = count.value
+        # The handle goes by value (64 bytes on the stack): ctypes must know the signature.
+        self.lib.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), _Handle, ctypes.c_uint]
         self._ctx: dict[int, ctypes.c_void_p] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -116,11 +118,13 @@ class Cuda:
     def ipc_handle(self, base: int) -> bytes:
         h = _Handle()
         self._check(self.lib.cuIpcGetMemHandle(ctypes.byref(h), ctypes.c_uint64(base)), "cuIpcGetMemHandle")
-        return bytes(h.reserved)
+        return ctypes.string_at(ctypes.addressof(h), 64)  # all 64 bytes (h.reserved stops at a NUL)
 
     def ipc_open(self, handle: bytes) -> int:
+        if len(handle) != 64:
+            raise TransportError(f"a CUDA IPC handle has 64 bytes, got {len(handle)}")
         h = _Handle()
-        h.reserved = handle
+        ctypes.memmove(ctypes.addressof(h), handle, 64)
         ptr = ctypes.c_uint64()
         self._check(self.lib.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), h, _IPC_LAZY_ENABLE_PEER_ACCESS),
                     "cuIpcOpenMemHandle")
