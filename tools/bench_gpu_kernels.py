@@ -232,9 +232,10 @@ def run_case(case: Case, page: int, tokens: int, sgl: types.ModuleType | None, r
     return rows
 
 
-def print_rows(rows: Sequence[Row]) -> None:
-    print(f"{'case':<18} {'page':>4} {'tokens':>6} {'op':<9} {'MiB':>7} {'copy us':>8} {'kvd us':>8} "
-          f"{'sgl us':>8} {'kvd/sgl':>7} {'kvd/copy':>8} exact config")
+def print_rows(rows: Sequence[Row], header: bool = True) -> None:
+    if header:
+        print(f"{'case':<18} {'page':>4} {'tokens':>6} {'op':<9} {'MiB':>7} {'copy us':>8} {'kvd us':>8} "
+              f"{'sgl us':>8} {'kvd/sgl':>7} {'kvd/copy':>8} exact config")
     for r in rows:
         print(f"{r.case:<18} {r.page:>4} {r.tokens:>6} {r.op:<9} {r.bytes / 2**20:>7.2f} {r.copy_us:>8.1f} "
               f"{r.kvd_us:>8.1f} {r.sgl_us:>8.1f} {r.kvd_vs_sgl:>7.3f} {r.kvd_vs_copy:>8.3f} "
@@ -280,17 +281,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = [LaunchConfig(int(b), int(w.rstrip("s")), w.endswith("s"))
                for b, w in (c.split("x") for c in a.sweep.split(",") if c)]
     rows: list[Row] = []
+    print(f"device: {torch.cuda.get_device_name()}; CUDA-graph replay, median; ratios are times in this run")
+    print_rows([])
     for name in a.cases.split(","):
         for page in (int(p) for p in a.pages.split(",")):
             for tokens in (int(t) for t in a.tokens.split(",")):
-                rows.extend(run_case(CASES[name], page, tokens, sgl, a.rep, configs))
+                new = run_case(CASES[name], page, tokens, sgl, a.rep, configs)
+                print_rows(new, header=False)
+                rows.extend(new)
+                if a.json:  # written as it goes: a run cut short still leaves its rows
+                    Path(a.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
                 torch.cuda.empty_cache()
-    print(f"device: {torch.cuda.get_device_name()}; CUDA-graph replay, median; ratios are times in this run")
-    print_rows(rows)
     for line in summary(rows):
         print(line)
-    if a.json:
-        Path(a.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0 if all(r.exact for r in rows) else 1
 
 
