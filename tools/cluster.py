@@ -74,14 +74,34 @@ class DaemonProc:
         self.proc.wait()
 
 
+def trust_flags(tmp: Path, name: str, address: str) -> list[str]:
+    """A CurveZMQ keypair for daemon ``name`` (bound to ``address``) under ``tmp/trust``, its public
+    key added to the cluster's shared authorized-keys directory (daemons pick up keys added later
+    without a restart); the flags that make a daemon use them."""
+    from kvd.shell.peer_auth import keygen
+
+    trust = tmp / "trust"
+    authorized = trust / "authorized"
+    authorized.mkdir(parents=True, exist_ok=True)
+    public, secret = keygen(trust / name, address, force=True)
+    tmp_copy = authorized / f".{name}.key.tmp"
+    tmp_copy.write_bytes(public.read_bytes())
+    tmp_copy.rename(authorized / f"{name}.key")  # whole or absent, never half-written
+    return ["--peer-key-file", str(secret), "--peer-authorized-keys", str(authorized)]
+
+
 def start_daemon(tmp: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> DaemonProc:
-    """Start `python -m kvd` and wait until its socket answers a status request."""
+    """Start `python -m kvd` and wait until its socket answers a status request. The daemons of
+    one ``tmp`` trust each other with CurveZMQ keys (``trust_flags``) unless ``--peer-insecure``
+    is among ``extra``."""
     sock = str(tmp / f"{name}.sock")
     port = free_port()
     log_path = tmp / f"{name}.log"
+    insecure = any(arg.startswith("--peer-insecure") for arg in extra)
+    trust = [] if insecure else trust_flags(tmp, name, f"tcp://127.0.0.1:{port}")
     cmd = [sys.executable, "-m", "kvd", "--socket-path", sock, "--peer-port", str(port),
            "--node-hostname", "127.0.0.1", "--log-format", "json",
-           "--timeouts-heartbeat-interval-s", "0.5", *extra]
+           "--timeouts-heartbeat-interval-s", "0.5", *trust, *extra]
     with open(log_path, "w") as log_file:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, **(env or {})})

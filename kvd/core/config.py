@@ -239,6 +239,18 @@ def _devices(value: object) -> str:
     return ",".join(items)
 
 
+def _id_list(value: object) -> str:
+    """A comma-separated list of numeric uids/gids ("" = no list)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    items = [item.strip() for item in _str(value).split(",")]
+    if items == [""]:
+        return ""
+    if not all(item.isdigit() and item.isascii() for item in items):
+        raise _Invalid(f"expected comma-separated numeric ids such as '1000,1001', got {_show(value)}")
+    return ",".join(str(int(item)) for item in items)
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     """Split ``"host:port"`` (``"[::1]:9400"`` for IPv6; empty host = all interfaces).
 
@@ -310,10 +322,20 @@ FIELDS: tuple[Field, ...] = (
           "engine connections at once; at the limit the longest-idle one without a pool is closed"),
     Field("socket", "backlog", "socket_backlog", _positive_int,
           "listen backlog of the Unix socket (connects queued before kvd accepts them)"),
+    Field("socket", "allow_uids", "socket_allow_uids", _id_list,
+          "uids allowed to use the socket, comma-separated (empty = whoever may open it)"),
+    Field("socket", "allow_gids", "socket_allow_gids", _id_list,
+          "gids (primary or supplementary) allowed to use the socket (empty = whoever may open it)"),
     Field("peer", "port", "peer_port", _port,
           "ZMQ ROUTER port other daemons connect to (0 = pick a free port)"),
     Field("peer", "auth_token", "auth_token", _str,
           "shared secret peers must present (empty = no auth); prefer the file or env over a flag"),
+    Field("peer", "insecure", "peer_insecure", _bool,
+          "run without peer keys (no CurveZMQ): only on purpose, for demos and tests; shown in kvctl status"),
+    Field("peer", "key_file", "peer_key_file", _str,
+          "this daemon's CurveZMQ secret certificate (made by `kvd keygen`)"),
+    Field("peer", "authorized_keys", "peer_authorized_keys", _str,
+          "directory of peers' public certificates (*.key), each bound to the peer address it may speak as"),
     Field("peer", "max_message_bytes", "peer_max_message_bytes", parse_size,
           "largest peer message; ZMQ drops a peer that sends a longer one before buffering it"),
     Field("peer", "max_peers", "peer_max_peers", _positive_int,
@@ -386,8 +408,13 @@ class Config:
     socket_idle_timeout_s: float = 300.0
     socket_max_connections: int = 1024
     socket_backlog: int = 1024
+    socket_allow_uids: str = ""
+    socket_allow_gids: str = ""
     peer_port: int = 17500
     auth_token: str = ""
+    peer_insecure: bool = False
+    peer_key_file: str = "/etc/kvd/keys/kvd.key_secret"
+    peer_authorized_keys: str = "/etc/kvd/authorized_keys"
     peer_max_message_bytes: int = 64 << 20
     peer_max_peers: int = 1024
     peer_idle_s: float = 300.0

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from kvd.core.layout import PoolLayout
+from kvd.engineclient.fdpass import FdPassError, fd_memory
 from kvd.engineclient.hostpool import HostPool
 from kvd.engineclient.replies import (  # noqa: F401 (re-exported: the client's public names)
     ERROR_CLASSES,
@@ -167,9 +168,15 @@ class KvdClient:
         """Hand this rank's pool to kvd; returns the pool_id later calls name.
 
         ``memory`` is the pool's memory map (or a :class:`HostPool`); ``bootstrap`` is the
-        directory daemon of a prefill engine ("" = this daemon).
+        directory daemon of a prefill engine ("" = this daemon). A host pool is handed to
+        kvd as a file descriptor (:mod:`kvd.engineclient.fdpass`), never by name.
         """
-        return self._request(*self._t.register(layout, memory, bootstrap)).pool_id
+        try:
+            mem = fd_memory(self.socket_path, memory.memory if isinstance(memory, HostPool) else memory,
+                            self.timeout)
+        except FdPassError as exc:
+            raise KvdRegistrationError(str(exc), kind="registration") from None
+        return self._request(*self._t.register(layout, mem, bootstrap)).pool_id
 
     def send(self, pool_id: int, room: int, pages: Pages, is_last: bool, aux: bytes = b"") -> None:
         """Prefill: these pages of ``room`` are computed; ``aux`` rides with the last chunk."""
@@ -345,7 +352,14 @@ class AsyncKvdClient:
 
     async def register_pool(self, layout: PoolLayout, memory: dict[str, Any] | HostPool,
                             bootstrap: str = "") -> int:
-        return (await self._request(*self._t.register(layout, memory, bootstrap))).pool_id
+        mem = memory.memory if isinstance(memory, HostPool) else memory
+        if mem.get("kind") in ("shm", "fd"):  # the hand-over blocks (briefly): off the loop
+            try:
+                mem = await asyncio.get_running_loop().run_in_executor(
+                    None, fd_memory, self.socket_path, mem, self.timeout)
+            except FdPassError as exc:
+                raise KvdRegistrationError(str(exc), kind="registration") from None
+        return (await self._request(*self._t.register(layout, mem, bootstrap))).pool_id
 
     async def send(self, pool_id: int, room: int, pages: Pages, is_last: bool, aux: bytes = b"") -> None:
         await self._request(*self._t.send(pool_id, room, pages, is_last, aux))

@@ -1,7 +1,8 @@
 """Open an engine's KV pool memory inside the daemon.
 
-Host pools arrive as a POSIX shared-memory segment name plus the offset of each
-buffer; GPU pools as CUDA IPC handles (one per buffer). Either way the daemon
+Host pools arrive as a file descriptor the engine handed over (:mod:`kvd.mem.fdpool`) plus
+the offset of each buffer; a segment *name* is refused (kvd would open it with its own
+rights: the confused deputy). GPU pools arrive as CUDA IPC handles (one per buffer). Either way the daemon
 ends up with the base address of every buffer in its own address space and one
 or more regions to register with the transport. The engine owns the memory: the
 daemon maps it, never frees it, and never unlinks a segment.
@@ -88,7 +89,7 @@ def open_host_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
                            f"(layers x K/V), got {offsets!r}")
     path = os.path.join(SHM_DIR, name.lstrip("/"))
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise PoolMemoryError(f"cannot open shared-memory segment {path}: {exc}") from None
     try:
@@ -165,12 +166,22 @@ def _decode_ipc_handle(h: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
+    """Open an engine's pool: a handed-over descriptor (``fd``) or CUDA IPC handles. A host
+    pool named by its shm segment (``shm``) is refused: the daemon never opens an engine's
+    memory by name with its own rights."""
     kind = memory.get("kind")
-    if kind == "shm":
-        return open_host_pool(layout, memory)
+    if kind == "fd":
+        from kvd.mem.fdpool import open_fd_pool
+
+        return open_fd_pool(layout, memory)
     if kind == "cuda_ipc":
         return open_cuda_pool(layout, memory)
-    raise PoolMemoryError(f"memory kind must be 'shm' or 'cuda_ipc', got {kind!r}")
+    if kind == "shm":
+        raise PoolMemoryError(
+            "host pools named by a shared-memory segment are refused: kvd would open the name with "
+            "its own rights. Hand the pool over as a file descriptor (kvd.client does this for a "
+            "HostPool or an {'kind': 'shm', 'name': ...} map; update the client)")
+    raise PoolMemoryError(f"memory kind must be 'fd' or 'cuda_ipc', got {str(kind)[:40]!r}")
 
 
 __all__ = ["OpenedPool", "PoolMemoryError", "open_pool", "open_host_pool", "open_cuda_pool"]

@@ -1,4 +1,5 @@
-"""``kvd``: run the daemon (config from --config / $KVD_CONFIG, KVD_* env and flags)."""
+"""``kvd``: run the daemon (config from --config / $KVD_CONFIG, KVD_* env and flags);
+``kvd keygen``: create this daemon's CurveZMQ keypair for the peer channel."""
 
 from __future__ import annotations
 
@@ -19,7 +20,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def keygen_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvd keygen", description="Create this daemon's CurveZMQ keypair: <dir>/<name>.key (public: copy "
+        "it into every peer's peer.authorized_keys directory) and <dir>/<name>.key_secret (peer.key_file, 0600).")
+    parser.add_argument("--dir", default="/etc/kvd/keys", help="where to write the pair (default /etc/kvd/keys)")
+    parser.add_argument("--address", default="",
+                        help="this daemon's peer address tcp://<node.hostname>:<peer.port>, written into the "
+                             "public key: peers let the key speak only as this address (required)")
+    parser.add_argument("--name", default="kvd", help="file name stem (default kvd)")
+    parser.add_argument("--force", action="store_true", help="replace an existing pair")
+    parser.add_argument("--if-missing", action="store_true", help="do nothing (exit 0) when the pair exists")
+    parser.add_argument("--owner", default="", help="chown the pair to this user (e.g. kvd)")
+    return parser
+
+
+def keygen_main(argv: list[str]) -> int:
+    from kvd.shell.peer_auth import keygen
+    from kvd.shell.peer_hub import PeerAddressError, check_peer_address
+
+    args = keygen_parser().parse_args(argv)
+    try:
+        check_peer_address(args.address)
+    except PeerAddressError as exc:
+        print(f"kvd keygen: --address: {exc}", file=sys.stderr)
+        return 2
+    try:
+        public, secret = keygen(args.dir, args.address, args.name, force=args.force)
+    except FileExistsError as exc:
+        if args.if_missing:
+            return 0
+        print(f"kvd keygen: {exc}", file=sys.stderr)
+        return 1
+    if args.owner:
+        import shutil
+
+        for path in (public, secret):
+            shutil.chown(path, args.owner, args.owner)
+    print(f"public key (copy into every peer's authorized_keys directory): {public}\n"
+          f"secret key (peer.key_file; keep it 0600): {secret}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keygen"]:
+        return keygen_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, overrides=overrides_from_args(args))
@@ -36,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         run = asyncio.run
     else:
         run = uvloop.run
+    from kvd.shell.peer_auth import TrustError
+
     daemon = Daemon(config)
     try:
         run(daemon.serve())
-    except OSError as exc:
+    except (OSError, TrustError) as exc:
         print(f"kvd: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -35,6 +35,7 @@ from kvd.shell.engine_server import EngineServer, RequestError, prepare_socket_p
 from kvd.shell.peer_hub import PeerHub
 from kvd.shell.pool_registry import PoolRegistry
 from kvd.shell.status import StatusSources, room_counts, snapshot
+from kvd.shell.trust import Trust, trust_gate
 from kvd.sides.lifecycle import room_event
 from kvd.sides.receiver import ReceiverSide
 from kvd.sides.sender import SenderSide
@@ -74,6 +75,8 @@ class Daemon:
         self.pools = self.registry
         self.peers = PeerHub(config, self, self.tasks)
         self.engines = EngineServer(config, self)
+        self.trust = Trust(config, self.count_error, self.now)  # keys are loaded in start()
+        self.engines.access = self.trust.access
         self.directory = Directory(config, self.registry, self.receive_session, self.send_peer,
                                    self.count_error, self.now)
         self.bootstrap = self.directory
@@ -158,6 +161,8 @@ class Daemon:
         if route is None:
             self.count_error("protocol")
             return
+        if self.trust.gate is not None and not self.trust.gate.admit(msg):
+            return  # a peer speaking for another daemon's engines, pools or transfers
         route(msg)
 
     def on_engine_request(self, conn_id: int, msg: Message) -> Message:
@@ -202,7 +207,8 @@ class Daemon:
                     self.senders.abort_from_engine(owned, msg.room, "aborted by the prefill engine")
                 return we.Ok(req_id=msg.req_id)
             case we.StatusRequest():
-                return we.StatusReply(req_id=msg.req_id, status=self.snapshot())
+                return we.StatusReply(req_id=msg.req_id, status=self.trust.access.filter_status(
+                    self.snapshot(), conn_id, self._owned_by_uid(conn_id)))
         raise RequestError("protocol", f"unhandled request {type(msg).__name__}")
 
     def _engine_pool(self, conn_id: int, pool_id: int, role: str) -> LocalPool:
@@ -221,7 +227,8 @@ class Daemon:
         if msg.memory.get("kind") == "cuda_ipc" and "torch" not in sys.modules:
             log.warning("torch_import_on_loop", hint="set pools.gpu = true (KVD_POOLS_GPU=1) to import "
                                                      "torch at start-up instead of on this registration")
-        pool = self.registry.open(conn_id, layout, msg.memory, msg.bootstrap, f"{self.address}#{self.boot_id}")
+        memory = self.trust.resolve_memory(conn_id, msg.memory)  # a handed-over fd, never a name
+        pool = self.registry.open(conn_id, layout, memory, msg.bootstrap, f"{self.address}#{self.boot_id}")
         try:  # from here on a refusal must not leave the pool registered
             if layout.role == "prefill":
                 self.directory.announce_rank(layout, msg.bootstrap or self.address, pool.key)
@@ -260,14 +267,24 @@ class Daemon:
 
     # --- status ----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        return snapshot(StatusSources(self.config, self.started, self.registry, self.senders, self.receivers,
-                                      self.peers, self.metrics, self.errors, self._transport, self.tasks))
+        out = snapshot(StatusSources(self.config, self.started, self.registry, self.senders, self.receivers,
+                                     self.peers, self.metrics, self.errors, self._transport, self.tasks))
+        out["daemon"]["trust"] = self.trust.describe()
+        return out
+
+    def _owned_by_uid(self, conn_id: int) -> list[tuple[int, str, int, str]]:
+        """(pool_id, engine, rank, role) of every pool of the connection's uid."""
+        uid = self.trust.access.creds(conn_id).uid
+        return [(p.pool_id, p.layout.engine_id, p.layout.tp_rank, p.layout.role) for p in self.registry.local.values()
+                if self.trust.access.creds(p.conn_id).uid == uid]
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         c = self.config
         loop = asyncio.get_running_loop()
         prepare_socket_path(c.socket_path)  # refuse a live socket before binding anything else
+        self.peers.auth = self.trust.load()  # TrustError: no key and not peer.insecure
+        self.trust.gate = trust_gate(self)
         # A batch to a stalled peer gives up within the heartbeat window (plus a second).
         timeout = c.heartbeat_interval_s * c.heartbeat_misses + 1.0
         main: Transport = await loop.run_in_executor(None, lambda: MooncakeTransport(
@@ -309,6 +326,7 @@ class Daemon:
         await self.peers.start()
         self.directory.address = self.peers.address
         await self.engines.start()
+        await self.trust.start_inbox(self.tasks.spawn)  # host pools arrive as descriptors
         if c.metrics_address:
             port = self.metrics.start_http(c.metrics_address)
             log.info("metrics_listening", address=c.metrics_address, port=port)
@@ -353,6 +371,7 @@ class Daemon:
         await self.tasks.close()
         await self.engines.stop()
         await self.peers.stop()
+        self.trust.stop()
         self.metrics.stop_http()
         self.registry.close()
         if self._transport is not None:

@@ -37,6 +37,7 @@ from kvd.core.layout import LayoutError
 from kvd.core.planner import PlanError
 from kvd.core.rooms import RoomError
 from kvd.mem.memory import PoolMemoryError
+from kvd.shell.local_access import Credentials, LocalAccess
 from kvd.shell.peer_hub import PeerAddressError, check_peer_address
 from kvd.transfer.base import TransportError
 from kvd.wire.codec import Message, ProtocolError, decode
@@ -138,6 +139,8 @@ class EngineServer:
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[int, _Conn] = {}
         self._ids = itertools.count(1)
+        #: Who may connect and who owns what (kvd.shell.local_access); the daemon sets it.
+        self.access: LocalAccess | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -199,6 +202,16 @@ class EngineServer:
                 f"kvd serves {len(self._conns)} connections (socket.max_connections), all holding pools")).encode()))
             writer.close()
             return
+        if self.access is not None:
+            creds = Credentials(pid, uid, gid)
+            refused = self.access.refusal(creds)
+            if refused:  # the allow-list: before anything of the connection is read
+                self.handler.count_error("forbidden")
+                clog.warning("engine_connection_refused", reason=refused)
+                writer.write(frame(ErrorReply(req_id=0, kind="forbidden", message=refused).encode()))
+                writer.close()
+                return
+            self.access.connected(conn_id, creds)
         clog.info("engine_connected")
         conn = self._conns[conn_id] = _Conn(writer, time.monotonic())
         frames = FrameBuffer(self.config.socket_max_frame_bytes)
@@ -232,6 +245,8 @@ class EngineServer:
             pass
         finally:
             self._conns.pop(conn_id, None)
+            if self.access is not None:
+                self.access.gone(conn_id)
             clog.info("engine_disconnected")
             self.handler.engine_gone(conn_id)
             writer.close()

@@ -25,7 +25,6 @@ This module never decides a room's fate and never blocks the loop.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import re
 from collections import OrderedDict
@@ -38,6 +37,7 @@ import zmq.asyncio
 
 from kvd.core.config import Config
 from kvd.obs.sdnotify import Watchdog
+from kvd.shell.peer_auth import LOCAL, PeerAuth, token_matches, user_id_of
 from kvd.sides.tasks import TaskOwner
 from kvd.wire import peer as wp
 from kvd.wire.codec import Message, ProtocolError, decode
@@ -102,6 +102,8 @@ class PeerHub:
         #: Called with a peer's address when it shows a new incarnation (it was restarted).
         self.restart_hooks: list[Callable[[str], None]] = []
         self.watchdog: Watchdog | None = None
+        #: CurveZMQ keys and the src binding (kvd.shell.peer_auth); None: the token check only.
+        self.auth: PeerAuth | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -114,6 +116,9 @@ class PeerHub:
         router.setsockopt(zmq.HEARTBEAT_IVL, ping_ms)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, ping_ms * max(3, c.heartbeat_misses))
         router.setsockopt(zmq.HANDSHAKE_IVL, 10_000)
+        if self.auth is not None:  # CURVE server + ZAP allow-list, set before bind
+            self.auth.start(self.ctx)
+            self.auth.setup_router(router)
         if c.peer_port:
             router.bind(f"tcp://{c.hostname}:{c.peer_port}")
             port = c.peer_port
@@ -178,6 +183,12 @@ class PeerHub:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.IMMEDIATE, 0)
+            problem = self.auth.setup_dealer(sock, addr) if self.auth is not None else ""
+            if problem:  # no key for this address: never talk to it unauthenticated
+                sock.close(linger=0)
+                self.handler.count_error("peer_key_unknown")
+                log.warning("peer_key_unknown", peer=addr, msg=what, error=problem)
+                return None
             sock.connect(addr)
         except zmq.ZMQError as exc:  # EMFILE, or an address zmq still refuses
             if sock is not None:
@@ -209,11 +220,12 @@ class PeerHub:
             # Poll with a timeout so that an idle loop still reports passes to the watchdog.
             if await router.poll(int(POLL_S * 1000)):
                 with self.tasks.guard("peer-receive"):
-                    self._receive(await router.recv_multipart())
+                    frames = await router.recv_multipart(copy=False)
+                    self._receive([f.bytes for f in frames], user_id_of(frames[-1]))
             if self.watchdog is not None and self.tasks.healthy("peer-receive"):
                 self.watchdog.beat("peer-receive", self.handler.now())
 
-    def _receive(self, frames: list[bytes]) -> None:
+    def _receive(self, frames: list[bytes], user_id: str | None = None) -> None:
         if len(frames) != 2:
             self.handler.count_error("protocol")
             log.warning("peer_bad_frames", frames=len(frames))
@@ -224,12 +236,19 @@ class PeerHub:
             self.handler.count_error("protocol")
             log.warning("peer_protocol_error", error=str(exc)[:200])
             return
-        self._handle(msg)
+        self._handle(msg, user_id)
 
-    def _handle(self, msg: Message) -> None:
+    def _handle(self, msg: Message, user_id: str | None = LOCAL) -> None:
         token = getattr(msg, "token", "")
+        if self.auth is not None:  # the key it came with must be allowed to speak as its src
+            refused = self.auth.admit(getattr(msg, "src", ""), token, user_id)
+            if refused:
+                self.handler.count_error(refused)
+                log.warning("peer_auth_failed", reason=refused, src=str(getattr(msg, "src", "?"))[:80],
+                            msg=type(msg).__name__)
+                return
         # Bytes, not str: compare_digest refuses non-ASCII str, and a peer chooses this value.
-        if self.token and not hmac.compare_digest(str(token).encode(), self.token.encode()):
+        elif self.token and not token_matches(self.token, token):
             self.handler.count_error("auth")
             log.warning("peer_auth_failed", src=str(getattr(msg, "src", "?"))[:80], msg=type(msg).__name__)
             return

@@ -233,7 +233,8 @@ async def call(client: Any, name: str, *args: Any, **kwargs: Any) -> Any:
 # --- round trips, both flavours ------------------------------------------------------------------
 
 async def test_register_send_and_wait_success(client: Any, fake: FakeKvd) -> None:
-    pool_id = await call(client, "register_pool", LAYOUT, {"kind": "shm", "name": "n", "offsets": [0]},
+    # An fd map already handed over (a ticket) goes to the daemon as it is.
+    pool_id = await call(client, "register_pool", LAYOUT, {"kind": "fd", "ticket": "0" * 32, "offsets": [0]},
                          bootstrap="tcp://127.0.0.1:5000")
     assert pool_id == 7
     await call(client, "send", pool_id, 5, [0, 1], is_last=False)
@@ -305,7 +306,7 @@ async def test_error_replies_raise_their_class(client: Any, kind: str, cls: type
 async def test_registration_error(client: Any) -> None:
     bad = PoolLayout(**{**LAYOUT.to_dict(), "engine_id": "bad"})
     with pytest.raises(KvdRegistrationError, match="VMM"):
-        await call(client, "register_pool", bad, {"kind": "shm", "name": "n", "offsets": [0]})
+        await call(client, "register_pool", bad, {"kind": "fd", "ticket": "0" * 32, "offsets": [0]})
 
 
 async def test_undecodable_reply_fails_only_its_request(client: Any) -> None:
