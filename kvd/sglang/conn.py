@@ -89,11 +89,13 @@ class KvdKVManager(BaseKVManager):
             engine_id = prefill_engine_id(self.bootstrap_port, self.attn_dp_rank)
         else:
             engine_id = f"sglang-d{getattr(server_args, 'port', 0)}-dp{self.attn_dp_rank}"
+        memory = pool_memory(args)
         self.layout = pool_layout(args, role="prefill" if self.mode == "prefill" else "decode",
                                   engine_id=engine_id, tp_size=self.attn_tp_size, tp_rank=self.attn_tp_rank,
-                                  is_mla=self.is_mla_backend)
+                                  is_mla=self.is_mla_backend,
+                                  memory_kind="gpu" if memory.get("kind") == "cuda_ipc" else "host")
         bootstrap = self.directory if self.directory != self.daemon_address else ""
-        self.pool_id = self.client.register_pool(self.layout, pool_memory(args), bootstrap=bootstrap)
+        self.pool_id = self.client.register_pool(self.layout, memory, bootstrap=bootstrap)
         self.prefill_info_table: dict[str, PrefillServerInfo] = {}
         self.directory_table: dict[tuple[str, int], str] = {}
         self.failure_records: dict[int, str] = {}
