@@ -416,7 +416,7 @@ class Config:
     peer_key_file: str = "/etc/kvd/keys/kvd.key_secret"
     peer_authorized_keys: str = "/etc/kvd/authorized_keys"
     peer_max_message_bytes: int = 64 << 20
-    peer_max_peers: int = 1024
+    peer_max_peers: int = 256
     peer_idle_s: float = 300.0
     pools_gpu: bool = False
     protocol: str = "tcp"

@@ -24,9 +24,10 @@ import structlog
 
 from kvd import __version__
 from kvd.core.config import Config
-from kvd.core.layout import PoolLayout
-from kvd.core.planner import check_token_indices
-from kvd.core.rooms import RoomState
+from kvd.core.layout import LayoutError, PoolLayout
+from kvd.core.planner import PlanError, check_token_indices
+from kvd.core.rooms import RoomError, RoomState
+from kvd.core.staging import StagingError
 from kvd.mem.pools import LocalPool
 from kvd.obs.metrics import Metrics
 from kvd.obs.sdnotify import Watchdog, ready, stopping, watchdog_interval
@@ -163,7 +164,14 @@ class Daemon:
             return
         if self.trust.gate is not None and not self.trust.gate.admit(msg):
             return  # a peer speaking for another daemon's engines, pools or transfers
-        route(msg)
+        try:
+            route(msg)
+        except (LayoutError, PlanError, StagingError, RoomError, ValueError, TypeError, KeyError) as exc:
+            # A peer's message that does not make sense (a layout that fails its checks, say): its
+            # fault, not a bug here, so a warning and a counter, no traceback.
+            self.count_error("bad_peer_message")
+            log.warning("peer_message_refused", msg=type(msg).__name__, src=getattr(msg, "src", "?"),
+                        error=f"{type(exc).__name__}: {exc}")
 
     def on_engine_request(self, conn_id: int, msg: Message) -> Message:
         match msg:

@@ -293,6 +293,11 @@ class SenderSide(SideBase[SenderRoom]):
         self._finish(sr)
 
     def after_fail(self, sr: SenderRoom, reason: str) -> None:
+        if sr.requests and all(r.aborted for r in sr.requests.values()):
+            # Every receiver is gone (dead, fenced us off, or gave up): none waits on our fence,
+            # so the engine hears now, not when a batch stuck on a dead link times out. The room
+            # stays (its pool busy, never unmapped) until that batch has ended.
+            self._tell_engine(sr)
         # Tell receivers only once no batch of this room is in flight.
         self.ctx.spawn(self._fail_after_fence(sr, reason), f"fence-{sr.room}")
 
@@ -317,6 +322,9 @@ class SenderSide(SideBase[SenderRoom]):
                 del self._requests[(req.msg.transfer_id, req.msg.sender_rank)]
         if self.rooms.get(sr.key) is sr:
             del self.rooms[sr.key]
+        self._tell_engine(sr)
+
+    def _tell_engine(self, sr: SenderRoom) -> None:
         if not sr.engine_told:
             sr.engine_told = True
             self.ctx.tell_engine(sr.pool, room_event(sr, released=True))

@@ -101,7 +101,7 @@ class StagedSender:
         """Gather chunk c+1 while chunk c is on the wire; one bulk write per chunk, in order."""
         stage = self.ctx.staging_pool(sr.pool)
         assert stage is not None
-        writing: asyncio.Task[None] | None = None
+        writing: asyncio.Task[Exception | None] | None = None
         try:
             for chunk in range(st.geometry.num_chunks):
                 start, end = st.geometry.tokens(chunk)
@@ -125,14 +125,14 @@ class StagedSender:
                     st.not_gathering.set()
                 if writing is not None:
                     try:
-                        await writing
+                        _raise_from(await writing)
                     except BaseException:
                         stage.send.free(slot.slot_id)  # gathered, never handed to a write
                         raise
-                writing = self.ctx.spawn(self._write(sr, req, st, chunk, slot),
+                writing = self.ctx.spawn(self._write_reported(sr, req, st, chunk, slot),
                                          f"staged-write-{sr.room}-{req.msg.sender_rank}-{chunk}")
             if writing is not None:
-                await writing
+                _raise_from(await writing)
                 writing = None
             st.done = True
             self.side.maybe_complete(sr)
@@ -155,6 +155,16 @@ class StagedSender:
             raise PlanError(f"the prefill engine sent {sr.src_token_count} tokens{'' if sr.got_last else ' so far'}, "
                             f"the receiver asked for {total}")
         return sr.src_token_count >= end and chunk in st.grants
+
+    async def _write_reported(self, sr: SenderRoom, req: ReceiverRequest, st: StagedSend, chunk: int,
+                              slot: RingSlot) -> Exception | None:
+        """The write, its expected failures returned to the pipeline that awaits it (a room
+        ending under a write is an outcome, not a crashed task)."""
+        try:
+            await self._write(sr, req, st, chunk, slot)
+        except (PlanError, TransportError, RuntimeError, ValueError, IndexError) as exc:
+            return exc
+        return None
 
     async def _write(self, sr: SenderRoom, req: ReceiverRequest, st: StagedSend, chunk: int,
                      slot: RingSlot) -> None:
@@ -186,6 +196,11 @@ class StagedSender:
     def _time_left(self, sr: SenderRoom) -> float:
         deadline = sr.machine.deadline
         return max(0.1, deadline - self.ctx.now()) if deadline is not None else 60.0
+
+
+def _raise_from(result: Exception | None) -> None:
+    if result is not None:
+        raise result
 
 
 __all__ = ["StagedSender", "SenderHooks"]

@@ -49,7 +49,9 @@ class MooncakeTransport:
         if transfer_timeout_s > 0:
             # Mooncake reads its transfer timeout from the environment when an engine starts: a
             # batch to a stalled peer gives up within the heartbeat window, not after 30 s.
-            os.environ["MC_TRANSFER_TIMEOUT"] = str(max(1, math.ceil(transfer_timeout_s)))
+            seconds = str(max(1, math.ceil(transfer_timeout_s)))
+            os.environ["MC_TRANSFER_TIMEOUT"] = seconds
+            os.environ["MC_TCP_PROGRESS_TIMEOUT_SEC"] = seconds  # TCP: a write with no progress fails
         self._engine = TransferEngine()
         rc = self._engine.initialize(hostname, "P2PHANDSHAKE", protocol, devices)
         if rc != 0:

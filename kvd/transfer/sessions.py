@@ -19,6 +19,7 @@ method from the event loop: opening and closing sessions run in the default exec
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable
 
 import numpy as np
@@ -62,10 +63,16 @@ class SessionedTransport:
         return await self.main.write(peer_session, src, dst, length)
 
     def close(self) -> None:
-        for session in self._sessions.values():
-            session.close()
+        """Close every session and the main transport, at once: each close joins a Mooncake
+        engine's threads (~1 s), and a restart must not wait one second per peer."""
+        closing = [*self._sessions.values(), self.main]
         self._sessions.clear()
-        self.main.close()
+        with concurrent.futures.ThreadPoolExecutor(len(closing)) as pool:
+            for future in [pool.submit(t.close) for t in closing]:
+                try:
+                    future.result()
+                except TransportError as exc:
+                    log.error("transport_close_failed", error=str(exc))
 
     # --- receive sessions ------------------------------------------------------------------------
     async def receive_session(self, peer: str) -> str:
