@@ -60,10 +60,16 @@ def _staging_copy_kernel(  # type: ignore[no-untyped-def]
     ALIGN: tl.constexpr,  # bytes: every run starts at a multiple of this (pool and staging)
     GATHER: tl.constexpr,  # True: pool -> staging, False: staging -> pool
     STREAM: tl.constexpr = False,  # stores with the streaming cache hint (.cs)
+    SLABS: tl.constexpr = 1,  # slabs in the grid (with SLAB_FASTEST)
+    SLAB_FASTEST: tl.constexpr = False,  # consecutive programs take consecutive slabs, not tiles
 ):
     pid = tl.program_id(0)
-    tile = pid % tiles_per_buffer
-    slab = pid // tiles_per_buffer  # writer * NUM_BUFFERS + buffer
+    if SLAB_FASTEST:
+        tile = pid // SLABS
+        slab = pid % SLABS
+    else:
+        tile = pid % tiles_per_buffer
+        slab = pid // tiles_per_buffer  # writer * NUM_BUFFERS + buffer
     buf = slab % NUM_BUFFERS
     writer = slab // NUM_BUFFERS
 
@@ -99,6 +105,61 @@ def _staging_copy_kernel(  # type: ignore[no-untyped-def]
             tl.store(pool_ptrs, data, mask=mask)
 
 
+@triton.jit
+def _scatter_writers_kernel(  # type: ignore[no-untyped-def]
+    buf_table,  # *i64 [B]
+    staging,  # *unit: the chunk region [writer_0 block | writer_1 block | ...]
+    token_idx,  # *i32 or *i64 [T]
+    head_offsets,  # *i64 [W]: units from a row's start to writer w's first head
+    num_tokens,
+    pool_tokens,
+    row_stride,
+    tiles_per_buffer,
+    num_writers,
+    NUM_BUFFERS: tl.constexpr,
+    RUN: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_W: tl.constexpr,  # next power of two >= num_writers
+    BLOCK_R: tl.constexpr,
+    ALIGN: tl.constexpr,
+    STREAM: tl.constexpr,
+    SLAB_FASTEST: tl.constexpr,
+):
+    """Every writer's run of a token in one tile: the pieces of one pool row are written together."""
+    pid = tl.program_id(0)
+    if SLAB_FASTEST:
+        tile = pid // NUM_BUFFERS
+        buf = pid % NUM_BUFFERS
+    else:
+        tile = pid % tiles_per_buffer
+        buf = pid // tiles_per_buffer
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_chunk = t < num_tokens
+    row = tl.load(token_idx + t, mask=in_chunk, other=-1).to(tl.int64)
+    valid = in_chunk & (row >= 0) & (row < pool_tokens)
+    base = tl.load(buf_table + buf).to(tl.pointer_type(staging.dtype.element_ty))
+    w = tl.arange(0, BLOCK_W)
+    w_ok = w < num_writers
+    head_off = tl.load(head_offsets + w, mask=w_ok, other=0)
+    cols = tl.arange(0, BLOCK_R)
+    pool_ptrs = (base + (row * row_stride)[:, None, None] + head_off[None, :, None]
+                 + cols[None, None, :])
+    slab = w.to(tl.int64) * NUM_BUFFERS + buf
+    stage_rows = (slab[None, :] * num_tokens + t[:, None]) * RUN
+    stage_ptrs = staging + stage_rows[:, :, None] + cols[None, None, :]
+    pool_ptrs = tl.multiple_of(pool_ptrs, [1, 1, ALIGN])
+    stage_ptrs = tl.multiple_of(stage_ptrs, [1, 1, ALIGN])
+    if RUN == BLOCK_R:  # noqa: SIM108 - a compile-time branch, kept plain for the Triton frontend
+        mask = valid[:, None, None] & w_ok[None, :, None]
+    else:
+        mask = valid[:, None, None] & w_ok[None, :, None] & (cols < RUN)[None, None, :]
+    data = tl.load(stage_ptrs, mask=mask, eviction_policy="evict_first")
+    if STREAM:
+        tl.store(pool_ptrs, data, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(pool_ptrs, data, mask=mask)
+
+
 def is_interpreted() -> bool:
     """True when the kernel was built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     return not isinstance(_staging_copy_kernel, triton.runtime.jit.JITFunction)
@@ -106,28 +167,33 @@ def is_interpreted() -> bool:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile shape of one launch: ``block_tokens`` runs per program, ``num_warps`` per program."""
+    """Tile shape of one launch: ``block_tokens`` tokens per program (all writers of them, when
+    ``fuse_writers``), ``num_warps`` per program, streaming stores, and the grid order."""
 
     block_tokens: int
     num_warps: int
     stream: bool = False  # streaming-store cache hint
+    slab_fastest: bool = False  # consecutive programs take consecutive buffers
+    fuse_writers: bool = True  # a multi-writer scatter writes every writer's run of a token together
+
+
+SMALL_CHUNK_BYTES = 16 << 20
 
 
 def launch_config(run_bytes: int, num_tokens: int, num_slabs: int, sm_count: int = 132,
-                  block_bytes: int = 16384) -> LaunchConfig:
-    """Heuristic tile: ~``block_bytes`` per program, smaller when there are too few programs.
-
-    Small chunks shrink the tile so every SM still gets several programs (latency hiding).
-    """
+                  block_bytes: int = 0, writers: int = 1) -> LaunchConfig:
+    """Tile per launch, from an H100 sweep against SGLang's kernels (tools/bench_gpu_kernels.py):
+    chunks of at most 16 MiB take 16 KiB tiles with 8 warps (few programs, each with many loads in
+    flight); larger ones 4 KiB tiles with 4 warps and streaming stores (the pool or staging bytes
+    written are not read again soon). ``writers`` > 1: a fused scatter tile spans every writer."""
     row_bytes = triton.next_power_of_2(max(1, run_bytes))
-    target = block_bytes
     total = num_slabs * num_tokens * row_bytes
-    while target > 4096 and total < target * 4 * sm_count:
-        target //= 2
-    block_tokens = max(1, min(triton.next_power_of_2(max(1, num_tokens)), target // row_bytes, 1024))
-    # Measured on an H100 (bench_kernels --sweep): 8 warps win from 4 KiB tiles up.
-    num_warps = 8 if block_tokens * row_bytes >= 4096 else 4
-    return LaunchConfig(block_tokens=block_tokens, num_warps=num_warps)
+    small = total <= SMALL_CHUNK_BYTES
+    tile = block_bytes or (16384 if small else 4096)
+    per_token = row_bytes * triton.next_power_of_2(max(1, writers))
+    block_tokens = max(1, min(triton.next_power_of_2(max(1, num_tokens)), tile // per_token, 1024))
+    num_warps = 8 if small and block_tokens * per_token >= 8192 else 4
+    return LaunchConfig(block_tokens=block_tokens, num_warps=num_warps, stream=not small)
 
 
 def _device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -198,14 +264,29 @@ def _launch(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers
     stage = staging.view(_UNIT_DTYPES[unit])
     run = run_bytes // unit
     num_slabs = len(head_starts) * len(pool)
+    writers = len(head_starts)
+    fused = not gather and writers > 1
     if config is None:
-        config = launch_config(run_bytes, num_tokens, num_slabs, _sm_count(device))
+        config = launch_config(run_bytes, num_tokens, num_slabs, _sm_count(device),
+                               writers=writers if fused else 1)
+    fused = fused and config.fuse_writers
     tiles = triton.cdiv(num_tokens, config.block_tokens)
+    table = _pool_table(pool)
+    heads = _device_table([h // unit for h in head_bytes], device)
+    row_stride = pool.row_stride * pool.itemsize // unit
+    if fused:
+        _scatter_writers_kernel[(len(pool) * tiles,)](
+            table, stage, token_idx, heads, num_tokens, pool.pool_tokens, row_stride, tiles, writers,
+            NUM_BUFFERS=len(pool), RUN=run, BLOCK_T=config.block_tokens,
+            BLOCK_W=triton.next_power_of_2(writers), BLOCK_R=triton.next_power_of_2(run), ALIGN=align,
+            STREAM=config.stream, SLAB_FASTEST=config.slab_fastest, num_warps=config.num_warps,
+        )
+        return
     _staging_copy_kernel[(num_slabs * tiles,)](
-        _pool_table(pool), stage, token_idx, _device_table([h // unit for h in head_bytes], device),
-        num_tokens, pool.pool_tokens, pool.row_stride * pool.itemsize // unit, tiles,
+        table, stage, token_idx, heads, num_tokens, pool.pool_tokens, row_stride, tiles,
         NUM_BUFFERS=len(pool), RUN=run, BLOCK_T=config.block_tokens,
         BLOCK_R=triton.next_power_of_2(run), ALIGN=align, GATHER=gather, STREAM=config.stream,
+        SLABS=num_slabs if config.slab_fastest else 1, SLAB_FASTEST=config.slab_fastest,
         num_warps=config.num_warps,
     )
 

@@ -179,7 +179,8 @@ def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
         if which and not any(w in name for w in which.split(",")):
             continue
         a = gpu_e2e.parser().parse_args(["--prefill-tp", str(ptp), "--decode-tp", str(dtp), "--kv-heads", str(heads),
-                                         "--tokens", str(tokens), "--same-node", same, "--timeout", str(timeout)]
+                                         "--tokens", str(tokens), "--same-node", same, "--timeout", str(timeout),
+                                         "--warmup-tokens", "8192"]
                                         + ([] if staged else ["--no-staging"]))
         a.num_pages = a.rooms * a.tokens // a.page_size + 64
         try:

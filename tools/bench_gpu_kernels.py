@@ -103,7 +103,18 @@ class Row:
 
 
 def _name(cfg: Any) -> str:
-    return f"{cfg.block_tokens}x{cfg.num_warps}w" + ("s" if cfg.stream else "")
+    return (f"{cfg.block_tokens}x{cfg.num_warps}w" + ("s" if cfg.stream else "") + ("o" if cfg.slab_fastest else "")
+            + ("" if cfg.fuse_writers else "u"))
+
+
+def _config(text: str) -> Any:
+    """'8x4' = 8 tokens x 4 warps; letters after: s streaming stores, o slab-fastest order, u unfused."""
+    from kvd_kernels.triton_kernels import LaunchConfig
+
+    b, rest = text.split("x")
+    w = "".join(ch for ch in rest if ch.isdigit())
+    flags = rest[len(w):]
+    return LaunchConfig(int(b), int(w), "s" in flags, "o" in flags, "u" not in flags)
 
 
 def _time_us(fn: Callable[[], None], rep: int) -> float:
@@ -273,13 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu_kernels: no CUDA device here; nothing to measure.")
         return 0
-    from kvd_kernels.triton_kernels import LaunchConfig
-
     sgl = load_sglang(a.sglang) if a.sglang and Path(a.sglang).exists() else None
     if sgl is None:
         print(f"bench_gpu_kernels: SGLang's staging_buffer.py not found at {a.sglang}: kvd vs copy only")
-    configs = [LaunchConfig(int(b), int(w.rstrip("s")), w.endswith("s"))
-               for b, w in (c.split("x") for c in a.sweep.split(",") if c)]
+    configs = [_config(c) for c in a.sweep.split(",") if c]
     rows: list[Row] = []
     print(f"device: {torch.cuda.get_device_name()}; CUDA-graph replay, median; ratios are times in this run")
     print_rows([])

@@ -194,9 +194,14 @@ def _torch_ipc_origin(addr: int, length: int) -> tuple[bytes, int] | None:
     except ImportError:
         return None
     for key, ref in list(shared_cache.items()):
-        if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], bytes) and len(key[0]) == 64):
+        if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], bytes)):
             continue
         handle, offset = key
+        if len(handle) == 66 and handle[1:2] == b"c":
+            # torch's shareable handle: version byte, b"c" (a cudaMalloc block), the 64-byte IPC handle
+            handle = handle[2:]
+        if len(handle) != 64:
+            continue  # expandable segments: not a legacy CUDA IPC handle
         with contextlib.suppress(Exception):
             if ref.expired():
                 continue

@@ -186,26 +186,32 @@ class SameNodeTransport:
                 reason = "source outside this daemon's exported device memory (host memory?)"
             else:
                 loop = asyncio.get_running_loop()
-                try:
-                    mapped = await loop.run_in_executor(self._pool, self._destinations, peer_session, path, d, n)
-                except TransportError as exc:
-                    raise TransportError(f"same-node write to {peer_session} refused: {exc}") from exc
-                if mapped is None:
-                    reason = f"destination outside the device memory {peer_session} exported (host pool?)"
-                else:
-                    try:
-                        result = await loop.run_in_executor(self._pool, self._copy, s, mapped, n)
-                    except TransportError as exc:
-                        reason = f"CUDA copy failed: {exc}"
-                    else:
-                        path.batches["same_node"] += 1
-                        path.bytes["same_node"] += result.nbytes
-                        return result
+                result = await loop.run_in_executor(self._pool, self._same_node, peer_session, path, s, d, n)
+                if isinstance(result, BatchResult):
+                    path.batches["same_node"] += 1
+                    path.bytes["same_node"] += result.nbytes
+                    return result
+                reason = result
             self._fallback(peer_session, path, reason)
         result = await self.network.write(peer_session, src, dst, length)
         path.batches["network"] += 1
         path.bytes["network"] += result.nbytes
         return result
+
+    def _same_node(self, peer_session: str, path: PeerPath, src: np.ndarray, dst: np.ndarray,
+                   length: np.ndarray) -> BatchResult | str:
+        """One worker-thread hop per batch: fence check, address translation, copy. A str is the
+        reason the batch must go over the network instead; a revoked peer raises."""
+        try:
+            mapped = self._destinations(peer_session, path, dst, length)
+        except TransportError as exc:
+            raise TransportError(f"same-node write to {peer_session} refused: {exc}") from exc
+        if mapped is None:
+            return f"destination outside the device memory {peer_session} exported (host pool?)"
+        try:
+            return self._copy(src, mapped, length)
+        except TransportError as exc:
+            return f"CUDA copy failed: {exc}"
 
     # --- copies -------------------------------------------------------------------------------
     def _stream(self, device: int) -> Any:

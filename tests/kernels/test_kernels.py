@@ -159,10 +159,12 @@ def test_staging_block_bytes() -> None:
 def test_launch_config_heuristic() -> None:
     from kvd_kernels.triton_kernels import launch_config
 
-    big = launch_config(512, 16384, 160, sm_count=132)
-    assert big.block_tokens * 512 == 16384 and big.num_warps == 8  # 8 warps from 4 KiB tiles (H100 sweep)
-    small = launch_config(256, 256, 64, sm_count=132)  # 4 MiB: shrink tiles to fill the SMs
-    assert small.block_tokens * 256 <= 8192
+    big = launch_config(512, 16384, 160, sm_count=132)  # > 16 MiB: 4 KiB tiles, 4 warps, streaming stores
+    assert big.block_tokens * 512 == 4096 and big.num_warps == 4 and big.stream
+    small = launch_config(256, 256, 64, sm_count=132)  # 4 MiB: 16 KiB tiles, 8 warps (H100 sweep)
+    assert small.block_tokens * 256 == 16384 and small.num_warps == 8 and not small.stream
+    fused = launch_config(512, 4096, 4 * 64, writers=4)  # a tile spans the 4 writers of its tokens
+    assert fused.block_tokens * 512 * 4 == 4096
     tiny = launch_config(64, 3, 2)  # never more rows than the chunk has (rounded up)
     assert tiny.block_tokens == 4
     for run in (2, 24, 100, 768, 8192):
