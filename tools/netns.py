@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.cluster import DaemonProc  # noqa: E402
+from tools.cluster import DaemonProc, trust_flags  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 _counter = itertools.count()
@@ -156,8 +156,18 @@ class Net:
         port = port or 17500
         sock = str(tmp / f"{name}.sock")
         log_path = tmp / f"{name}.log"
+        # Secure by default, as in production: CurveZMQ keys per daemon, one authorized-keys
+        # directory per cluster; a restart keeps the daemon's key.
+        insecure = any(arg.startswith("--peer-insecure") for arg in extra)
+        secret = tmp / "trust" / name / "kvd.key_secret"
+        if insecure:
+            trust: list[str] = []
+        elif secret.exists():
+            trust = ["--peer-key-file", str(secret), "--peer-authorized-keys", str(tmp / "trust" / "authorized")]
+        else:
+            trust = trust_flags(tmp, name, f"tcp://{node.addr}:{port}")
         cmd = [*node.exec_prefix(), sys.executable, "-m", "kvd", "--socket-path", sock,
-               "--peer-port", str(port), "--node-hostname", node.addr, "--log-format", "json", *extra]
+               "--peer-port", str(port), "--node-hostname", node.addr, "--log-format", "json", *trust, *extra]
         with open(log_path, "a") as log_file:
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
                                     env={**os.environ, **(env or {})})
