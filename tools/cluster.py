@@ -83,11 +83,53 @@ def trust_flags(tmp: Path, name: str, address: str) -> list[str]:
     trust = tmp / "trust"
     authorized = trust / "authorized"
     authorized.mkdir(parents=True, exist_ok=True)
-    public, secret = keygen(trust / name, address, force=True)
+    from kvd.shell.peer_auth import certificate_metadata
+
+    public, secret = trust / name / "kvd.key", trust / name / "kvd.key_secret"
+    if not (public.exists() and certificate_metadata(public).get("address") == address):
+        public, secret = keygen(trust / name, address, force=True)  # a restart keeps its key
     tmp_copy = authorized / f".{name}.key.tmp"
     tmp_copy.write_bytes(public.read_bytes())
     tmp_copy.rename(authorized / f"{name}.key")  # whole or absent, never half-written
     return ["--peer-key-file", str(secret), "--peer-authorized-keys", str(authorized)]
+
+
+def peer_socket(tmp: Path, target: str, name: str = "tester", address: str = "", *,
+                authorized: bool = True):
+    """A ZMQ DEALER connected to the daemon at ``target`` as a CurveZMQ peer: with a key of its own
+    bound to ``address`` (default ``tcp://127.0.0.1:<free port>``) and, if ``authorized``, trusted by
+    the daemons of ``tmp`` (tests that speak the peer protocol to a daemon). Close it after use."""
+    import zmq
+
+    from kvd.shell.peer_auth import keygen
+
+    address = address or f"tcp://127.0.0.1:{free_port()}"
+    trust = tmp / "trust"
+    public, secret = keygen(trust / f"peer-{name}", address, force=True)
+    if authorized:
+        (trust / "authorized").mkdir(parents=True, exist_ok=True)
+        (trust / "authorized" / f"peer-{name}.key").write_bytes(public.read_bytes())
+        time.sleep(1.1)  # the daemon rescans its directory at most once a second
+    pub, sec = zmq.auth.load_certificate(str(secret))
+    server, _ = zmq.auth.load_certificate(str(trust / target / "kvd.key"))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = pub, sec, server
+    return sock
+
+
+def peer_router(tmp: Path, name: str, address: str):
+    """A CURVE-server ROUTER bound to ``address`` with the key :func:`peer_socket` made for ``name``:
+    where a daemon's replies to that test peer arrive. Close it after use."""
+    import zmq
+
+    pub, sec = zmq.auth.load_certificate(str(tmp / "trust" / f"peer-{name}" / "kvd.key_secret"))
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_server = True
+    sock.curve_publickey, sock.curve_secretkey = pub, sec
+    sock.bind(address)
+    return sock
 
 
 def start_daemon(tmp: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> DaemonProc:
@@ -98,6 +140,8 @@ def start_daemon(tmp: Path, name: str, *extra: str, env: dict[str, str] | None =
     port = free_port()
     log_path = tmp / f"{name}.log"
     insecure = any(arg.startswith("--peer-insecure") for arg in extra)
+    if "--peer-port" in extra:  # the last one wins, as argparse has it
+        port = int(extra[len(extra) - 1 - list(reversed(extra)).index("--peer-port") + 1])
     trust = [] if insecure else trust_flags(tmp, name, f"tcp://127.0.0.1:{port}")
     cmd = [sys.executable, "-m", "kvd", "--socket-path", sock, "--peer-port", str(port),
            "--node-hostname", "127.0.0.1", "--log-format", "json",

@@ -15,6 +15,7 @@ from kvd import protocol as p
 from kvd.client import KvdBadRequest, KvdError, KvdLayoutError, KvdUnknownError, RoomFailed
 from kvd.hostpool import HostPool
 from kvd.layout import PoolLayout
+from tools.cluster import free_port, peer_router, peer_socket
 
 pytestmark = pytest.mark.e2e
 
@@ -100,9 +101,14 @@ def test_bad_layouts_and_memory_are_refused_at_registration(pair, pools):
         with pytest.raises(KvdLayoutError, match="head_dim"):
             c._request(p.RegisterPool(req_id=c._t.next_req_id(), layout={**dl.to_dict(), "head_dim": -1},
                                       memory={"kind": "shm"}), p.PoolRegistered)
+        # The engine opens its segment itself (kvd is handed the descriptor): a missing one
+        # fails in the client; a segment named to the daemon is refused there.
         with pytest.raises(KvdError, match="cannot open shared-memory"):
             c.register_pool(dl, {"kind": "shm", "name": "kvd-does-not-exist", "offsets":
                                  [i * dl.buffer_bytes for i in range(dl.num_buffers)]})
+        with pytest.raises(KvdError, match="refused"):
+            c._request(p.RegisterPool(req_id=c._t.next_req_id(), layout=dl.to_dict(),
+                                      memory={"kind": "shm", "name": "kvd-x", "offsets": [0]}), p.PoolRegistered)
         small = pools(PoolLayout("D", "decode", 1, 0, 2, 4, 8, "bfloat16", 4, 2))
         with pytest.raises(KvdError, match="needs"):
             c.register_pool(PoolLayout("D", "decode", 1, 0, 2, 4, 8, "bfloat16", 4, 1024), small.memory)
@@ -158,16 +164,16 @@ def test_incompatible_layout_fails_the_room_naming_both(pair, pools):
         assert "head_dim" in str(err.value) and "prefill P" in str(err.value) and "decode D" in str(err.value)
 
 
-def test_peer_garbage_and_forged_requests_are_counted_and_ignored(pair, pools):
+def test_peer_garbage_and_forged_requests_are_counted_and_ignored(pair, pools, tmp_path):
     pre_d, dec_d = pair
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
+    # An authenticated peer (its key is trusted, bound to its address) sending garbage.
+    s = peer_socket(tmp_path, "prefill", address="tcp://127.0.0.1:1")
     s.connect(pre_d.address)
     s.send(b"garbage")
     s.send(msgpack.packb([1, p.TransferRequest.TYPE, "x"]))
     # A forged request for an unknown pool: refused, nothing written.
-    s.send(p.TransferRequest(src="tcp://127.0.0.1:1", token="", room=1, transfer_id=1, pool_key="nope",
+    s.send(p.TransferRequest(src="tcp://127.0.0.1:1", token="", room=1, transfer_id=1,
+                             pool_key="tcp://127.0.0.1:1#x#1",
                              prefill_engine_id="P", sender_rank=0, dst_indices=np.arange(3),
                              dummy=False, deadline_s=1.0).encode())
     time.sleep(0.5)
@@ -265,7 +271,7 @@ def test_hisparse_bad_claims_fail_cleanly(pair, pools):
             assert np.array_equal(hh.buffer(b)[100:120], ph.buffer(b)[5 * 16:5 * 16 + 20])
 
 
-def test_peer_asking_for_heads_the_sender_does_not_have(pair, pools):
+def test_peer_asking_for_heads_the_sender_does_not_have(pair, pools, tmp_path):
     """A (forged) decode peer announces a TP-2 pool and asks prefill rank 0 of a TP-2 engine
     to write receiver rank 1's heads, which rank 0 does not hold: refused with a reason,
     counted, and the daemon keeps serving."""
@@ -273,18 +279,15 @@ def test_peer_asking_for_heads_the_sender_does_not_have(pair, pools):
     pl = PoolLayout("P", "prefill", 2, 0, 2, 4, 8, "bfloat16", 4, 16)
     with pre_d.client() as pc:
         pc.register_pool(pl, pools(pl), bootstrap=pre_d.address)
-        ctx = zmq.Context.instance()
-        inbox = ctx.socket(zmq.ROUTER)
-        port = inbox.bind_to_random_port("tcp://127.0.0.1")
-        me = f"tcp://127.0.0.1:{port}"
-        out = ctx.socket(zmq.DEALER)
-        out.setsockopt(zmq.LINGER, 0)
+        me = f"tcp://127.0.0.1:{free_port()}"  # an authenticated peer (trusted key bound to me)
+        out = peer_socket(tmp_path, "prefill", "forged", me)
+        inbox = peer_router(tmp_path, "forged", me)
         out.connect(pre_d.address)
         forged = PoolLayout("D", "decode", 2, 1, 2, 4, 8, "bfloat16", 4, 16)
-        out.send(p.PoolAnnounce(src=me, token="", pool_key="forged", layout=forged.to_dict(),
+        out.send(p.PoolAnnounce(src=me, token="", pool_key=f"{me}#x#1", layout=forged.to_dict(),
                                 buffers=[4096 * (i + 1) for i in range(forged.num_buffers)],
                                 session_id="127.0.0.1:1", prefill_engine_id="P").encode())
-        out.send(p.TransferRequest(src=me, token="", room=5, transfer_id=77, pool_key="forged",
+        out.send(p.TransferRequest(src=me, token="", room=5, transfer_id=77, pool_key=f"{me}#x#1",
                                    prefill_engine_id="P", sender_rank=0, dst_indices=np.arange(2),
                                    dummy=False, deadline_s=5.0).encode())
         replies = []
