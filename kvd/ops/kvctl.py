@@ -138,10 +138,24 @@ def _totals(daemon: dict[str, Any]) -> str:
     )
 
 
+def _trust(daemon: dict[str, Any]) -> list[str]:
+    """The trust line: how peers authenticate; INSECURE spelled out when they do not."""
+    trust = daemon.get("trust")
+    if not isinstance(trust, dict):
+        return []
+    if trust.get("peer_auth") == "insecure":
+        return ["trust: INSECURE (peer.insecure = true): peers are neither authenticated nor encrypted"
+                + (", shared token on" if trust.get("token") else "")]
+    refused = trust.get("peer_messages_refused", 0)
+    return [f"trust: peers curve ({_text(trust.get('authorized_keys'))} authorized keys), "
+            f"{_text(refused)} peer messages refused, local allow-list "
+            f"{'on' if trust.get('socket_allow_uids') or trust.get('socket_allow_gids') else 'off'}"]
+
+
 def render_status(st: dict[str, Any]) -> str:
     """Render a status dict (``KvdClient.status()``) as the text ``kvctl status`` prints."""
     daemon = _dict(st.get("daemon"))
-    lines = [_header(daemon), _totals(daemon), ""]
+    lines = [_header(daemon), _totals(daemon), *_trust(daemon), ""]
 
     rooms = [r for r in st.get("rooms") or [] if isinstance(r, dict)]
     room_rows = [
