@@ -62,6 +62,7 @@ def _staging_copy_kernel(  # type: ignore[no-untyped-def]
     STREAM: tl.constexpr = False,  # stores with the streaming cache hint (.cs)
     SLABS: tl.constexpr = 1,  # slabs in the grid (with SLAB_FASTEST)
     SLAB_FASTEST: tl.constexpr = False,  # consecutive programs take consecutive slabs, not tiles
+    EVICT: tl.constexpr = True,  # loads hint evict-first (the bytes are read once)
 ):
     pid = tl.program_id(0)
     if SLAB_FASTEST:
@@ -92,13 +93,19 @@ def _staging_copy_kernel(  # type: ignore[no-untyped-def]
     else:
         mask = valid[:, None] & (cols < RUN)[None, :]
     if GATHER:
-        data = tl.load(pool_ptrs, mask=mask, eviction_policy="evict_first")
+        if EVICT:
+            data = tl.load(pool_ptrs, mask=mask, eviction_policy="evict_first")
+        else:
+            data = tl.load(pool_ptrs, mask=mask)
         if STREAM:
             tl.store(stage_ptrs, data, mask=mask, cache_modifier=".cs")
         else:
             tl.store(stage_ptrs, data, mask=mask)
     else:
-        data = tl.load(stage_ptrs, mask=mask, eviction_policy="evict_first")
+        if EVICT:
+            data = tl.load(stage_ptrs, mask=mask, eviction_policy="evict_first")
+        else:
+            data = tl.load(stage_ptrs, mask=mask)
         if STREAM:
             tl.store(pool_ptrs, data, mask=mask, cache_modifier=".cs")
         else:
@@ -124,6 +131,7 @@ def _scatter_writers_kernel(  # type: ignore[no-untyped-def]
     ALIGN: tl.constexpr,
     STREAM: tl.constexpr,
     SLAB_FASTEST: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     """Every writer's run of a token in one tile: the pieces of one pool row are written together."""
     pid = tl.program_id(0)
@@ -153,7 +161,10 @@ def _scatter_writers_kernel(  # type: ignore[no-untyped-def]
         mask = valid[:, None, None] & w_ok[None, :, None]
     else:
         mask = valid[:, None, None] & w_ok[None, :, None] & (cols < RUN)[None, None, :]
-    data = tl.load(stage_ptrs, mask=mask, eviction_policy="evict_first")
+    if EVICT:
+        data = tl.load(stage_ptrs, mask=mask, eviction_policy="evict_first")
+    else:
+        data = tl.load(stage_ptrs, mask=mask)
     if STREAM:
         tl.store(pool_ptrs, data, mask=mask, cache_modifier=".cs")
     else:
@@ -175,6 +186,7 @@ class LaunchConfig:
     stream: bool = False  # streaming-store cache hint
     slab_fastest: bool = False  # consecutive programs take consecutive buffers
     fuse_writers: bool = True  # a multi-writer scatter writes every writer's run of a token together
+    evict: bool = True  # loads hint evict-first
 
 
 SMALL_CHUNK_BYTES = 16 << 20
@@ -182,18 +194,24 @@ SMALL_CHUNK_BYTES = 16 << 20
 
 def launch_config(run_bytes: int, num_tokens: int, num_slabs: int, sm_count: int = 132,
                   block_bytes: int = 0, writers: int = 1) -> LaunchConfig:
-    """Tile per launch, from an H100 sweep against SGLang's kernels (tools/bench_gpu_kernels.py):
-    chunks of at most 16 MiB take 16 KiB tiles with 8 warps (few programs, each with many loads in
-    flight); larger ones 4 KiB tiles with 4 warps and streaming stores (the pool or staging bytes
-    written are not read again soon). ``writers`` > 1: a fused scatter tile spans every writer."""
+    """Tile per launch, from H100 sweeps against SGLang's kernels (tools/bench_gpu_kernels.py).
+
+    Chunks of at most 16 MiB (they may sit in L2): 32 tokens per program, 8 warps, consecutive
+    programs on consecutive buffers, no cache hints, a multi-writer scatter fused (every writer's
+    run of a token in one tile). Larger chunks: 4 KiB tiles, 4 warps, evict-first loads and
+    streaming stores (the bytes are touched once), one writer per tile. ``writers`` > 1 sizes a
+    fused tile."""
     row_bytes = triton.next_power_of_2(max(1, run_bytes))
     total = num_slabs * num_tokens * row_bytes
-    small = total <= SMALL_CHUNK_BYTES
-    tile = block_bytes or (16384 if small else 4096)
-    per_token = row_bytes * triton.next_power_of_2(max(1, writers))
-    block_tokens = max(1, min(triton.next_power_of_2(max(1, num_tokens)), tile // per_token, 1024))
-    num_warps = 8 if small and block_tokens * per_token >= 8192 else 4
-    return LaunchConfig(block_tokens=block_tokens, num_warps=num_warps, stream=not small)
+    cap = triton.next_power_of_2(max(1, num_tokens))
+    if total <= SMALL_CHUNK_BYTES:
+        per_token = row_bytes * triton.next_power_of_2(max(1, writers))
+        tokens = block_bytes // per_token if block_bytes else max(1, 32 // triton.next_power_of_2(max(1, writers)))
+        block_tokens = max(1, min(cap, tokens, 1024))
+        warps = 8 if block_tokens * per_token >= 8192 else 4
+        return LaunchConfig(block_tokens, warps, stream=False, slab_fastest=True, fuse_writers=True, evict=False)
+    block_tokens = max(1, min(cap, (block_bytes or 4096) // row_bytes, 1024))
+    return LaunchConfig(block_tokens, 4, stream=True, slab_fastest=False, fuse_writers=False, evict=True)
 
 
 def _device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -269,6 +287,8 @@ def _launch(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers
     if config is None:
         config = launch_config(run_bytes, num_tokens, num_slabs, _sm_count(device),
                                writers=writers if fused else 1)
+        if fused and not config.fuse_writers:
+            config = launch_config(run_bytes, num_tokens, num_slabs, _sm_count(device))
     fused = fused and config.fuse_writers
     tiles = triton.cdiv(num_tokens, config.block_tokens)
     table = _pool_table(pool)
@@ -279,14 +299,14 @@ def _launch(staging: torch.Tensor, buffers: Sequence[torch.Tensor] | PoolBuffers
             table, stage, token_idx, heads, num_tokens, pool.pool_tokens, row_stride, tiles, writers,
             NUM_BUFFERS=len(pool), RUN=run, BLOCK_T=config.block_tokens,
             BLOCK_W=triton.next_power_of_2(writers), BLOCK_R=triton.next_power_of_2(run), ALIGN=align,
-            STREAM=config.stream, SLAB_FASTEST=config.slab_fastest, num_warps=config.num_warps,
+            STREAM=config.stream, SLAB_FASTEST=config.slab_fastest, EVICT=config.evict, num_warps=config.num_warps,
         )
         return
     _staging_copy_kernel[(num_slabs * tiles,)](
         table, stage, token_idx, heads, num_tokens, pool.pool_tokens, row_stride, tiles,
         NUM_BUFFERS=len(pool), RUN=run, BLOCK_T=config.block_tokens,
         BLOCK_R=triton.next_power_of_2(run), ALIGN=align, GATHER=gather, STREAM=config.stream,
-        SLABS=num_slabs if config.slab_fastest else 1, SLAB_FASTEST=config.slab_fastest,
+        SLABS=num_slabs if config.slab_fastest else 1, SLAB_FASTEST=config.slab_fastest, EVICT=config.evict,
         num_warps=config.num_warps,
     )
 

@@ -192,6 +192,12 @@ def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
                 f"{r['gbps']:7.1f} GB/s paths {r['paths']} ops {r['write_ops']}")
         if same != "off":
             line += f" -> {r['gbps'] / d2d:.3f} of D2D"
+            sn = [p for p in r.get("path_totals", {}).values() if p["bytes"]["same_node"]]
+            if sn:
+                nb = sum(p["bytes"]["same_node"] for p in sn)
+                sec = sum(p["seconds"]["same_node"] for p in sn)
+                line += (f"; its same-node copies: {nb / 2**30:.2f} GiB in {sec * 1e3:.1f} ms of transport time = "
+                         f"{nb / sec / 1e9 if sec else 0:.0f} GB/s = {nb / sec / 1e9 / d2d if sec else 0:.3f} of D2D")
             if r["gather_s"] or r["scatter_s"]:
                 line += f" (kernel busy: gather {r['gather_s']:.3f} s, scatter {r['scatter_s']:.3f} s)"
         else:
@@ -213,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--e2e", default="", help="comma-separated substrings of the end-to-end cases to run")
     ap.add_argument("--e2e-timeout", type=float, default=240.0, help="seconds each end-to-end case may take")
+    ap.add_argument("--kernel-rep", type=int, default=25, help="ms of graph replays per kernel timing")
     ap.add_argument("--skip-raw", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_kernels:
         from tools import bench_gpu_kernels
 
-        bench_gpu_kernels.main(["--sglang", a.sglang])
+        bench_gpu_kernels.main(["--sglang", a.sglang, "--rep", str(a.kernel_rep)])
     print("\n=== summary (ratios within this run) ===")
     print("\n".join(out))
     return 0

@@ -104,17 +104,28 @@ class Row:
 
 def _name(cfg: Any) -> str:
     return (f"{cfg.block_tokens}x{cfg.num_warps}w" + ("s" if cfg.stream else "") + ("o" if cfg.slab_fastest else "")
-            + ("" if cfg.fuse_writers else "u"))
+            + ("" if cfg.fuse_writers else "u") + ("" if cfg.evict else "n"))
 
 
 def _config(text: str) -> Any:
-    """'8x4' = 8 tokens x 4 warps; letters after: s streaming stores, o slab-fastest order, u unfused."""
+    """'8x4' = 8 tokens x 4 warps; letters after: s streaming stores, o slab-fastest order, u unfused,
+    n no evict-first hint on loads."""
     from kvd_kernels.triton_kernels import LaunchConfig
 
     b, rest = text.split("x")
     w = "".join(ch for ch in rest if ch.isdigit())
     flags = rest[len(w):]
-    return LaunchConfig(int(b), int(w), "s" in flags, "o" in flags, "u" not in flags)
+    return LaunchConfig(int(b), int(w), "s" in flags, "o" in flags, "u" not in flags, "n" not in flags)
+
+
+def _interleaved(fns: Sequence[Callable[[], None] | None], rep: int, rounds: int = 3) -> list[float]:
+    """Median over ``rounds`` of each function's time, taken in turns (A B C A B C ...): clock or
+    thermal drift during a case then favours none of them."""
+    runs: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            runs[i].append(_time_us(fn, rep) if fn is not None else float("nan"))
+    return [sorted(r)[len(r) // 2] for r in runs]
 
 
 def _time_us(fn: Callable[[], None], rep: int) -> float:
@@ -190,14 +201,13 @@ def run_case(case: Case, page: int, tokens: int, sgl: types.ModuleType | None, r
         st_sgl.zero_()
         sgl_g()
         exact = exact and torch.equal(st_sgl, want)
-    copy_us = _time_us(lambda: dst[:block].copy_(src[:block]), rep)
-    best, best_cfg = _time_us(kvd_g, rep), "default"
+    copy_us, best, sgl_us = _interleaved([lambda: dst[:block].copy_(src[:block]), kvd_g, sgl_g], rep)
+    best_cfg = "default"
     sweep = {"default": best}
     for cfg in configs:
         us = sweep[_name(cfg)] = _time_us(lambda cfg=cfg: kvd_g(cfg), rep)
         if us < best:
             best, best_cfg = us, _name(cfg)
-    sgl_us = _time_us(sgl_g, rep) if sgl_g is not None else float("nan")
     rows.append(Row(case.name, page, tokens, "gather", block, copy_us, best, sgl_us, sgl_us / best,
                     copy_us / best, exact, best_cfg, sweep if configs else None))
 
@@ -230,14 +240,13 @@ def run_case(case: Case, page: int, tokens: int, sgl: types.ModuleType | None, r
         exact = exact and all(torch.equal(a.view(torch.int16), b.view(torch.int16))
                               for a, b in zip(rbufs, expect, strict=True))
     nbytes = block * writers
-    copy_us = _time_us(lambda: dst.copy_(src), rep)
-    best, best_cfg = _time_us(kvd_s, rep), "default"
+    copy_us, best, sgl_us = _interleaved([lambda: dst.copy_(src), kvd_s, sgl_s], rep)
+    best_cfg = "default"
     sweep = {"default": best}
     for cfg in configs:
         us = sweep[_name(cfg)] = _time_us(lambda cfg=cfg: kvd_s(cfg), rep)
         if us < best:
             best, best_cfg = us, _name(cfg)
-    sgl_us = _time_us(sgl_s, rep) if sgl_s is not None else float("nan")
     rows.append(Row(case.name, page, tokens, f"scatter{writers}w", nbytes, copy_us, best, sgl_us,
                     sgl_us / best, copy_us / best, exact, best_cfg, sweep if configs else None))
     return rows

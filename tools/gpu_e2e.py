@@ -233,10 +233,10 @@ def run(a) -> dict:
         for p in procs:
             p.join(60)
         dstat, pstat = decode.status()["daemon"], prefill.status()["daemon"]
-        peer_paths = _peer_paths(prefill.log())
     finally:
         prefill.stop()
         decode.stop()
+    peer_paths, totals = _peer_paths(prefill.log())
     dec = [r for r in reports if r.role == "decode"]
     nbytes = sum(r.bytes for r in dec)
     seconds = max(r.t_end for r in reports) - min(r.t_start for r in reports)
@@ -246,14 +246,15 @@ def run(a) -> dict:
             "gbps": nbytes / seconds / 1e9 if seconds > 0 else 0.0, "paths": dstat["rooms_by_path"],
             "write_ops": pstat["write_ops_total"], "errors": {**pstat["errors"], **dstat["errors"]},
             "failures": [(r.role, r.rank, r.error, r.mismatches[:2]) for r in reports if not r.ok],
-            "peer_paths": peer_paths, **kern}
+            "peer_paths": peer_paths, "path_totals": totals, **kern}
 
 
-def _peer_paths(log_text: str) -> list[str]:
-    """The prefill daemon's peer_path and same_node_fallback log events (which path each peer got)."""
+def _peer_paths(log_text: str) -> tuple[list[str], dict]:
+    """The prefill daemon's peer_path and same_node_fallback events (which path each peer got, and
+    why), and the per-peer totals it logs at stop (bytes and seconds of its same-node copies)."""
     import json
 
-    out = []
+    out, totals = [], {}
     for line in log_text.splitlines():
         try:
             ev = json.loads(line)
@@ -261,7 +262,10 @@ def _peer_paths(log_text: str) -> list[str]:
             continue
         if ev.get("event") in ("peer_path", "same_node_fallback"):
             out.append(f"{ev['event']}: {ev.get('path')} ({ev.get('reason')})")
-    return out
+        elif ev.get("event") == "same_node_totals":
+            for peer, p in (ev.get("peers") or {}).items():
+                totals[peer] = p
+    return out, totals
 
 
 def parser() -> argparse.ArgumentParser:

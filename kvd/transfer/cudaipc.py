@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import mmap
 import os
 import socket
 import struct
@@ -249,6 +250,17 @@ class IpcEndpoint:
         self._sock.listen(16)
         self._closed = False
         self.generation = 0
+        # The fence word: [alive, generation] in a shared-memory file peers map read-only and check
+        # before every batch (a memory read, not a round trip); closing writes alive = 0 first.
+        safe = "".join(ch if ch.isalnum() else "_" for ch in session_id)
+        self.fence_path = f"/dev/shm/kvd-ipc-{safe}-{os.getpid()}"
+        fd = os.open(self.fence_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, 16)
+            self._fence = mmap.mmap(fd, 16)
+        finally:
+            os.close(fd)
+        struct.pack_into("<QQ", self._fence, 0, 1, 0)
         self._thread = threading.Thread(target=self._serve, name="kvd-ipc-endpoint", daemon=True)
         self._thread.start()
 
@@ -257,18 +269,20 @@ class IpcEndpoint:
         with self._lock:
             self.regions[addr] = exported
             self.generation += 1
+            struct.pack_into("<Q", self._fence, 8, self.generation)
         return exported
 
     def remove(self, addr: int) -> None:
         with self._lock:
             if self.regions.pop(addr, None) is not None:
                 self.generation += 1
+                struct.pack_into("<Q", self._fence, 8, self.generation)
 
     def describe(self) -> dict[str, Any]:
         with self._lock:
             regions = [r.to_json() for r in self.regions.values() if isinstance(r, ExportedRegion)]
         return {"session": self.session_id, "boot_id": boot_id(), "pid": os.getpid(), "generation": self.generation,
-                "regions": regions}
+                "fence": self.fence_path, "regions": regions}
 
     def _serve(self) -> None:
         while not self._closed:
@@ -294,6 +308,10 @@ class IpcEndpoint:
 
     def close(self) -> None:
         self._closed = True
+        with self._lock:
+            struct.pack_into("<Q", self._fence, 0, 0)  # revoked: peers' next check fails
+        with contextlib.suppress(OSError):
+            os.unlink(self.fence_path)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -346,6 +364,7 @@ class IpcPeer:
     offsets: list[int] = field(default_factory=list)  # our address - peer address
     skipped: list[str] = field(default_factory=list)
     generation: int = -1
+    fence: mmap.mmap | None = None
 
     def refresh(self) -> None:
         """(Re)read the peer's regions and open any allocation not opened yet."""
@@ -355,6 +374,15 @@ class IpcPeer:
         rows = []
         self.skipped = []
         self.generation = int(reply.get("generation", -1))
+        if self.fence is None and reply.get("fence"):
+            try:
+                fd = os.open(str(reply["fence"]), os.O_RDONLY)
+                try:
+                    self.fence = mmap.mmap(fd, 16, prot=mmap.PROT_READ)
+                finally:
+                    os.close(fd)
+            except OSError:
+                self.fence = None
         for r in reply.get("regions", []):
             try:
                 ours = open_handle(bytes.fromhex(r["handle"]), int(r["device"]))
@@ -370,7 +398,13 @@ class IpcPeer:
     def check(self) -> None:
         """Per batch: the peer's endpoint still answers (a revoked receive session does not: the
         write fails instead of landing), and the region list is re-read if it changed."""
-        if generation(self.session_id) != self.generation:
+        if self.fence is not None:
+            alive, gen = struct.unpack_from("<QQ", self.fence, 0)
+            if not alive:
+                raise TransportError(f"{self.session_id} closed its same-node endpoint (session revoked)")
+        else:
+            gen = generation(self.session_id)
+        if gen != self.generation:
             self.refresh()
 
     def translate(self, dst: np.ndarray, length: np.ndarray) -> np.ndarray | None:

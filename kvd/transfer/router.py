@@ -49,11 +49,12 @@ class PeerPath:
     reason: str
     batches: dict[str, int] = field(default_factory=lambda: {"same_node": 0, "network": 0})
     bytes: dict[str, int] = field(default_factory=lambda: {"same_node": 0, "network": 0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"same_node": 0.0, "network": 0.0})
     fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> batches sent over the network
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "reason": self.reason, "batches": dict(self.batches), "bytes": dict(self.bytes),
-                "fallbacks": dict(self.fallbacks)}
+                "seconds": {k: round(v, 6) for k, v in self.seconds.items()}, "fallbacks": dict(self.fallbacks)}
 
 
 class SameNodeTransport:
@@ -190,12 +191,14 @@ class SameNodeTransport:
                 if isinstance(result, BatchResult):
                     path.batches["same_node"] += 1
                     path.bytes["same_node"] += result.nbytes
+                    path.seconds["same_node"] += result.seconds
                     return result
                 reason = result
             self._fallback(peer_session, path, reason)
         result = await self.network.write(peer_session, src, dst, length)
         path.batches["network"] += 1
         path.bytes["network"] += result.nbytes
+        path.seconds["network"] += result.seconds
         return result
 
     def _same_node(self, peer_session: str, path: PeerPath, src: np.ndarray, dst: np.ndarray,
@@ -251,6 +254,8 @@ class SameNodeTransport:
         return BatchResult(int(length.sum()), len(src), time.perf_counter() - t0)
 
     def close(self) -> None:
+        if self._paths:
+            log.info("same_node_totals", peers=self.paths())
         if self._endpoint is not None:
             self._endpoint.close()
         self._pool.shutdown(wait=True, cancel_futures=False)

@@ -160,11 +160,11 @@ def test_launch_config_heuristic() -> None:
     from kvd_kernels.triton_kernels import launch_config
 
     big = launch_config(512, 16384, 160, sm_count=132)  # > 16 MiB: 4 KiB tiles, 4 warps, streaming stores
-    assert big.block_tokens * 512 == 4096 and big.num_warps == 4 and big.stream
-    small = launch_config(256, 256, 64, sm_count=132)  # 4 MiB: 16 KiB tiles, 8 warps (H100 sweep)
-    assert small.block_tokens * 256 == 16384 and small.num_warps == 8 and not small.stream
-    fused = launch_config(512, 4096, 4 * 64, writers=4)  # a tile spans the 4 writers of its tokens
-    assert fused.block_tokens * 512 * 4 == 4096
+    assert big.block_tokens * 512 == 4096 and big.num_warps == 4 and big.stream and not big.fuse_writers
+    small = launch_config(256, 256, 64, sm_count=132)  # 4 MiB: 32 tokens, slab-fastest, no hints (H100 sweep)
+    assert small.block_tokens == 32 and small.slab_fastest and not small.stream and not small.evict
+    fused = launch_config(512, 256, 2 * 48, writers=2)  # 12 MiB, 2 writers fused: 16 tokens x 2 writers
+    assert fused.block_tokens == 16 and fused.fuse_writers
     tiny = launch_config(64, 3, 2)  # never more rows than the chunk has (rounded up)
     assert tiny.block_tokens == 4
     for run in (2, 24, 100, 768, 8192):
