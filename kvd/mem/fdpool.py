@@ -24,7 +24,7 @@ import stat
 from typing import Any
 
 from kvd.core.layout import PoolLayout
-from kvd.mem.memory import OpenedPool, PoolMemoryError, prefault
+from kvd.mem.opened import OpenedPool, PoolMemoryError, prefault
 
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6

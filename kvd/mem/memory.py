@@ -10,67 +10,16 @@ daemon maps it, never frees it, and never unlinks a segment.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import mmap
 import os
-import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvd.core.layout import PoolLayout
+from kvd.mem.fdpool import open_fd_pool
+from kvd.mem.opened import OpenedPool, PoolMemoryError, prefault
 
 SHM_DIR = "/dev/shm"
-
-
-class PoolMemoryError(ValueError):
-    """Pool memory that cannot be opened or does not match its layout."""
-
-
-@dataclass
-class OpenedPool:
-    """Buffers of one pool as addresses in this process, and the regions that hold them."""
-
-    buffers: list[int]
-    regions: list[tuple[int, int]]
-    _keep: list[Any] = field(default_factory=list, repr=False)
-
-    @property
-    def backing(self) -> tuple[Any, ...]:
-        """What holds the memory: the shared-memory mapping, or one CUDA tensor per buffer."""
-        return tuple(self._keep)
-
-    def close(self) -> None:
-        for obj in self._keep:
-            close = getattr(obj, "close", None)
-            if close is not None:
-                # A view still exported: the mapping then goes with the process.
-                with contextlib.suppress(BufferError, ValueError):
-                    close()
-        self._keep.clear()
-
-
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-
-
-def prefault(addr: int, length: int) -> threading.Thread:
-    """Map every page of ``[addr, addr+length)`` writable, in a background thread.
-
-    A page fault costs microseconds, and a 64 MiB chunk touches 16k pages: faulting them one at
-    a time mid-transfer cost 90% of a staged transfer on a host pool. MADV_POPULATE_WRITE maps
-    pages without changing a byte, so it is safe while the memory is in use, and the thread
-    keeps registration from waiting (~0.6 s per GiB). On kernels without it, pages fault lazily.
-    """
-
-    def populate() -> None:
-        with contextlib.suppress(Exception):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            libc.madvise(addr, length, _MADV_POPULATE_WRITE)
-
-    thread = threading.Thread(target=populate, name="kvd-prefault", daemon=True)
-    thread.start()
-    return thread
 
 
 def _address_of(buf: mmap.mmap) -> int:
@@ -171,8 +120,6 @@ def open_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
     memory by name with its own rights."""
     kind = memory.get("kind")
     if kind == "fd":
-        from kvd.mem.fdpool import open_fd_pool
-
         return open_fd_pool(layout, memory)
     if kind == "cuda_ipc":
         return open_cuda_pool(layout, memory)
@@ -184,4 +131,4 @@ def open_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
     raise PoolMemoryError(f"memory kind must be 'fd' or 'cuda_ipc', got {str(kind)[:40]!r}")
 
 
-__all__ = ["OpenedPool", "PoolMemoryError", "open_pool", "open_host_pool", "open_cuda_pool"]
+__all__ = ["OpenedPool", "PoolMemoryError", "open_pool", "prefault", "open_host_pool", "open_cuda_pool"]

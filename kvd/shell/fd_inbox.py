@@ -26,7 +26,7 @@ from collections.abc import Callable
 import structlog
 
 from kvd.mem.fdpool import check_fd
-from kvd.mem.memory import PoolMemoryError
+from kvd.mem.opened import PoolMemoryError
 from kvd.shell.local_access import LocalAccess, peer_credentials
 from kvd.wire import fdmsg
 

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from kvd.mem.fdpool import ReceivedFd
-from kvd.mem.memory import PoolMemoryError
+from kvd.mem.opened import PoolMemoryError
 from kvd.wire import fdmsg
 
 log = structlog.get_logger("kvd.trust")

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from kvd.core.config import Config
-from kvd.mem.memory import PoolMemoryError
+from kvd.mem.opened import PoolMemoryError
 from kvd.shell.fd_inbox import FdInbox
 from kvd.shell.local_access import LocalAccess
 from kvd.shell.peer_auth import PeerAuth, TrustError

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 
 FLAGS = ("--staging-enabled", "--staging-pool-bytes", "1MiB", "--staging-chunk-tokens", "8",
          "--timeouts-waiting-s", "8", "--timeouts-bootstrap-s", "5", "--timeouts-transfer-s", "8",
-         "--timeouts-abort-fence-s", "1")
+         "--timeouts-abort-fence-s", "1", "--peer-insecure")
 PRE = [PoolLayout("P", "prefill", 2, r, 2, 4, 8, "bfloat16", 4, 16) for r in range(2)]
 DEC = PoolLayout("D", "decode", 1, 0, 2, 4, 8, "bfloat16", 4, 16)
 
@@ -156,17 +156,17 @@ def test_grant_outside_the_receivers_staging_pool_is_refused(daemons, offset):
             me = peer.address
             forged = DEC
             peer.send(prefill.address, p.PoolAnnounce(
-                src=me, token="", pool_key="forged", layout=forged.to_dict(),
+                src=me, token="", pool_key=f"{me}#forged#1", layout=forged.to_dict(),
                 buffers=[4096 * (i + 1) for i in range(forged.num_buffers)], session_id="127.0.0.1:1",
                 prefill_engine_id="P", staging_base=1 << 20, staging_bytes=4096))
             assert wait_for(lambda: any(isinstance(r, p.PoolAck) for r in replies))
             ack = next(r for r in replies if isinstance(r, p.PoolAck))
             assert ack.ok and ack.staging
             peer.send(prefill.address, p.TransferRequest(
-                src=me, token="", room=5, transfer_id=77, pool_key="forged", prefill_engine_id="P",
+                src=me, token="", room=5, transfer_id=77, pool_key=f"{me}#forged#1", prefill_engine_id="P",
                 sender_rank=0, dst_indices=np.arange(4), dummy=False, deadline_s=5.0, chunk_tokens=8,
                 writer=0, writers=2))
-            peer.send(prefill.address, p.StagingGrant(src=me, token="", room=5, transfer_id=77, pool_key="forged",
+            peer.send(prefill.address, p.StagingGrant(src=me, token="", room=5, transfer_id=77, pool_key=f"{me}#forged#1",
                                                       sender_rank=0, chunk=0, offset=offset))
             assert wait_for(lambda: any(isinstance(r, p.TransferStatus) for r in replies))
         status = next(r for r in replies if isinstance(r, p.TransferStatus))
