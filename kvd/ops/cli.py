@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -24,11 +25,14 @@ def keygen_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvd keygen", description="Create this daemon's CurveZMQ keypair: <dir>/<name>.key (public: copy "
         "it into every peer's peer.authorized_keys directory) and <dir>/<name>.key_secret (peer.key_file, 0600).")
-    parser.add_argument("--dir", default="/etc/kvd/keys", help="where to write the pair (default /etc/kvd/keys)")
-    parser.add_argument("--address", default="",
+    parser.add_argument("--config", default=None,
+                        help="kvd's config file: the defaults of --dir, --name (peer.key_file) and --address "
+                             "(tcp://<node.hostname>:<peer.port>) come from it ($KVD_CONFIG and KVD_* apply)")
+    parser.add_argument("--dir", default=None, help="where to write the pair (default: peer.key_file's directory)")
+    parser.add_argument("--address", default=None,
                         help="this daemon's peer address tcp://<node.hostname>:<peer.port>, written into the "
-                             "public key: peers let the key speak only as this address (required)")
-    parser.add_argument("--name", default="kvd", help="file name stem (default kvd)")
+                             "public key: peers let the key speak only as this address")
+    parser.add_argument("--name", default=None, help="file name stem (default: peer.key_file's, i.e. kvd)")
     parser.add_argument("--force", action="store_true", help="replace an existing pair")
     parser.add_argument("--if-missing", action="store_true", help="do nothing (exit 0) when the pair exists")
     parser.add_argument("--owner", default="", help="chown the pair to this user (e.g. kvd)")
@@ -40,6 +44,15 @@ def keygen_main(argv: list[str]) -> int:
     from kvd.shell.peer_hub import PeerAddressError, check_peer_address
 
     args = keygen_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except (ConfigError, OSError) as exc:
+        print(f"kvd keygen: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    key_file = config.peer_key_file
+    args.dir = args.dir or os.path.dirname(key_file) or "."
+    args.name = args.name or os.path.basename(key_file).removesuffix(".key_secret") or "kvd"
+    args.address = args.address or f"tcp://{config.hostname}:{config.peer_port}"
     try:
         check_peer_address(args.address)
     except PeerAddressError as exc:
