@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -286,9 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.keep:
             print(f"logs and plan kept in {workdir}")
         else:
-            for f in workdir.iterdir():
-                f.unlink(missing_ok=True)
-            workdir.rmdir()
+            shutil.rmtree(workdir, ignore_errors=True)  # logs, plan and the daemons' keys (trust/)
 
 
 if __name__ == "__main__":
