@@ -50,6 +50,8 @@ _MAX_ADDRESS = 256
 POLL_S = 1.0
 #: Messages the ROUTER queues per peer connection before it stops reading from it.
 ROUTER_HWM = 10_000
+#: Peer messages read per wake-up of the receive loop before it yields to the event loop.
+RECEIVE_BATCH = 256
 #: Old incarnations remembered per peer (their late messages are dropped).
 RETIRED_KEPT = 4
 
@@ -91,6 +93,7 @@ class PeerHub:
         self.ctx = zmq.asyncio.Context.instance()
         self._router: zmq.asyncio.Socket | None = None
         self._dealers: OrderedDict[str, zmq.asyncio.Socket] = OrderedDict()  # least recently used first
+        self._plain: dict[str, zmq.Socket[bytes]] = {}  # each DEALER without zmq.asyncio's futures
         self._last_sent: dict[str, float] = {}
         self.last_seen: OrderedDict[str, float] = OrderedDict()
         self._watch_since: dict[str, float] = {}
@@ -134,6 +137,7 @@ class PeerHub:
         for sock in self._dealers.values():
             sock.close(linger=0)
         self._dealers.clear()
+        self._plain.clear()
         if self._router is not None:
             self._router.close(linger=0)
 
@@ -152,7 +156,9 @@ class PeerHub:
         if sock is None:
             return False
         try:
-            sock.send(msg.encode(), flags=zmq.NOBLOCK)
+            # The plain socket's send: NOBLOCK never waits, so zmq.asyncio's future is pure cost.
+            # NOBLOCK never waits: zmq.asyncio's future per send would be pure cost (issue 15).
+            self._plain[addr].send(msg.encode(), flags=zmq.NOBLOCK)
         except zmq.Again:
             self.handler.count_error("peer_backpressure")
             log.warning("peer_queue_full", peer=addr, msg=type(msg).__name__)
@@ -197,6 +203,7 @@ class PeerHub:
             log.warning("peer_socket_failed", peer=addr, msg=what, error=str(exc))
             return None
         self._dealers[addr] = sock
+        self._plain[addr] = zmq.Socket.shadow(sock.underlying)
         return sock
 
     def _evict_one(self) -> None:
@@ -208,6 +215,7 @@ class PeerHub:
 
     def _close(self, addr: str) -> None:
         sock = self._dealers.pop(addr, None)
+        self._plain.pop(addr, None)
         self._last_sent.pop(addr, None)
         if sock is not None:
             sock.close(linger=0)
@@ -216,12 +224,19 @@ class PeerHub:
     async def _receive_loop(self) -> None:
         assert self._router is not None
         router = self._router
+        plain: zmq.Socket[bytes] = zmq.Socket.shadow(router.underlying)  # the same socket, without zmq.asyncio's futures
         while True:
             # Poll with a timeout so that an idle loop still reports passes to the watchdog.
             if await router.poll(int(POLL_S * 1000)):
                 with self.tasks.guard("peer-receive"):
-                    frames = await router.recv_multipart(copy=False)
-                    self._receive([f.bytes for f in frames], user_id_of(frames[-1]))
+                    # Drain what is queued with plain non-blocking reads (one wake-up, not two
+                    # futures per message), bounded so the loop's other work is not starved.
+                    for _ in range(RECEIVE_BATCH):
+                        try:
+                            frames = plain.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._receive([f.bytes for f in frames], user_id_of(frames[-1]))
             if self.watchdog is not None and self.tasks.healthy("peer-receive"):
                 self.watchdog.beat("peer-receive", self.handler.now())
 
