@@ -34,6 +34,11 @@ class LayoutError(ValueError):
     """A pool layout is invalid, or two layouts cannot be mapped onto each other."""
 
 
+#: Layouts parsed by :meth:`PoolLayout.from_dict`, by their map's items (bounded, oldest out).
+_FROM_DICT: dict[tuple[Any, ...], PoolLayout] = {}
+_FROM_DICT_KEPT = 1024
+
+
 @dataclass(frozen=True)
 class PoolLayout:
     """Shape of one engine rank's KV pool (the same for every rank of an engine but tp_rank)."""
@@ -146,6 +151,14 @@ class PoolLayout:
     def from_dict(cls, data: dict[str, Any]) -> PoolLayout:
         if not isinstance(data, dict):
             raise LayoutError(f"a pool layout must be a map, got {type(data).__name__}")
+        # Peers send the same few layouts with every room: a frozen layout is parsed once.
+        try:
+            key = (cls, tuple((k, type(v), v) for k, v in data.items()))  # True == 1, but not here
+            cached = _FROM_DICT.get(key)
+        except TypeError:  # an unhashable value: parsed (and refused) below
+            key, cached = None, None
+        if cached is not None:
+            return cached
         known = {f for f in cls.__dataclass_fields__}
         missing = [f for f in ("engine_id", "role", "tp_size", "tp_rank", "num_layers",
                                "total_kv_heads", "head_dim", "dtype", "page_size", "num_pages")
@@ -153,9 +166,14 @@ class PoolLayout:
         if missing:
             raise LayoutError(f"pool layout lacks {', '.join(missing)}")
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
+            layout = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as exc:  # pragma: no cover - guarded by the filter above
             raise LayoutError(str(exc)) from exc
+        if key is not None:
+            if len(_FROM_DICT) >= _FROM_DICT_KEPT:
+                _FROM_DICT.pop(next(iter(_FROM_DICT)))
+            _FROM_DICT[key] = layout
+        return layout
 
     def describe(self) -> str:
         kind = "MLA" if self.is_mla else f"{self.total_kv_heads} kv heads"

@@ -319,11 +319,20 @@ def expand_pages_to_tokens(pages: np.ndarray, page_size: int, length: int) -> np
     return tokens[:length]
 
 
+#: Up to this many indices or ops, checks and plans run on Python ints: numpy's per-call cost
+#: (microseconds per function) dominates tiny rooms (issue 15); the results are the same.
+SMALL = 16
+
+
 def check_token_indices(tokens: np.ndarray, layout: PoolLayout, what: str) -> None:
     """Refuse token indices that are not integers or fall outside the layout's pool."""
     arr = _index_array(tokens, what)
     if arr.size == 0:
         return
+    if arr.size <= SMALL:
+        values = arr.tolist()
+        if min(values) >= 0 and max(values) < layout.num_tokens:
+            return
     bad = (arr < 0) | (arr >= layout.num_tokens)
     if bad.any():
         first = int(arr[np.flatnonzero(bad)[0]])
@@ -376,7 +385,7 @@ def plan_direct_writes(sender: PoolLayout, sender_buffers: Sequence[int], src_to
     _check_layouts(sender, receiver)
     check_token_indices(src, sender, "src tokens")
     check_token_indices(dst, receiver, "dst tokens")
-    if dst.size > 1 and np.unique(dst).shape[0] != dst.shape[0]:
+    if dst.size > 1 and (len(set(dst.tolist())) if dst.size <= SMALL else np.unique(dst).shape[0]) != dst.shape[0]:
         # two writes to one row would leave whichever lands last: never a valid request
         raise PlanError("dst tokens repeat a token index")
     sbufs = _buffer_addresses(sender_buffers, sender, "sender buffers")
@@ -388,6 +397,8 @@ def plan_direct_writes(sender: PoolLayout, sender_buffers: Sequence[int], src_to
     head_bytes = sender.head_bytes
     src_row, dst_row = sender.token_bytes, receiver.token_bytes
     full_row = head_slice.num_heads == sender.local_heads == receiver.local_heads
+    if full_row and src.size <= SMALL:
+        return _small_full_row_writes(src.tolist(), dst.tolist(), sbufs.tolist(), rbufs.tolist(), src_row, dst_row)
     if full_row:
         breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
         starts = np.concatenate((np.zeros(1, dtype=np.int64), breaks))
@@ -402,6 +413,21 @@ def plan_direct_writes(sender: PoolLayout, sender_buffers: Sequence[int], src_to
     return WriteOps((sbufs[:, None] + src_off[None, :]).reshape(-1),
                     (rbufs[:, None] + dst_off[None, :]).reshape(-1),
                     np.tile(lengths, sbufs.shape[0]))
+
+
+def _small_full_row_writes(src: list[int], dst: list[int], sbufs: list[int], rbufs: list[int],
+                           src_row: int, dst_row: int) -> WriteOps:
+    """:func:`plan_direct_writes`' whole-row case on Python ints (a few tokens): same ops."""
+    runs: list[list[int]] = [[src[0], dst[0], 1]]
+    for s, d in zip(src[1:], dst[1:], strict=True):
+        last = runs[-1]
+        if s == last[0] + last[2] and d == last[1] + last[2]:
+            last[2] += 1
+        else:
+            runs.append([s, d, 1])
+    return WriteOps(np.array([b + s * src_row for b in sbufs for s, _, _ in runs], dtype=np.int64),
+                    np.array([b + d * dst_row for b in rbufs for _, d, _ in runs], dtype=np.int64),
+                    np.array([n * src_row for _ in sbufs for _, _, n in runs], dtype=np.int64))
 
 
 def plan_pair_writes(mapping: TpMapping,
@@ -437,6 +463,12 @@ def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
         return
     if size.min() < 1:
         raise PlanError(f"{what}: a write of {int(size.min())} bytes")
+    if addr.size <= SMALL and len(regions) <= SMALL:
+        # The same test on Python ints: some region with base <= address reaches past the end.
+        regs = [(int(b), int(n)) for b, n in regions]
+        if regs and all(b >= 0 and n >= 1 for b, n in regs) and all(
+                any(b <= a and a + z <= b + n for b, n in regs) for a, z in zip(addr.tolist(), size.tolist(), strict=True)):
+            return
     reg = np.asarray(list(regions), dtype=np.int64).reshape(-1, 2)
     if reg.shape[0] == 0:
         raise PlanError(f"{what}: {addr.shape[0]} writes but no registered region")

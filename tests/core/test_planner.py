@@ -458,3 +458,37 @@ def test_direct_writes_move_the_right_bytes(sc: Scenario, data: st.DataObject) -
         shrunk = others + [cut] * (cut[1] > 0)
         with pytest.raises(PlanError, match="outside|no registered region"):
             check_ops_within(ops, shrunk, "dst")
+
+
+# --- the small-input fast paths (issue 15) give what the numpy paths give ---------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 63), st.integers(0, 63)), min_size=1, max_size=20, unique_by=lambda t: t[1]),
+       st.integers(0, 3))
+def test_small_fast_paths_match_numpy(pairs, shift):
+    from kvd.core import planner as pl
+
+    lay_s = PoolLayout("P", "prefill", 1, 0, 2, 2, 8, "bfloat16", 2, 32)
+    lay_r = PoolLayout("D", "decode", 1, 0, 2, 2, 8, "bfloat16", 2, 32)
+    hs = pl.map_heads(2, 1, 1).slices_between(0, 0)[0]
+    sb = [(1 << 30) + i * lay_s.buffer_bytes for i in range(lay_s.num_buffers)]
+    rb = [(2 << 30) + i * lay_r.buffer_bytes for i in range(lay_r.num_buffers)]
+    src = np.array([a for a, _ in pairs], dtype=np.int64)
+    dst = np.array([b for _, b in pairs], dtype=np.int64)
+    regions = [(2 << 30, lay_r.num_buffers * lay_r.buffer_bytes - shift * 64)]
+
+    def run():
+        try:
+            ops = pl.plan_direct_writes(lay_s, sb, src, lay_r, rb, dst, hs)
+            pl.check_ops_within(ops, regions, "w")
+            return ops.src.tolist(), ops.dst.tolist(), ops.length.tolist()
+        except pl.PlanError as exc:
+            return str(exc)
+
+    fast = run()
+    saved = pl.SMALL
+    pl.SMALL = 0
+    try:
+        assert run() == fast
+    finally:
+        pl.SMALL = saved
