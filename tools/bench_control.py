@@ -93,8 +93,9 @@ class Driver:
 
     async def __aenter__(self) -> Driver:
         self.ppool, self.dpool = HostPool.create(self.play), HostPool.create(self.dlay)
-        self.pc = await BenchClient(self.prefill.socket_path).connect()
-        self.dc = await BenchClient(self.decode.socket_path).connect()
+        self.pc, self.dc = BenchClient(self.prefill.socket_path), BenchClient(self.decode.socket_path)
+        await self.pc.connect()
+        await self.dc.connect()
         self.pid_p = await self.pc.register_pool(self.play, self.ppool, bootstrap="")
         self.pid_d = await self.dc.register_pool(self.dlay, self.dpool)
         return self
@@ -246,7 +247,7 @@ async def control(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     flags = ("--timeouts-waiting-s", "60", "--timeouts-transfer-s", "60", *args.daemon_flag)
     prefill = start_daemon(tmp, "prefill", *flags)
     decode = start_daemon(tmp, "decode", *flags)
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         async with Driver(prefill, decode, num_pages=4096) as d:
             await d.phase(200, 8)  # warm: directory, pool announce, receive session, executors
