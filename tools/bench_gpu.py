@@ -203,12 +203,11 @@ def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
         else:
             raw = gpu_e2e.raw_gpu_write(min(r["bytes"], 4 << 30))
             line += f"; raw TCP GPU->GPU {raw:.2f} GB/s -> staged/raw {r['gbps'] / raw:.3f}"
-        lines.append(line)
-        for p in r["peer_paths"][:3]:
-            lines.append("      " + p[:300])
+        case = [line] + ["      " + p[:300] for p in r["peer_paths"][:3]]
         if r["failures"]:
-            lines.append(f"      failures: {r['failures']}"[:600])
-        print(lines[-1], flush=True)
+            case.append(f"      failures: {r['failures']}"[:600])
+        lines += case
+        print("\n".join(case), flush=True)
     return lines
 
 
@@ -243,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(out), flush=True)
     if not a.skip_e2e:
         out += e2e_section(a.tokens, a.e2e, a.e2e_timeout)
+    print("\n=== summary (ratios within this run) ===")
+    print("\n".join(out), flush=True)
     if not a.skip_kernels:
         from tools import bench_gpu_kernels
 
-        bench_gpu_kernels.main(["--sglang", a.sglang, "--rep", str(a.kernel_rep)])
-    print("\n=== summary (ratios within this run) ===")
-    print("\n".join(out))
+        return bench_gpu_kernels.main(["--sglang", a.sglang, "--rep", str(a.kernel_rep)])
     return 0
 
 
