@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -166,9 +167,14 @@ class Directory:
 
     # --- client role ---------------------------------------------------------------------------
     def on_engine_info(self, msg: wp.EngineInfo) -> None:
-        if msg.ready and (len(msg.layouts) != msg.tp_size or len(msg.daemons) != msg.tp_size):
+        if msg.ready and not _topology_adds_up(msg):
+            # Rooms waiting on it fail at once with the reason, not at their deadline.
             self._count_error("bad_peer_message")
-            return
+            log.warning("engine_info_refused", src=msg.src, engine=msg.engine_id, tp_size=msg.tp_size,
+                        ranks=len(msg.layouts))
+            msg = dataclasses.replace(msg, ready=False, conflict=True, error=(
+                f"directory {msg.src} answered an unusable topology for engine {msg.engine_id!r} "
+                f"(tp_size {msg.tp_size}, {len(msg.layouts)} layouts, {len(msg.daemons)} daemons)"))
         self._learn((msg.src, msg.engine_id), msg)
 
     def _learn(self, key: tuple[str, str], msg: wp.EngineInfo) -> None:
@@ -309,6 +315,17 @@ class Directory:
             del self.registry.remote_pools[key]
         if dropped:
             log.info("remote_pools_forgotten", daemon=peer, pools=len(dropped), reason="restarted")
+
+
+def _topology_adds_up(msg: wp.EngineInfo) -> bool:
+    """A ready answer names every rank once, in order, with layouts of that TP size."""
+    if msg.tp_size < 1 or len(msg.layouts) != msg.tp_size or len(msg.daemons) != msg.tp_size:
+        return False
+    try:
+        return all(lay.get("tp_size") == msg.tp_size and lay.get("tp_rank") == i
+                   for i, lay in enumerate(msg.layouts))
+    except AttributeError:
+        return False
 
 
 __all__ = ["Directory", "REQUERY_S"]

@@ -88,8 +88,11 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                                 "side" if rr.hisparse else "a HiSparse pool receives with enable_hisparse")
             mapping = map_heads(local.total_kv_heads, info.tp_size, local.tp_size)
             required = mapping.required_senders(local.tp_rank)
+            tokens = len(rr.dst_indices) * (1 if rr.hisparse else local.page_size)
             for s in mapping.notified_senders(local.tp_rank):
-                rr.senders[s] = SenderLink(s, info.daemons[s], dummy=s not in required)
+                heads = sum(sl.num_heads for sl in mapping.slices_between(s, local.tp_rank))
+                rr.senders[s] = SenderLink(s, info.daemons[s], dummy=s not in required,
+                                           bytes_owed=tokens * local.num_buffers * heads * local.head_bytes)
             rr.tracker = CompletionTracker(required)
             answers = [await self.ctx.bootstrap.announce_pool(daemon, rr.pool, rr.prefill_engine_id,
                                                               rr.machine.deadline) for daemon in sorted(rr.peers())]
@@ -102,6 +105,11 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             return
         except (TimeoutError, ConnectionError) as exc:
             self.fail(rr, str(exc) or "prefill bootstrap timed out")
+            return
+        except (IndexError, KeyError, TypeError, ValueError) as exc:  # a topology that does not add up
+            self.ctx.count_error("bad_peer_message")
+            self.fail(rr, f"prefill engine {rr.prefill_engine_id!r}: unusable topology from "
+                          f"{rr.bootstrap_addr}: {type(exc).__name__}: {exc}")
             return
         if rr.machine.state.final:
             return
@@ -174,6 +182,10 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             return
         assert rr.tracker is not None
         try:
+            if rr.staged is None and link.bytes_written != link.bytes_owed:
+                # Success with bytes missing (a buggy sender) is a failure with the numbers.
+                raise RoomError(f"sender rank {msg.sender_rank} reported success after writing "
+                                f"{link.bytes_written} of the {link.bytes_owed} bytes it owed")
             rr.tracker.report(msg.sender_rank, True)
             if rr.staged is not None:
                 missing = rr.staged.ledger.missing_from(msg.sender_rank)

@@ -119,6 +119,7 @@ class SenderLink:
     acked: bool = False      # answered our abort
     revoked: bool = False    # its daemon's receive session was revoked: nothing of it can land
     bytes_written: int = 0
+    bytes_owed: int = 0      # what its head slices of every token and buffer come to
 
     @property
     def may_write(self) -> bool:

@@ -103,19 +103,24 @@ class SenderSide(SideBase[SenderRoom]):
             self._reply_failed(msg, f"no prefill rank {msg.prefill_engine_id}/{msg.sender_rank} is served "
                                     "here" if pool is None else f"decode pool {msg.pool_key} was never announced")
             return
-        sr = self._room(pool, msg.room)
+        # Validate against the room without creating it: a refused request (a buggy or hostile
+        # receiver) costs only itself, never the room other receivers share.
+        sr = self.rooms.get((pool.pool_id, msg.room)) or SenderRoom(
+            pool, msg.room, RoomMachine(self._deadlines(), self.ctx.now()))
+        rkey = (msg.pool_key, remote.layout.tp_rank)
         try:
             req = self._validate_request(sr, msg, remote)
+            if rkey in sr.requests:
+                raise PlanError(f"receiver {rkey} asked twice for room {msg.room}")
+            if sr.expected is not None and len(sr.requests) >= sr.expected:
+                raise PlanError(f"room {msg.room} already has its {sr.expected} receivers")
         except (PlanError, LayoutError) as exc:
             self.ctx.count_error("bad_request")
             self._reply_failed(msg, str(exc))
-            self.fail(sr, f"bad request from {msg.src}: {exc}")
             return
-        rkey = (msg.pool_key, remote.layout.tp_rank)
-        if rkey in sr.requests:
-            self.ctx.count_error("bad_request")
-            self.fail(sr, f"receiver {rkey} asked twice for room {msg.room}")
-            return
+        if sr.key not in self.rooms:
+            self.rooms[sr.key] = sr
+            self.ctx.room_changed(self.role, None, sr.machine.state, room=sr.room, pool=pool.key)
         sr.requests[rkey] = req
         if 0 < msg.deadline_s < sr.machine.deadlines.waiting_for_input:
             # The prefill room waits for its engine no longer than the receiver waits for it.
@@ -176,7 +181,12 @@ class SenderSide(SideBase[SenderRoom]):
                 req.staged.wake.set()
             async with sr.lock, req.lock:  # fence: the batch in flight (if any) has finished
                 pass
-            self.fail(sr, f"aborted by receiver: {msg.reason or 'abort'}")
+            # One receiver's abort ends what this room owes it; the room fails once no receiver
+            # it writes to is left (another receiver of the room goes on).
+            if all(r.aborted or r.dummy for r in sr.requests.values()):
+                self.fail(sr, f"aborted by receiver: {msg.reason or 'abort'}")
+            else:
+                self.maybe_complete(sr)
         self.ctx.send_peer(msg.src, wp.AbortAck(room=msg.room, transfer_id=msg.transfer_id,
                                                 pool_key=msg.pool_key, sender_rank=msg.sender_rank))
 
