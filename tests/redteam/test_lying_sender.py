@@ -139,7 +139,7 @@ def test_a_lying_directory_fails_the_room_in_time(daemons, tmp_path: Path, case:
 
 
 def test_a_sender_claiming_success_without_writing_fails_the_room(daemons, tmp_path: Path) -> None:
-    pre, dec = daemons("prefill", *FLAGS), daemons("decode", *FLAGS)
+    _pre, dec = daemons("prefill", *FLAGS), daemons("decode", *FLAGS)
     pl = PoolLayout("P", "prefill", 1, 0, **SHAPE)
     dl = PoolLayout("D", "decode", 1, 0, **SHAPE)
     dh = HostPool.create(dl)
