@@ -226,9 +226,9 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self.maybe_release(rm)  # also for a room that had already ended
 
     def entered(self, rr: ReceiverRoom, state: RoomState) -> None:
-        # Every state change reaches the engine (SGLang's poll maps them one to one); success
-        # is told once, by the release that follows at once.
-        if state is not RoomState.SUCCESS:
+        # Final states are pushed (success once, by the release that follows at once); the
+        # states in between are a poll's answer, not a push per room (control-plane cost).
+        if state is RoomState.FAILED:
             self._tell(rr)
 
     def after_fail(self, rr: ReceiverRoom, reason: str) -> None:
