@@ -160,6 +160,7 @@ def raw_section(nbytes: int) -> list[str]:
 
 E2E = [  # name, prefill TP, decode TP, kv heads, same_node, staged
     ("same-node TP 1->1", 1, 1, 8, "cuda_ipc", True),
+    ("same-node TP 1->1, one 128k chunk", 1, 1, 8, "cuda_ipc", True),
     ("same-node TP 4->1", 4, 1, 8, "cuda_ipc", True),
     ("same-node TP 1->4", 1, 4, 8, "cuda_ipc", True),
     ("same-node TP 2->1", 2, 1, 8, "cuda_ipc", True),
@@ -181,6 +182,7 @@ def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
         a = gpu_e2e.parser().parse_args(["--prefill-tp", str(ptp), "--decode-tp", str(dtp), "--kv-heads", str(heads),
                                          "--tokens", str(tokens), "--same-node", same, "--timeout", str(timeout),
                                          "--warmup-tokens", "8192"]
+                                        + (["--chunk-tokens", "131072"] if "one 128k chunk" in name else [])
                                         + ([] if staged else ["--no-staging"]))
         a.num_pages = a.rooms * a.tokens // a.page_size + 64
         try:
@@ -188,16 +190,15 @@ def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
         except Exception as exc:
             lines.append(f"  {name}: failed: {type(exc).__name__}: {exc}"[:800])
             continue
-        line = (f"  {name:<34} exact {r['ok']} {r['bytes'] / 2**30:6.2f} GiB {r['seconds']:7.3f} s "
+        line = (f"  {name:<36} exact {r['ok']} {r['bytes'] / 2**30:6.2f} GiB {r['seconds']:7.3f} s "
                 f"{r['gbps']:7.1f} GB/s paths {r['paths']} ops {r['write_ops']}")
         if same != "off":
             line += f" -> {r['gbps'] / d2d:.3f} of D2D"
-            sn = [p for p in r.get("path_totals", {}).values() if p["bytes"]["same_node"]]
+            sn = [p for p in r.get("path_totals", {}).values()]
             if sn:
-                nb = sum(p["bytes"]["same_node"] for p in sn)
-                sec = sum(p["seconds"]["same_node"] for p in sn)
-                line += (f"; its same-node copies: {nb / 2**30:.2f} GiB in {sec * 1e3:.1f} ms of transport time = "
-                         f"{nb / sec / 1e9 if sec else 0:.0f} GB/s = {nb / sec / 1e9 / d2d if sec else 0:.3f} of D2D")
+                line += (f"; same-node batches {sum(p['batches']['same_node'] for p in sn)}, network batches "
+                         f"{sum(p['batches']['network'] for p in sn)}, fallbacks "
+                         f"{sum(sum(p['fallbacks'].values()) for p in sn)} (warm-up room included)")
             if r["gather_s"] or r["scatter_s"]:
                 line += f" (kernel busy: gather {r['gather_s']:.3f} s, scatter {r['scatter_s']:.3f} s)"
         else:

@@ -16,8 +16,9 @@ A batch on a same-node path whose source or destination is not in opened device 
 *fallback*, counted per peer with its reason and logged (the first time per reason at
 warning level), never silent. :meth:`paths` returns all of it for ``kvctl status``.
 
-Copies: up to ``memcpy_ops`` ops as ``cuMemcpyAsync`` each, more as one batched Triton
-kernel (``kvd_kernels.copy_ops_triton``); each batch returns once its stream is done.
+Copies: up to ``memcpy_ops`` ops, or ops of 1 MiB and more on average, as ``cuMemcpyAsync``
+each; many small ops as one batched Triton kernel (``kvd_kernels.copy_ops_triton``); each batch
+returns once its stream is done.
 """
 
 from __future__ import annotations
@@ -238,7 +239,9 @@ class SameNodeTransport:
         stream = self._stream(device)
         t0 = time.perf_counter()
         try:
-            if len(src) <= self.memcpy_ops:
+            # Few ops, or large ones (>= 1 MiB on average): one cuMemcpyAsync each runs at copy speed;
+            # many small ops: one batched kernel launch.
+            if len(src) <= self.memcpy_ops or int(length.sum()) >= len(src) << 20:
                 for s, d, n in zip(src.tolist(), dst.tolist(), length.tolist(), strict=True):
                     c.memcpy_async(d, s, n, stream.cuda_stream)
             else:
