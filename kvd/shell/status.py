@@ -49,7 +49,10 @@ def snapshot(s: StatusSources) -> dict[str, Any]:
             "uptime_s": round(time.monotonic() - s.started, 1),
             "hostname": s.config.hostname, "peer_address": s.peers.address,
             "transport": {"protocol": t.protocol if t else "-", "devices": t.devices if t else "-",
-                          "session_id": t.session_id if t else "-"},
+                          "session_id": t.session_id if t else "-",
+                          "same_node": getattr(getattr(t, "main", t), "same_node", "off") if t else "-"},
+            # Per peer session written to: path (local / cuda_ipc / network), why, and fallbacks.
+            "peer_paths": getattr(getattr(t, "main", t), "paths", dict)() if t else {},
             "staging": staging_snapshot(s),
             "errors": dict(s.errors),
             "rooms_by_path": {path.value: n for path, n in s.receivers.paths.items()},

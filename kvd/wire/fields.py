@@ -168,6 +168,10 @@ def kind_of(annotation: Any) -> str:
             return _LISTS[inner]
     if annotation is np.ndarray or origin is np.ndarray:
         return "indices"
+    # A `type X = ...` alias (numpy's NDArray is one on Python 3.12+): the kind of what it names.
+    alias = getattr(origin, "__value__", None) or getattr(annotation, "__value__", None)
+    if alias is not None:
+        return kind_of(alias)
     raise TypeError(f"{annotation!r} has no wire kind (int, float, bool, str, bytes, Map, "
                     "list[int], list[str], list[Map], Indices)")
 

@@ -122,3 +122,22 @@ def test_importing_the_wire_package_loads_no_asyncio_zmq_or_torch() -> None:
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"kvd.wire imported {out.stdout.strip()}"
+
+
+def test_a_type_alias_statement_is_unwrapped() -> None:
+    """Python 3.12 makes numpy's NDArray a `type` alias (TypeAliasType): its subscription's
+    origin carries the aliased type in ``__value__``; the GPU host runs 3.12."""
+    import numpy as np
+
+    from kvd.wire.fields import kind_of
+
+    class FakeAlias:  # what typing.TypeAliasType looks like to kind_of
+        __value__ = np.ndarray
+
+    class Subscripted:
+        __origin__ = FakeAlias()
+        __args__ = (np.int64,)
+
+    assert kind_of(FakeAlias()) == "indices"
+    import typing
+    assert typing.get_origin(Subscripted()) is None or kind_of(Subscripted()) == "indices"
