@@ -190,7 +190,25 @@ def render_status(st: dict[str, Any]) -> str:
     ]
     peer_headers = ["PEER", "STATE", "ROOMS", "BYTES", "LAST SEEN"]
     lines += _table(peer_headers, peer_rows) if peer_rows else ["no peers"]
+    lines += _paths(daemon)
     return "\n".join(lines) + "\n"
+
+
+def _paths(daemon: dict[str, Any]) -> list[str]:
+    """How the bytes go to each peer session written to (same-node copies or the network), and
+    every fallback with its reason: a fallback is never silent."""
+    paths = _dict(daemon.get("peer_paths"))
+    rows = []
+    for session, info in sorted(paths.items()):
+        if not isinstance(info, dict):
+            continue
+        fallbacks = _dict(info.get("fallbacks"))
+        rows.append([_text(session), _text(info.get("path")), _text(info.get("reason")),
+                     human_bytes(sum(v for v in _dict(info.get("bytes")).values() if isinstance(v, int))),
+                     "; ".join(f"{k} x{v}" for k, v in fallbacks.items()) or "-"])
+    if not rows:
+        return []
+    return ["", *_table(["PEER SESSION", "PATH", "WHY", "BYTES", "FALLBACKS"], rows)]
 
 
 def resolve_socket_path(

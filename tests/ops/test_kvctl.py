@@ -256,3 +256,18 @@ def test_socket_from_env(
     monkeypatch.setenv("KVD_SOCKET_PATH", "/from/env.sock")
     assert main(["status"]) == 0
     assert fake_client.calls == [("/from/env.sock", 3.0)]
+
+
+def test_status_shows_each_peers_path_and_fallbacks() -> None:
+    """Issue 14: the path every peer uses, and a fallback never silent."""
+    from kvd.ops.kvctl import render_status
+
+    st = {"daemon": {"peer_paths": {
+        "10.0.0.2:16000": {"path": "cuda_ipc", "reason": "same machine: 3 region(s) opened over CUDA IPC",
+                           "bytes": {"same_node": 1 << 30, "network": 4096},
+                           "fallbacks": {"destination outside the device memory (host pool?)": 2}},
+        "10.0.0.9:16000": {"path": "network", "reason": "another machine", "bytes": {"network": 10},
+                           "fallbacks": {}}}}, "rooms": [], "peers": []}
+    out = render_status(st)
+    assert "PEER SESSION" in out and "cuda_ipc" in out and "another machine" in out
+    assert "host pool?) x2" in out
