@@ -4,10 +4,14 @@ benchmarks), the report check, and a scripted engine-protocol server for client 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import secrets
+import socket
 import threading
 from typing import Any
 
-from kvd.wire import codec, framing
+from kvd.wire import codec, fdmsg, framing
 from tools.cluster import failures, hisparse_plan, make_plan, run_cluster, throughput
 
 
@@ -17,10 +21,18 @@ class ThreadedEngineServer:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.fds: dict[str, int] = {}  # descriptors engines handed over, by ticket
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._fd_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._fd_thread = threading.Thread(target=self._serve_fds, daemon=True)
 
     def __enter__(self) -> Any:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fdmsg.fd_socket_path(self.path))
+        self._fd_sock.bind(fdmsg.fd_socket_path(self.path))
+        self._fd_sock.listen(16)
+        self._fd_thread.start()
         self._thread.start()
         assert self._ready.wait(5)
         return self
@@ -28,6 +40,22 @@ class ThreadedEngineServer:
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5)
+        self._fd_sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fdmsg.fd_socket_path(self.path))
+
+    def _serve_fds(self) -> None:
+        """The fd hand-over beside the engine socket (kvd.wire.fdmsg): one descriptor, one ticket."""
+        while True:
+            try:
+                conn, _ = self._fd_sock.accept()
+            except OSError:
+                return
+            with conn:
+                _, fds, _, _ = socket.recv_fds(conn, len(fdmsg.MAGIC), 1)
+                ticket = secrets.token_hex(fdmsg.TICKET_CHARS // 2)
+                self.fds[ticket] = fds[0]
+                conn.send(fdmsg.ok_reply(ticket))
 
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()

@@ -4,6 +4,7 @@ tools/fake_engine.py, the latter against a tiny copying fake daemon (no real kvd
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import sys
 import threading
@@ -190,7 +191,9 @@ class CopyingKvd(ThreadedEngineServer):
 
         if isinstance(msg, p.RegisterPool):
             lay = PoolLayout.from_dict(msg.layout)
-            mem = np.memmap(f"/dev/shm/{msg.memory['name']}", dtype=np.uint8, mode="r+")
+            fd = self.fds.pop(msg.memory["ticket"])
+            mem = np.frombuffer(mmap.mmap(fd, 0), dtype=np.uint8)
+            os.close(fd)
             pool_id = len(self.pools) + 1
             self.pools[pool_id] = (lay, mem, msg.memory["offsets"], out)
             out(p.PoolRegistered(req_id=msg.req_id, pool_id=pool_id))
