@@ -70,9 +70,9 @@ class SameNodeTransport:
         self.disabled = ""  # why no peer can get a same-node path here ("" = they can)
         self._endpoint: IpcEndpoint | None = None
         try:
+            cuda()  # first: without a CUDA driver there is nothing to share, and no torch to import (~1 s)
             import torch  # noqa: F401 - streams and the batched copy kernel need it
 
-            cuda()
             self._endpoint = IpcEndpoint(self.session_id)
         except (TransportError, ImportError, OSError) as exc:
             self.disabled = str(exc)
