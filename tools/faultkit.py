@@ -692,26 +692,53 @@ def _replace(cl: Cluster, old: NodeDaemon, new: NodeDaemon) -> None:
         cl.decodes[cl.decodes.index(old)] = new
 
 
-def _peer_send_child(q: Any, netns: str, address: str, frames: list[bytes], wait_s: float) -> None:
+def _peer_send_child(q: Any, netns: str, address: str, frames: list[bytes], wait_s: float,
+                     keys: tuple[bytes, bytes, bytes] | None) -> None:
     import zmq
     enter(netns)
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDTIMEO, 2000)  # a refused handshake must not hang the sender
+    if keys is not None:
+        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = keys
     s.connect(address)
+    sent = 0
     for f in frames:
-        s.send(f)
+        try:
+            s.send(f)
+        except zmq.Again:
+            break
+        sent += 1
     time.sleep(wait_s)
     s.close()
     ctx.term()
-    q.put(len(frames))
+    q.put(sent)
 
 
-def peer_send(netns: str, address: str, frames: list[bytes], wait_s: float = 0.5) -> int:
-    """Send raw peer frames to ``address`` from a DEALER inside node namespace ``netns``."""
+def attacker_keys(cl: Cluster, name: str = "attacker") -> tuple[bytes, bytes, bytes]:
+    """A CurveZMQ key authorized by ``cl``'s daemons (an insider), bound to the first decode node's
+    address, and the prefill daemon's server key: (public, secret, server) for a DEALER."""
+    import zmq.auth
+
+    from kvd.shell.peer_auth import keygen
+
+    trust = cl.tmp / "trust"
+    public, secret = keygen(trust / f"peer-{name}", f"tcp://{cl.dnodes[0].addr}:1", force=True)
+    (trust / "authorized" / f"peer-{name}.key").write_bytes(public.read_bytes())
+    time.sleep(1.1)  # daemons rescan their authorized-keys directory at most once a second
+    pub, sec = zmq.auth.load_certificate(str(secret))
+    server, _ = zmq.auth.load_certificate(str(trust / "prefill" / "kvd.key"))
+    return pub, sec, server
+
+
+def peer_send(netns: str, address: str, frames: list[bytes], wait_s: float = 0.5,
+              keys: tuple[bytes, bytes, bytes] | None = None) -> int:
+    """Send raw peer frames to ``address`` from a DEALER inside node namespace ``netns`` (a CURVE
+    client with ``keys``; without, the daemon's CURVE handshake refuses it); the frames sent."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_peer_send_child, args=(q, netns, address, frames, wait_s))
+    proc = ctx.Process(target=_peer_send_child, args=(q, netns, address, frames, wait_s, keys))
     proc.start()
     n = q.get(timeout=120)
     proc.join(10)
@@ -737,5 +764,6 @@ def run_many(tmp: Path, jobs: list[tuple[str, str]]) -> dict[tuple[str, str], Re
     return results
 
 
-__all__ = ["ALL_FAULTS", "DEFECTS", "FAULTS", "PATHS", "Cluster", "Result", "fresh_transfer", "peer_send", "run_many",
+__all__ = ["ALL_FAULTS", "DEFECTS", "FAULTS", "PATHS", "Cluster", "Result", "attacker_keys", "fresh_transfer",
+           "peer_send", "run_many",
            "run_scenario"]

@@ -246,8 +246,10 @@ def fuzz_engine_socket(sock_path: str, n: int, seed: int = 0, deadline_s: float 
     return stats
 
 
-def fuzz_peer(address: str, n: int, seed: int = 0, srcs: list[str] | None = None) -> dict:
-    """Send ``n`` malformed peer messages to a daemon's ROUTER from a few DEALERs."""
+def fuzz_peer(address: str, n: int, seed: int = 0, srcs: list[str] | None = None,
+              keys: tuple[bytes, bytes, bytes] | None = None) -> dict:
+    """Send ``n`` malformed peer messages to a daemon's ROUTER from a few DEALERs (CURVE clients
+    with ``keys``: public, secret, server)."""
     import zmq
     rng = random.Random(seed)
     srcs = srcs or ["tcp://127.0.0.1:1", "tcp://10.77.0.250:17500", "", "ünï", "tcp://127.0.0.1"]
@@ -257,6 +259,9 @@ def fuzz_peer(address: str, n: int, seed: int = 0, srcs: list[str] | None = None
         d = ctx.socket(zmq.DEALER)
         d.setsockopt(zmq.LINGER, 0)
         d.setsockopt(zmq.SNDHWM, 100000)
+        d.setsockopt(zmq.SNDTIMEO, 2000)
+        if keys is not None:
+            d.curve_publickey, d.curve_secretkey, d.curve_serverkey = keys
         d.connect(address)
         socks.append(d)
     stats = {"sent": 0}

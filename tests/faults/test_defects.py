@@ -22,6 +22,7 @@ from tools.faultkit import (
     TIMEOUT_FLAGS,
     WAITING_S,
     Cluster,
+    attacker_keys,
     build_layout,
     fresh_transfer,
     log_problems,
@@ -116,7 +117,7 @@ def test_heartbeats_from_many_distinct_src_are_bounded(cluster):
     fds_before = len(os.listdir(f"/proc/{cl.prefill.pid}/fd"))
     peer_send(cl.dnodes[0].netns, cl.prefill.address,
               [p.Heartbeat(src=f"tcp://10.77.{i // 250}.{i % 250 + 1}:{20000 + i}", token="", nonce=i).encode()
-               for i in range(1500)], wait_s=3)
+               for i in range(1500)], wait_s=3, keys=attacker_keys(cl))  # an authorized insider
     problems = []
     assert cl.prefill.alive(), cl.prefill.log_tail(10)
     fds = len(os.listdir(f"/proc/{cl.prefill.pid}/fd"))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tools.faultkit import PATHS, Cluster, fresh_transfer, log_problems, wait_reclaimed
+from tools.faultkit import PATHS, Cluster, attacker_keys, fresh_transfer, log_problems, wait_reclaimed
 from tools.fuzz import fuzz_engine_socket, fuzz_peer
 from tools.netns import enter
 
@@ -23,9 +23,9 @@ def _engine_fuzz(q, netns, sock, n, seed):
     q.put(("engine", fuzz_engine_socket(sock, n, seed, deadline_s=150)))
 
 
-def _peer_fuzz(q, netns, address, n, seed, srcs):
+def _peer_fuzz(q, netns, address, n, seed, srcs, keys):
     enter(netns)
-    q.put(("peer", fuzz_peer(address, n, seed, srcs)))
+    q.put(("peer", fuzz_peer(address, n, seed, srcs, keys)))
 
 
 @pytest.mark.defect(2, 5, 6, 9)
@@ -36,7 +36,8 @@ def test_fuzz_both_sockets_then_a_clean_transfer(tmp_path):
         q = ctx.Queue()
         srcs = [cl.prefill.address, "tcp://10.77.0.250:17500", "", "ünï", "tcp://127.0.0.1"]
         procs = [ctx.Process(target=_engine_fuzz, args=(q, cl.dnodes[0].netns, cl.decodes[0].socket_path, N, 1)),
-                 ctx.Process(target=_peer_fuzz, args=(q, cl.dnodes[0].netns, cl.prefill.address, N, 2, srcs))]
+                 ctx.Process(target=_peer_fuzz, args=(q, cl.dnodes[0].netns, cl.prefill.address, N, 2, srcs,
+                                                     attacker_keys(cl)))]  # an authorized insider
         t0 = time.monotonic()
         for p in procs:
             p.start()
