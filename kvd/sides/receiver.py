@@ -176,6 +176,8 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         link.final = True
         if not msg.ok:
             self.fail(rr, f"sender rank {msg.sender_rank} failed: {msg.reason}")
+            if msg.unsure:
+                self._unsure(rr, link)
             return
         if link.dummy:
             self.maybe_release(rr)
@@ -212,7 +214,15 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         link = rr.senders.get(msg.sender_rank)
         if link is not None and link.daemon == msg.src:
             link.acked = True
+            if msg.unsure:
+                self._unsure(rr, link)
             self.maybe_release(rr)
+
+    def _unsure(self, rr: ReceiverRoom, link: SenderLink) -> None:
+        """A sender cannot vouch that its failed write will not land: only revoking its session
+        can, so the room is released after that (a report is not a fence)."""
+        link.unsure = True
+        self.fence_peer(link.daemon, f"a failed write to room {rr.room} may still land")
 
     # --- failure, abort, release --------------------------------------------------------
     def abort_from_engine(self, pool: LocalPool, room: int) -> None:

@@ -55,6 +55,7 @@ class ReceiverRequest:
     aborted: bool = False
     reported: bool = False
     outcome: bool | None = None  # the receiver's verdict (requests with msg.confirms wait for it)
+    unsure: bool = False  # a write to this receiver failed mid-flight: its bytes may still land
     staged: StagedSend | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # fence of this request's staged writes
 
@@ -118,13 +119,16 @@ class SenderLink:
     final: bool = False      # sent a final status: it will write nothing more
     acked: bool = False      # answered our abort
     revoked: bool = False    # its daemon's receive session was revoked: nothing of it can land
+    unsure: bool = False     # it said a failed write of its may still land: only revocation fences it
     bytes_written: int = 0
     bytes_owed: int = 0      # what its head slices of every token and buffer come to
 
     @property
     def may_write(self) -> bool:
         """Whether a write of this sender into the room's pages could still land."""
-        return not (self.dummy or self.final or self.acked or self.revoked)
+        if self.dummy or self.revoked:
+            return False
+        return not (self.final or self.acked) or self.unsure
 
 
 @dataclass

@@ -188,7 +188,8 @@ class SenderSide(SideBase[SenderRoom]):
             else:
                 self.maybe_complete(sr)
         self.ctx.send_peer(msg.src, wp.AbortAck(room=msg.room, transfer_id=msg.transfer_id,
-                                                pool_key=msg.pool_key, sender_rank=msg.sender_rank))
+                                                pool_key=msg.pool_key, sender_rank=msg.sender_rank,
+                                                unsure=bool(found and found[1].unsure)))
 
     def on_outcome(self, msg: wp.RoomOutcome) -> None:
         """The receiver's verdict: success completes a room whose writes are done; failure fails it."""
@@ -233,6 +234,9 @@ class SenderSide(SideBase[SenderRoom]):
                     await asyncio.gather(*(self._write(sr, req, WriteOps.concat(parts))
                                            for req, parts in planned.values()))
                 except (PlanError, TransportError) as exc:
+                    if isinstance(exc, TransportError):
+                        for req, _ in planned.values():  # a failed batch's bytes may still be in flight
+                            req.unsure = True
                     self.ctx.count_error("transport" if isinstance(exc, TransportError) else "plan")
                     self.fail(sr, str(exc))
                     return
@@ -344,7 +348,7 @@ class SenderSide(SideBase[SenderRoom]):
         m = req.msg
         return wp.TransferStatus(room=m.room, transfer_id=m.transfer_id, pool_key=m.pool_key,
                                  sender_rank=m.sender_rank, ok=ok, reason=reason, aux=aux,
-                                 bytes_written=req.bytes_written, final=final)
+                                 bytes_written=req.bytes_written, final=final, unsure=req.unsure)
 
     def _reply_failed(self, msg: wp.TransferRequest, reason: str) -> None:
         self.ctx.send_peer(msg.src, wp.TransferStatus(

@@ -163,6 +163,8 @@ class StagedSender:
         try:
             await self._write(sr, req, st, chunk, slot)
         except (PlanError, TransportError, RuntimeError, ValueError, IndexError) as exc:
+            if isinstance(exc, TransportError):
+                req.unsure = True  # its bytes may still be in flight to the receiver's staging
             return exc
         return None
 

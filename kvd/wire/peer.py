@@ -182,6 +182,9 @@ class TransferStatus(PeerMessage):
     bytes_written: int = 0
     final: bool = True
     incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
+    # A write of this sender may still land (one failed or timed out mid-flight): the receiver
+    # must fence it off (revoke its session) before releasing the pages, not trust this report.
+    unsure: bool = wire(False, since=2)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -207,6 +210,8 @@ class AbortAck(PeerMessage):
     pool_key: str
     sender_rank: int
     incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
+    # As in TransferStatus: a failed write of the room may still land; fence before release.
+    unsure: bool = wire(False, since=2)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

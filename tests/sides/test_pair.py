@@ -340,3 +340,19 @@ async def test_one_sender_rank_serving_several_receivers_reports_each_its_own_by
     events = t.decode_events()
     assert all(ev is not None and ev.state == "success" for ev in events)
     assert all(ev.bytes_done == ev.bytes_total for ev in events), [(e.bytes_done, e.bytes_total) for e in events]
+
+
+async def test_a_failed_write_is_fenced_by_revocation_not_by_the_senders_word(cluster):
+    """A write that failed mid-flight (a timeout: its bytes may still sit in the receiver's socket
+    buffers) cannot be vouched for by the sender; the receiver revokes its session before release."""
+    t = Transfer(cluster, 1, 1)
+    t.recv()
+    await cluster.settle()
+    t.prefill.transport.fail_next(1)
+    t.send(chunks=1)
+    await cluster.settle()
+    final = [m for m in cluster.sent(wp.TransferStatus) if m.final]
+    assert final and not final[0].ok and final[0].unsure
+    ev = t.decode_events()[0]
+    assert ev is not None and ev.state == "failed" and ev.released
+    assert t.decode.revoked == [t.prefill.address], "released on the sender's word alone"
