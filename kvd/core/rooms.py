@@ -115,8 +115,8 @@ class RoomMachine:
 
     def progress(self, now: float) -> bool:
         """Record progress (restarts the deadline) if the room is live; True if it was."""
-        if not self.is_live:
-            return False
+        if not self.is_live or self.expired(now):
+            return False  # a room past its deadline is not revived by a late report: it expires
         self.apply(In.PROGRESS, now)
         return True
 

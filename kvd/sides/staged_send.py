@@ -114,6 +114,11 @@ class StagedSender:
                 block = st.geometry.block_bytes(chunk)
                 slot = await stage.send.alloc(block, self._time_left(sr))
                 st.not_gathering.clear()
+                if req.aborted or sr.machine.state.final:
+                    # It ended while we waited for space: its pool may be unmapped by now.
+                    st.not_gathering.set()
+                    stage.send.free(slot.slot_id)
+                    return
                 try:
                     await self.ctx.kernels.gather(sr.pool.tensors, sr.tokens_upto(end)[start:],
                                                   req.slices[0].src_head_offset, req.slices[0].num_heads,
