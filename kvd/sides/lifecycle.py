@@ -93,7 +93,8 @@ class SideBase(Generic[R]):
         """Housekeeping for a room that has not expired."""
 
     def uses_peer(self, rm: R, peer: str) -> bool:
-        raise NotImplementedError
+        """Whether ``peer`` takes part in the room (each side names its own peers)."""
+        return False
 
     def peer_lost(self, rm: R, peer: str, now: float) -> None:
         """Bookkeeping before a room fails because ``peer`` died."""

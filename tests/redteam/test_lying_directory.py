@@ -7,94 +7,18 @@ room keeps its sentinel; the daemon keeps serving a fresh byte-exact room afterw
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from kvd import protocol as p
 from kvd.engineclient.hostpool import HostPool
 from kvd.engineclient.replies import RoomFailed
 from kvd.layout import PoolLayout
-from kvd.wire.codec import decode
-from tools.cluster import free_port, peer_router, peer_socket
+from tests.redteam.mallory import FLAGS, SENTINEL, SHAPE, Mallory, _fresh_room_works
 
 pytestmark = pytest.mark.e2e
-
-SHAPE = dict(num_layers=2, total_kv_heads=4, head_dim=8, dtype="bfloat16", page_size=4, num_pages=16)
-FLAGS = ("--timeouts-waiting-s", "6", "--timeouts-bootstrap-s", "4", "--timeouts-transfer-s", "6",
-         "--timeouts-abort-fence-s", "2")
-SENTINEL = 0x5A
-
-
-class Mallory:
-    """An authorized peer: one thread owns its sockets, answers heartbeats (so it looks alive),
-    queues what it receives and sends what the test gives it."""
-
-    def __init__(self, tmp: Path, target) -> None:
-        self.address = f"tcp://127.0.0.1:{free_port()}"
-        self._out = peer_socket(tmp, target.name, "mallory", self.address)
-        self._out.connect(target.address)
-        self._inbox = peer_router(tmp, "mallory", self.address)
-        self._send: queue.Queue = queue.Queue()
-        self._got: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        while not self._stop.is_set():
-            while not self._send.empty():
-                self._out.send(self._send.get().encode())
-            if self._inbox.poll(20):
-                msg = decode(self._inbox.recv_multipart()[-1])
-                if isinstance(msg, p.Heartbeat):
-                    self._out.send(p.HeartbeatAck(src=self.address, token="", nonce=msg.nonce).encode())
-                else:
-                    self._got.put(msg)
-
-    def send(self, msg) -> None:
-        self._send.put(msg)
-
-    def expect(self, kind: type, timeout: float = 10.0):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                msg = self._got.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if isinstance(msg, kind):
-                return msg
-        raise AssertionError(f"no {kind.__name__} reached mallory")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._out.close()
-        self._inbox.close()
-
-
-def _fresh_room_works(pre, dec, pl: PoolLayout, dl: PoolLayout) -> None:
-    ph, dh = HostPool.create(pl), HostPool.create(dl)
-    try:
-        rng = np.random.default_rng(11)
-        for b in range(pl.num_buffers):
-            ph.buffer(b)[:] = rng.integers(0, 255, ph.buffer(b).shape, dtype=np.uint8)
-        with pre.client() as pc, dec.client() as dc:
-            pid = pc.register_pool(pl, ph, bootstrap=pre.address)
-            did = dc.register_pool(dl, dh)
-            dc.recv(did, 99, pre.address, pl.engine_id, [7, 8])
-            pc.send(pid, 99, [2, 3], True, aux=b"fresh")
-            assert dc.wait(99, timeout=20).aux == b"fresh"
-        pb = pl.page_bytes
-        for b in range(pl.num_buffers):
-            assert np.array_equal(dh.buffer(b)[7 * pb:9 * pb], ph.buffer(b)[2 * pb:4 * pb])
-    finally:
-        ph.close()
-        dh.close()
 
 
 @pytest.mark.parametrize("case", ["empty", "tp_mismatch", "unknown_daemon"])
