@@ -46,7 +46,8 @@ class SenderSide(SideBase[SenderRoom]):
         # (transfer id, sender rank) pairs that ended or were aborted: a late request for one is
         # dropped. Per rank: every sender rank of a room shares the transfer id, and a replica's
         # dummy request may arrive after the real sender has finished.
-        self._ended: OrderedDict[tuple[int, int], None] = OrderedDict()
+        # Ended (transfer, sender rank) pairs -> whether a failed write of it may still land.
+        self._ended: OrderedDict[tuple[int, int], bool] = OrderedDict()
         self._requests: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
         self.staged_path = StagedSender(ctx, self)
 
@@ -187,9 +188,10 @@ class SenderSide(SideBase[SenderRoom]):
                 self.fail(sr, f"aborted by receiver: {msg.reason or 'abort'}")
             else:
                 self.maybe_complete(sr)
+        unsure = found[1].unsure if found else self._ended.get((msg.transfer_id, msg.sender_rank), False)
         self.ctx.send_peer(msg.src, wp.AbortAck(room=msg.room, transfer_id=msg.transfer_id,
                                                 pool_key=msg.pool_key, sender_rank=msg.sender_rank,
-                                                unsure=bool(found and found[1].unsure)))
+                                                unsure=unsure))
 
     def on_outcome(self, msg: wp.RoomOutcome) -> None:
         """The receiver's verdict: success completes a room whose writes are done; failure fails it."""
@@ -330,7 +332,7 @@ class SenderSide(SideBase[SenderRoom]):
 
     def _finish(self, sr: SenderRoom) -> None:
         for req in sr.requests.values():
-            self._remember_ended(req.msg.transfer_id, req.msg.sender_rank)
+            self._remember_ended(req.msg.transfer_id, req.msg.sender_rank, unsure=req.unsure)
             self.staged_path.untrack(req)
             if self._requests.get((req.msg.transfer_id, req.msg.sender_rank), (None, None))[1] is req:
                 del self._requests[(req.msg.transfer_id, req.msg.sender_rank)]
@@ -355,8 +357,12 @@ class SenderSide(SideBase[SenderRoom]):
             room=msg.room, transfer_id=msg.transfer_id, pool_key=msg.pool_key,
             sender_rank=msg.sender_rank, ok=False, reason=reason, final=True))
 
-    def _remember_ended(self, transfer_id: int, sender_rank: int) -> None:
-        self._ended[(transfer_id, sender_rank)] = None
+    def _remember_ended(self, transfer_id: int, sender_rank: int, *, unsure: bool = False) -> None:
+        """Remember an ended transfer, and whether its failed write may still land: an abort
+        that arrives after the room ended must still hear "unsure" (else the receiver releases
+        pages a stalled write can land in)."""
+        key = (transfer_id, sender_rank)
+        self._ended[key] = self._ended.get(key, False) or unsure
         while len(self._ended) > 100_000:
             self._ended.popitem(last=False)
 

@@ -356,3 +356,26 @@ async def test_a_failed_write_is_fenced_by_revocation_not_by_the_senders_word(cl
     ev = t.decode_events()[0]
     assert ev is not None and ev.state == "failed" and ev.released
     assert t.decode.revoked == [t.prefill.address], "released on the sender's word alone"
+
+
+async def test_an_abort_after_the_sender_forgot_the_room_still_hears_unsure(cluster):
+    """The CI-found case (stop_decode on HiSparse): the sender's write failed mid-flight while the
+    receiver was stopped, the sender's room ended, and its final report never arrived. The
+    receiver's deadline abort must still hear "unsure" and fence; an abort ack is not a fence."""
+    t = Transfer(cluster, 1, 1)
+    t.recv()
+    await cluster.settle()
+    cluster.hold = lambda d: isinstance(d.msg, wp.TransferStatus)  # the receiver is stopped: nothing arrives
+    t.prefill.transport.fail_next(1)
+    t.send(chunks=1)
+    await cluster.settle()
+    assert not t.prefill.senders.rooms, "the sender room has ended"
+    cluster.held.clear()  # ... and its reports are lost (a reconnect dropped them)
+    cluster.clock.advance(cluster.config.waiting_timeout_s + 0.1)
+    cluster.expire()
+    await cluster.settle()
+    acks = cluster.sent(wp.AbortAck)
+    assert acks and all(a.unsure for a in acks)
+    ev = t.decode_events()[0]
+    assert ev is not None and ev.state == "failed" and ev.released
+    assert t.decode.revoked == [t.prefill.address], "released on the sender's word alone"
