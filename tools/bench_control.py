@@ -51,6 +51,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a process by kind of thread: the event loop (the main thread), ZMQ's I/O
+    thread, and every other thread (executor workers and Mooncake's own, which py-spy does not
+    see)."""
+    out = {"loop": 0.0, "zmq": 0.0, "other": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        kind = "loop" if task.name == str(pid) else "zmq" if comm.startswith("ZMQbg") else "other"
+        out[kind] += (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
 class BenchClient(AsyncKvdClient):
     """The async client with a future per room instead of one condition every waiter wakes on
     (at 256 rooms in flight the stock ``wait()`` would wake 256 coroutines per event and the
@@ -124,6 +141,7 @@ class Driver:
         failed: Counter[str] = Counter()
         pids = {"prefill": self.prefill.proc.pid, "decode": self.decode.proc.pid}
         cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        threads0 = {k: thread_cpu(p) for k, p in pids.items()}
         me0 = resource.getrusage(resource.RUSAGE_SELF)
         left = rooms
 
@@ -141,13 +159,17 @@ class Driver:
         wall = time.perf_counter() - t0
         me1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+        threads = {k: {kind: sec - threads0[k][kind] for kind, sec in thread_cpu(p).items()}
+                   for k, p in pids.items()}
         cpu["driver"] = me1.ru_utime + me1.ru_stime - me0.ru_utime - me0.ru_stime
         a = np.sort(np.asarray(lat)) * 1e3 if lat else np.zeros(1)
         return {"inflight": inflight, "rooms": rooms, "failed": dict(failed), "seconds": wall,
                 "rooms_per_s": len(lat) / wall, "p50_ms": float(np.percentile(a, 50)),
                 "p99_ms": float(np.percentile(a, 99)), "p999_ms": float(np.percentile(a, 99.9)),
                 "max_ms": float(a[-1]),
-                **{f"cpu_us_per_room_{k}": v / max(1, len(lat)) * 1e6 for k, v in cpu.items()}}
+                **{f"cpu_us_per_room_{k}": v / max(1, len(lat)) * 1e6 for k, v in cpu.items()},
+                **{f"cpu_us_per_room_{k}_{kind}": v / max(1, len(lat)) * 1e6
+                   for k, kinds in threads.items() for kind, v in kinds.items()}}
 
 
 def show(r: dict[str, Any]) -> None:
@@ -156,6 +178,10 @@ def show(r: dict[str, Any]) -> None:
           f"CPU/room prefill {r['cpu_us_per_room_prefill']:6.0f} us, decode {r['cpu_us_per_room_decode']:6.0f} us, "
           f"driver {r['cpu_us_per_room_driver']:6.0f} us" + (f"  FAILED {r['failed']}" if r["failed"] else ""),
           flush=True)
+    print("      by thread, us/room: " + "; ".join(
+        f"{side} loop {r[f'cpu_us_per_room_{side}_loop']:.0f}, zmq {r[f'cpu_us_per_room_{side}_zmq']:.0f}, "
+        f"other (executor + Mooncake) {r[f'cpu_us_per_room_{side}_other']:.0f}" for side in ("prefill", "decode")),
+        flush=True)
 
 
 # --- profile: py-spy on both daemons ----------------------------------------------------------

@@ -192,6 +192,11 @@ def parse_size(value: object) -> int:
     return size
 
 
+def _size_or_zero(value: object) -> int:
+    """A byte size, or 0 to turn the feature off."""
+    return 0 if value == 0 or value == "0" else parse_size(value)
+
+
 def _socket_mode(value: object) -> int:
     what = 'a file mode such as "0660" (octal string) or 0o660'
     if isinstance(value, bool):
@@ -356,6 +361,8 @@ FIELDS: tuple[Field, ...] = (
           "dispatch queues, so one slow peer does not block the others"),
     Field("transfer", "max_batch_ops", "max_batch_ops", _positive_int,
           "most write ops in one Mooncake batch"),
+    Field("transfer", "inline_max_bytes", "inline_max_bytes", _size_or_zero,
+          "host-to-host writes of a room up to this size ride in the peer message, not Mooncake (0 = off)"),
     Field("timeouts", "bootstrap_s", "bootstrap_timeout_s", _positive_float,
           "seconds a room may spend bootstrapping (peer handshake)"),
     Field("timeouts", "waiting_s", "waiting_timeout_s", _positive_float,
@@ -425,6 +432,7 @@ class Config:
     workers: int = 4
     queues: int = 4
     max_batch_ops: int = 1024
+    inline_max_bytes: int = 64 << 10
     bootstrap_timeout_s: float = 30.0
     waiting_timeout_s: float = 300.0
     transfer_timeout_s: float = 120.0

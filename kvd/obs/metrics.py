@@ -64,6 +64,8 @@ class Metrics:
         self._ops = Counter("kvd_write_ops", "Remote write operations issued", registry=r)
         self._errors = Counter("kvd_errors", "Errors by kind", ["kind"], registry=r)
         self._batches = Counter("kvd_batches", "Write batches completed", registry=r)
+        self._inline = Counter("kvd_inline_writes", "Tiny writes sent inside a status message "
+                               "(the receiving daemon copies them; no transport write)", registry=r)
         self._latency = Histogram(
             "kvd_transfer_latency_seconds",
             "Room latency, from the room's start to its final state",
@@ -119,6 +121,13 @@ class Metrics:
             self._batch_seconds.observe(seconds)
             self._speed.observe(nbytes / seconds)
 
+    def observe_inline(self, nbytes: int) -> None:
+        """Record one inline write: its bytes count as sent, with no transport op or batch."""
+        if nbytes < 0:
+            raise ValueError(f"inline bytes must be >= 0, got {nbytes}")
+        self._bytes.labels(direction="sent").inc(nbytes)
+        self._inline.inc()
+
     def add_received(self, nbytes: int) -> None:
         """Count bytes that landed here (writes are one-sided: the receiver learns of them).
 
@@ -154,6 +163,7 @@ class Metrics:
             "bytes_received": int(by_direction.get("received", 0)),
             "write_ops": int(self._values(self._ops, None).get("", 0)),
             "batches": int(self._values(self._batches, None).get("", 0)),
+            "inline_writes": int(self._values(self._inline, None).get("", 0)),
         }
 
     @staticmethod

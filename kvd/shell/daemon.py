@@ -117,6 +117,9 @@ class Daemon:
     def observe_batch(self, result: BatchResult) -> None:
         self.metrics.observe_batch(result.nbytes, result.seconds, result.ops)
 
+    def observe_inline(self, nbytes: int) -> None:
+        self.metrics.observe_inline(nbytes)
+
     def observe_room(self, seconds: float, nbytes: int) -> None:
         self.metrics.observe_room(seconds)
         self.metrics.add_received(nbytes)

@@ -11,12 +11,14 @@ The staged pipeline lives in :mod:`kvd.sides.staged_recv`.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import secrets
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import numpy as np
 
+from kvd.core.inline import check_within_indices, unpack_ops
 from kvd.core.layout import LayoutError, PoolLayout, check_compatible
 from kvd.core.planner import PlanError, map_heads
 from kvd.core.rooms import (
@@ -37,6 +39,8 @@ from kvd.sides.staged_recv import StagedReceiver
 from kvd.wire import engine as we
 from kvd.wire import peer as wp
 
+RELEASED_KEPT = 65_536  # transfer ids whose late messages are expected, not counted
+
 
 class ReceiverSide(SideBase[ReceiverRoom]):
     """Every receiver room of this daemon."""
@@ -48,6 +52,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self._by_transfer: dict[int, ReceiverRoom] = {}
         self.paths: Counter[TransferPath] = Counter()  # rooms started, by path
         self._fencing: set[str] = set()  # peers whose receive session is being revoked
+        self._released: OrderedDict[int, None] = OrderedDict()  # recently released transfer ids
         self.staged_path = StagedReceiver(ctx, self)
 
     def handlers(self) -> dict[type, object]:
@@ -115,6 +120,8 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             return
         rr.path = TransferPath.HISPARSE if rr.hisparse else TransferPath.STAGED if rr.staged else TransferPath.DIRECT
         st = rr.staged
+        # Host pages this daemon can copy into itself: tiny rooms come inline (kvd.core.inline).
+        rr.inline_max_bytes = self.ctx.config.inline_max_bytes if rr.pool.layout.memory_kind == "host" else 0
         for link in rr.senders.values():
             staged = st is not None and not link.dummy
             self.ctx.send_peer(link.daemon, wp.TransferRequest(
@@ -125,7 +132,8 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                 enable_hisparse=rr.hisparse,
                 chunk_tokens=st.ledger.geometry.chunk_tokens if st is not None and staged else 0,
                 writer=st.ledger.writer_index(link.rank) if st is not None and staged else 0,
-                writers=len(st.writers) if st is not None and staged else 0, confirms=True))
+                writers=len(st.writers) if st is not None and staged else 0, confirms=True,
+                inline_max_bytes=0 if staged else rr.inline_max_bytes))
         self.transition(rr, RoomInput.BOOTSTRAPPED)
         self.paths[rr.path] += 1
         if st is not None:
@@ -152,7 +160,11 @@ class ReceiverSide(SideBase[ReceiverRoom]):
     def lookup(self, transfer_id: int, pool_key: str, room: int) -> ReceiverRoom | None:
         rr = self._by_transfer.get(transfer_id)
         if rr is None or rr.pool.key != pool_key or rr.room != room:
-            self.ctx.count_error("stale_message")  # a late message for an ended room: never touches a new one
+            # A late message for an ended room never touches a new one. One for a room released
+            # moments ago is expected (a replica sender's report after the room completed, a
+            # status racing an abort); only one for a transfer never seen here is counted.
+            if transfer_id not in self._released:
+                self.ctx.count_error("stale_message")
             return None
         return rr
 
@@ -169,6 +181,13 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             self.ctx.count_error("bad_peer_message")
             self.fail(rr, f"sender rank {msg.sender_rank} reported twice")
             return
+        if msg.inline_ops or msg.inline_data:
+            try:
+                self._land_inline(rr, link, msg)
+            except PlanError as exc:
+                self.ctx.count_error("bad_peer_message")
+                self.fail(rr, f"sender rank {msg.sender_rank}: {exc}")
+                return
         link.bytes_written = max(link.bytes_written, msg.bytes_written)
         if not msg.final:
             self.progress(rr)
@@ -201,6 +220,28 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         if msg.aux and not rr.aux:
             rr.aux = msg.aux
         self.maybe_complete(rr)
+
+    def _land_inline(self, rr: ReceiverRoom, link: SenderLink, msg: wp.TransferStatus) -> None:
+        """Copy a status's inline bytes into the room's pages, each op checked to fall inside
+        the pages (or HiSparse tokens) the engine handed over for this room: a peer names
+        addresses, this daemon decides whether they are the room's."""
+        if rr.machine.state.final:
+            return  # a failed room's pages take no more bytes (released ones are never looked up)
+        if not msg.ok or link.dummy or rr.staged is not None:
+            raise PlanError("inline bytes on a failed status, a dummy sender or a staged room")
+        dst, length = unpack_ops(msg.inline_ops, len(msg.inline_data), rr.inline_max_bytes)
+        layout = rr.pool.layout
+        stride = layout.token_bytes if rr.hisparse else layout.page_bytes
+        check_within_indices(dst, length, rr.pool.buffers, layout.buffer_bytes, stride, rr.dst_indices,
+                             f"room {rr.room}")
+        link.inline_bytes += len(msg.inline_data)
+        if link.inline_bytes > link.bytes_owed:
+            raise PlanError(f"{link.inline_bytes} inline bytes, more than the {link.bytes_owed} owed")
+        data = np.frombuffer(msg.inline_data, dtype=np.uint8)
+        base, offset = data.ctypes.data, 0
+        for address, n in zip(dst.tolist(), length.tolist(), strict=True):
+            ctypes.memmove(address, base + offset, n)
+            offset += n
 
     def on_chunk_written(self, msg: wp.ChunkWritten) -> None:
         rr = self.lookup(msg.transfer_id, msg.pool_key, msg.room)
@@ -293,6 +334,9 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         if self.rooms.get((rr.pool.pool_id, rr.room)) is rr:
             del self.rooms[(rr.pool.pool_id, rr.room)]
         self._by_transfer.pop(rr.transfer_id, None)
+        self._released[rr.transfer_id] = None
+        while len(self._released) > RELEASED_KEPT:
+            self._released.popitem(last=False)
         for task in rr.tasks:
             task.cancel()
         if rr.staged is not None:  # no writer can land any more: the regions go back to the pool

@@ -58,6 +58,9 @@ class ReceiverRequest:
     unsure: bool = False  # a write to this receiver failed mid-flight: its bytes may still land
     staged: StagedSend | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # fence of this request's staged writes
+    # Inline bytes of the last batch, held for the final status (kvd.core.inline).
+    inline_ops: bytes = b""
+    inline_data: bytes = b""
 
     @property
     def dummy(self) -> bool:
@@ -122,6 +125,7 @@ class SenderLink:
     unsure: bool = False     # it said a failed write of its may still land: only revocation fences it
     bytes_written: int = 0
     bytes_owed: int = 0      # what its head slices of every token and buffer come to
+    inline_bytes: int = 0    # of those, copied here from its statuses (kvd.core.inline)
 
     @property
     def may_write(self) -> bool:
@@ -164,6 +168,7 @@ class ReceiverRoom:
     path: TransferPath = TransferPath.DIRECT  # decided once, at bootstrap
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # bootstrap, grants: cancelled at release
     staged: StagedReceive | None = None
+    inline_max_bytes: int = 0  # what this room asked its senders for (TransferRequest)
 
     @property
     def bytes_done(self) -> int:

@@ -12,9 +12,11 @@ write of that room can still land. The staged pipeline lives in
 from __future__ import annotations
 
 import asyncio
+import ctypes
 from collections import OrderedDict
 from dataclasses import replace
 
+from kvd.core.inline import pack_ops
 from kvd.core.layout import LayoutError, check_compatible
 from kvd.core.planner import (
     PlanError,
@@ -233,8 +235,15 @@ class SenderSide(SideBase[SenderRoom]):
                     for chunk in chunks:
                         for req, ops in self._plan_chunk(sr, chunk):
                             planned.setdefault(id(req), (req, []))[1].append(ops)
-                    await asyncio.gather(*(self._write(sr, req, WriteOps.concat(parts))
-                                           for req, parts in planned.values()))
+                    writes = []
+                    for req, parts in planned.values():
+                        ops = WriteOps.concat(parts)
+                        if self._fits_inline(sr, req, ops):
+                            self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
+                        else:
+                            writes.append(self._write(sr, req, ops))
+                    if writes:
+                        await asyncio.gather(*writes)
                 except (PlanError, TransportError) as exc:
                     if isinstance(exc, TransportError):
                         for req, _ in planned.values():  # a failed batch's bytes may still be in flight
@@ -254,6 +263,23 @@ class SenderSide(SideBase[SenderRoom]):
         sr.bytes_done += result.nbytes
         req.bytes_written += result.nbytes
         self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=False))
+
+    def _fits_inline(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps) -> bool:
+        """Host to host, and no more bytes than both daemons allow: the bytes go in the status."""
+        limit = min(req.msg.inline_max_bytes, self.ctx.config.inline_max_bytes)
+        return (0 < ops.total_bytes <= limit and sr.pool.layout.memory_kind == "host"
+                and req.remote.layout.memory_kind == "host")
+
+    def _write_inline(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps, *, hold: bool) -> None:
+        """Copy the (bounds-checked) source bytes into a status; the last batch's status is the
+        final one, so a one-chunk room costs one message and no transport write."""
+        data = b"".join([ctypes.string_at(src, n) for src, n in zip(ops.src.tolist(), ops.length.tolist(), strict=True)])
+        req.inline_ops, req.inline_data = pack_ops(ops), data
+        sr.bytes_done += len(data)
+        req.bytes_written += len(data)
+        self.ctx.observe_inline(len(data))
+        if not hold:
+            self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=False))
 
     def _plan_chunk(self, sr: SenderRoom, chunk: Chunk) -> list[tuple[ReceiverRequest, WriteOps]]:
         """Write ops of one chunk for every live receiver, bounds-checked on both sides."""
@@ -348,9 +374,12 @@ class SenderSide(SideBase[SenderRoom]):
     def _status(self, req: ReceiverRequest, *, ok: bool, final: bool, reason: str = "",
                 aux: bytes = b"") -> wp.TransferStatus:
         m = req.msg
+        inline_ops, inline_data = (req.inline_ops, req.inline_data) if ok else (b"", b"")
+        req.inline_ops = req.inline_data = b""
         return wp.TransferStatus(room=m.room, transfer_id=m.transfer_id, pool_key=m.pool_key,
                                  sender_rank=m.sender_rank, ok=ok, reason=reason, aux=aux,
-                                 bytes_written=req.bytes_written, final=final, unsure=req.unsure)
+                                 bytes_written=req.bytes_written, final=final, unsure=req.unsure,
+                                 inline_ops=inline_ops, inline_data=inline_data)
 
     def _reply_failed(self, msg: wp.TransferRequest, reason: str) -> None:
         self.ctx.send_peer(msg.src, wp.TransferStatus(

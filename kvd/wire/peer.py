@@ -164,6 +164,9 @@ class TransferRequest(PeerMessage):
     # successful outcome (an older receiver leaves it False: the sender's own view decides).
     confirms: bool = wire(False, since=2)
     incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
+    # The receiver writes up to this many bytes per status itself, from the status (inline):
+    # a tiny room then costs no transport write. 0 (an older receiver, a GPU pool): never.
+    inline_max_bytes: int = wire(0, since=3)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -185,6 +188,11 @@ class TransferStatus(PeerMessage):
     # A write of this sender may still land (one failed or timed out mid-flight): the receiver
     # must fence it off (revoke its session) before releasing the pages, not trust this report.
     unsure: bool = wire(False, since=2)
+    # Inline bytes (see TransferRequest.inline_max_bytes): ``inline_ops`` is little-endian int64
+    # (destination address, length) pairs into the receiver's pool, ``inline_data`` their bytes
+    # in order. Counted in ``bytes_written``.
+    inline_ops: bytes = wire(b"", since=3)
+    inline_data: bytes = wire(b"", since=3)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

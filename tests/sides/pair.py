@@ -92,6 +92,7 @@ class FakeDaemon:
     errors: Counter[str] = field(default_factory=Counter)
     states: list[tuple[str, int, str]] = field(default_factory=list)  # (role, room, state)
     received: int = 0
+    inline_bytes: int = 0  # sent inside statuses (kvd.core.inline)
     sessions: dict[str, MemcpyTransport] = field(default_factory=dict)  # per-peer receive sessions
     revoked: list[str] = field(default_factory=list)
     generation: int = 0
@@ -138,6 +139,9 @@ class FakeDaemon:
 
     def observe_batch(self, result: BatchResult) -> None:
         pass
+
+    def observe_inline(self, nbytes: int) -> None:
+        self.inline_bytes += nbytes
 
     def observe_room(self, seconds: float, nbytes: int) -> None:
         self.received += nbytes
@@ -243,7 +247,9 @@ class Cluster:
         self.fabric = MemcpyFabric()
         self.nodes: dict[str, FakeDaemon] = {}
         self.config = Config(**({"waiting_timeout_s": 5.0, "transfer_timeout_s": 5.0, "bootstrap_timeout_s": 5.0,
-                                 "abort_fence_s": 2.0, "staging_chunk_tokens": 16} | config))
+                                 "abort_fence_s": 2.0, "staging_chunk_tokens": 16,
+                                 # transport writes unless a test asks for inline ones (kvd.core.inline)
+                                 "inline_max_bytes": 0} | config))
         self.log: list[Delivery] = []
         self.hold: Callable[[Delivery], bool] = lambda d: False  # True: keep it back
         self.held: list[Delivery] = []

@@ -1,0 +1,56 @@
+"""kvd.core.inline without sockets: packing, unpacking and the room-pages bounds check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvd.core.inline import check_within_indices, pack_ops, unpack_ops
+from kvd.core.planner import PlanError, WriteOps
+
+BUFFERS = [1 << 20, 1 << 21, 3 << 20]  # three buffers, gaps between them
+BUFFER_BYTES = 64 * 256  # 64 pages of 256 bytes
+STRIDE = 256
+ROOM = np.array([3, 4, 9], dtype=np.int64)
+
+
+def _check(dst: list[int], length: list[int]) -> None:
+    check_within_indices(np.array(dst, np.int64), np.array(length, np.int64), BUFFERS, BUFFER_BYTES, STRIDE,
+                         ROOM, "room 1")
+
+
+def test_pack_and_unpack_round_trip():
+    ops = WriteOps(np.array([1, 2]), np.array([1 << 40, 7]), np.array([256, 3]))
+    dst, length = unpack_ops(pack_ops(ops), 259, 1 << 16)
+    assert dst.tolist() == [1 << 40, 7] and length.tolist() == [256, 3]
+
+
+@pytest.mark.parametrize(("packed", "data_len", "limit", "match"), [
+    (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([8]))), 8, 0, "did not ask"),
+    (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([8]))), 8, 4, "more than"),
+    (b"\x00" * 8, 0, 16, "pairs"),
+    (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([-8]))), 0, 16, "<= 0"),
+    (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([8]))), 9, 16, "carries 9"),
+])
+def test_unpack_refuses_malformed_ops(packed, data_len, limit, match):
+    with pytest.raises(PlanError, match=match):
+        unpack_ops(packed, data_len, limit)
+
+
+def test_ops_inside_the_room_pass_on_every_buffer():
+    _check([BUFFERS[0] + 3 * STRIDE, BUFFERS[2] + 9 * STRIDE + 128], [2 * STRIDE, 128])  # pages 3-4, end of 9
+    _check([BUFFERS[1] + 4 * STRIDE + 17], [1])
+    _check([], [])
+
+
+@pytest.mark.parametrize(("dst", "length"), [
+    ([BUFFERS[0] + 5 * STRIDE], [1]),                   # a page not the room's
+    ([BUFFERS[0] + 4 * STRIDE], [STRIDE + 1]),          # runs from page 4 into 5
+    ([BUFFERS[0] - 1], [1]),                            # before the first buffer
+    ([BUFFERS[0] + BUFFER_BYTES], [1]),                 # in the gap after a buffer
+    ([BUFFERS[2] + 63 * STRIDE], [STRIDE + 1]),         # past the end of the last buffer
+    ([BUFFERS[0] + 3 * STRIDE, BUFFERS[1]], [8, 8]),    # one good op does not excuse a bad one
+])
+def test_ops_leaving_the_room_are_refused(dst, length):
+    with pytest.raises(PlanError):
+        _check(dst, length)
