@@ -12,11 +12,12 @@ Pure: packing, unpacking and the bounds check; the copies are the callers'.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
 
-from kvd.core.planner import PlanError, WriteOps
+from kvd.core.planner import SMALL, PlanError, WriteOps
 
 _PAIR = np.dtype("<i8")
 
@@ -50,6 +51,12 @@ def check_within_indices(dst: np.ndarray, length: np.ndarray, buffers: Sequence[
     bytes) of some buffer: an inline write can only reach the room it is addressed to."""
     if not len(dst):
         return
+    if len(dst) <= SMALL and len(indices) <= SMALL:
+        if _small_within(dst.tolist(), length.tolist(), sorted(int(b) for b in buffers), buffer_bytes, stride,
+                         set(indices.tolist())):
+            return
+        raise PlanError(f"{what}: an inline write outside the {len(indices)} pages (or tokens) "
+                        "handed over for the room, or outside the pool's buffers")
     bases = np.asarray(buffers, dtype=np.int64)
     order = np.argsort(bases)
     pos = np.searchsorted(bases[order], dst, side="right") - 1
@@ -66,6 +73,23 @@ def check_within_indices(dst: np.ndarray, length: np.ndarray, buffers: Sequence[
     if not bool(np.isin(touched, indices).all()):
         raise PlanError(f"{what}: an inline write outside the {len(indices)} pages (or tokens) "
                         "handed over for the room")
+
+
+def _small_within(dst: list[int], length: list[int], bases: list[int], buffer_bytes: int, stride: int,
+                  allowed: set[int]) -> bool:
+    """:func:`check_within_indices` on Python ints, for a tiny room's few ops (numpy's per-call
+    cost is most of the check there): the same answer."""
+    for address, n in zip(dst, length, strict=True):
+        i = bisect.bisect_right(bases, address) - 1
+        if i < 0:
+            return False
+        offset = address - bases[i]
+        if n <= 0 or offset + n > buffer_bytes:
+            return False
+        for index in range(offset // stride, (offset + n - 1) // stride + 1):
+            if index not in allowed:
+                return False
+    return True
 
 
 __all__ = ["check_within_indices", "pack_ops", "unpack_ops"]

@@ -270,6 +270,8 @@ class WriteOps:
         parts = list(parts)
         if not parts:
             return WriteOps.empty()
+        if len(parts) == 1:
+            return parts[0]
         return WriteOps(np.concatenate([p.src for p in parts]),
                         np.concatenate([p.dst for p in parts]),
                         np.concatenate([p.length for p in parts]))

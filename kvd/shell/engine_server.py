@@ -27,7 +27,7 @@ import socket
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -130,6 +130,21 @@ class _Conn:
     writer: asyncio.StreamWriter
     last_active: float
     pooled: bool = False  # it registered a pool: an engine, kept however quiet it is
+    # Frames (replies and pushed events, in order) written together once per loop pass: one
+    # send() for a burst of room events instead of one each (issue 15).
+    out: list[bytes] = field(default_factory=list)
+
+    def queue(self, data: bytes) -> None:
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.out.append(data)
+
+    def flush(self) -> None:
+        if self.out:
+            data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
+            self.out.clear()
+            if not self.writer.is_closing():
+                self.writer.write(data)
 
 
 class EngineServer:
@@ -166,7 +181,7 @@ class EngineServer:
     def push(self, conn_id: int, msg: Message) -> None:
         conn = self._conns.get(conn_id)
         if conn is not None and not conn.writer.is_closing():
-            conn.writer.write(frame(msg.encode()))
+            conn.queue(frame(msg.encode()))
 
     def connections(self) -> int:
         return len(self._conns)
@@ -235,12 +250,13 @@ class EngineServer:
                     reply = await self._handle_async(conn_id, payload)
                     if isinstance(reply, PoolRegistered):
                         conn.pooled = True
-                    writer.write(frame(reply.encode()))
+                    conn.queue(frame(reply.encode()))
+                conn.flush()
                 await writer.drain()
         except ProtocolError as exc:  # a broken frame header: the stream cannot be resynchronised
             self.handler.count_error("protocol")
             clog.warning("engine_stream_error", error=str(exc))
-            writer.write(frame(ErrorReply(req_id=0, kind="protocol", message=str(exc)).encode()))
+            conn.queue(frame(ErrorReply(req_id=0, kind="protocol", message=str(exc)).encode()))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -249,6 +265,7 @@ class EngineServer:
                 self.access.gone(conn_id)
             clog.info("engine_disconnected")
             self.handler.engine_gone(conn_id)
+            conn.flush()  # what was queued for it (the last replies) goes before the close
             writer.close()
 
     async def _handle_async(self, conn_id: int, payload: bytes) -> Message:

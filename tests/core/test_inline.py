@@ -54,3 +54,24 @@ def test_ops_inside_the_room_pass_on_every_buffer():
 def test_ops_leaving_the_room_are_refused(dst, length):
     with pytest.raises(PlanError):
         _check(dst, length)
+
+
+def test_the_small_and_the_vectorised_checks_agree():
+    """Tiny rooms take a Python path; it must refuse and accept exactly what numpy does."""
+    rng = np.random.default_rng(3)
+    many = np.arange(0, 64, 2, dtype=np.int64)  # more indices than the small path takes
+    for _ in range(400):
+        n = int(rng.integers(1, 4))
+        buf = rng.integers(0, 3, n)
+        dst = np.array([BUFFERS[b] for b in buf]) + rng.integers(-300, BUFFER_BYTES + 300, n)
+        length = rng.integers(1, 3 * STRIDE, n)
+        answers = []
+        for indices in (ROOM, many):
+            for widen in (False, True):
+                d, ln = (np.concatenate([dst] * 12), np.concatenate([length] * 12)) if widen else (dst, length)
+                try:
+                    check_within_indices(d, ln, BUFFERS, BUFFER_BYTES, STRIDE, indices, "r")
+                    answers.append(True)
+                except PlanError:
+                    answers.append(False)
+        assert answers[0] == answers[1] and answers[2] == answers[3], (dst, length, answers)
