@@ -13,6 +13,7 @@ Pure: packing, unpacking and the bounds check; the copies are the callers'.
 from __future__ import annotations
 
 import bisect
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,8 +37,12 @@ def unpack_ops(packed: bytes, data_len: int, max_bytes: int) -> tuple[np.ndarray
         raise PlanError(f"{data_len} inline bytes, more than the {max_bytes} this receiver accepts")
     if len(packed) % (2 * _PAIR.itemsize):
         raise PlanError(f"inline ops of {len(packed)} bytes are not (address, length) int64 pairs")
-    pairs = np.frombuffer(packed, dtype=_PAIR).reshape(-1, 2).astype(np.int64)
-    dst, length = pairs[:, 0], pairs[:, 1]
+    if len(packed) <= 16 * SMALL:  # a tiny room's few ops: Python ints, no numpy calls
+        flat = struct.unpack(f"<{len(packed) // 8}q", packed)
+        dst, length = np.array(flat[0::2], dtype=np.int64), np.array(flat[1::2], dtype=np.int64)
+    else:
+        pairs = np.frombuffer(packed, dtype=_PAIR).reshape(-1, 2).astype(np.int64)
+        dst, length = pairs[:, 0], pairs[:, 1]
     if len(length) and int(length.min()) <= 0:
         raise PlanError("an inline op with a length <= 0")
     if int(length.sum()) != data_len:

@@ -254,6 +254,18 @@ class Directory:
         return PoolAccepted(accepted.staging and self.registry.staging_pool(pool) is not None,
                             accepted.send_ring_bytes)
 
+    def engine_info_now(self, bootstrap: str, engine_id: str) -> wp.EngineInfo | None:
+        return self._cached((bootstrap, engine_id))
+
+    def pool_accepted_now(self, daemon: str, pool: LocalPool, engine_id: str) -> PoolAccepted | None:
+        fut = self._announced.get((daemon, pool.key, engine_id))
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None \
+                or not self.current(daemon, self.config.heartbeat_timeout_s):
+            return None
+        accepted = self._accepted.get((daemon, pool.key), PoolAccepted(False))
+        return PoolAccepted(accepted.staging and self.registry.staging_pool(pool) is not None,
+                            accepted.send_ring_bytes)
+
     def on_pool_announce(self, msg: wp.PoolAnnounce) -> None:
         error = ""
         try:

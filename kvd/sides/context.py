@@ -66,6 +66,15 @@ class Bootstrap(Protocol):
         """Announce a decode pool to a sender daemon once; what the sender agreed to."""
         ...
 
+    def engine_info_now(self, bootstrap: str, engine_id: str) -> wp.EngineInfo | None:
+        """The topology if it is known now (no query, no wait); None: ask with engine_info."""
+        ...
+
+    def pool_accepted_now(self, daemon: str, pool: LocalPool, engine_id: str) -> PoolAccepted | None:
+        """What the sender agreed to, if the pool was announced to it and it is current; None:
+        announce with announce_pool."""
+        ...
+
 
 class RoomContext(Protocol):
     """The daemon as a room side sees it."""

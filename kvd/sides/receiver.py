@@ -20,7 +20,7 @@ import numpy as np
 
 from kvd.core.inline import check_within_indices, unpack_ops
 from kvd.core.layout import LayoutError, PoolLayout, check_compatible
-from kvd.core.planner import PlanError, map_heads
+from kvd.core.planner import PlanError, TpMapping, map_heads
 from kvd.core.rooms import (
     CompletionTracker,
     Deadlines,
@@ -32,7 +32,7 @@ from kvd.core.rooms import (
 )
 from kvd.core.staging import StagingError, staging_applies
 from kvd.mem.pools import LocalPool
-from kvd.sides.context import RoomContext
+from kvd.sides.context import PoolAccepted, RoomContext
 from kvd.sides.lifecycle import SideBase, room_event
 from kvd.sides.records import ReceiverRoom, SenderLink
 from kvd.sides.staged_recv import StagedReceiver
@@ -53,6 +53,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self.paths: Counter[TransferPath] = Counter()  # rooms started, by path
         self._fencing: set[str] = set()  # peers whose receive session is being revoked
         self._released: OrderedDict[int, None] = OrderedDict()  # recently released transfer ids
+        self._parsed: dict[int, tuple[wp.EngineInfo, list[PoolLayout]]] = {}  # see _layouts
         self.staged_path = StagedReceiver(ctx, self)
 
     def handlers(self) -> dict[type, object]:
@@ -79,43 +80,96 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self.rooms[key] = rr
         self._by_transfer[rr.transfer_id] = rr
         self.ctx.room_changed(self.role, None, rr.machine.state, room=rr.room, pool=pool.key)
-        rr.tasks.append(self.ctx.spawn(self._bootstrap(rr), f"bootstrap-{rr.room}"))
+        if not self._bootstrap_now(rr):
+            rr.tasks.append(self.ctx.spawn(self._bootstrap(rr), f"bootstrap-{rr.room}"))
+
+    def _bootstrap_now(self, rr: ReceiverRoom) -> bool:
+        """Bootstrap from what the directory already knows (the engine's topology, the pool
+        announced to every sender daemon): no task and no wait, the common case at engine rates
+        (issue 15). False: something must be asked first (:meth:`_bootstrap`)."""
+        bootstrap = self.ctx.bootstrap
+        info = bootstrap.engine_info_now(rr.bootstrap_addr, rr.prefill_engine_id)
+        if info is None:
+            return False
+        try:
+            layouts, mapping = self._link_senders(rr, info)
+            answers = [bootstrap.pool_accepted_now(daemon, rr.pool, rr.prefill_engine_id)
+                       for daemon in sorted(rr.peers())]
+            if any(a is None for a in answers):
+                rr.senders.clear()
+                rr.tracker = None
+                return False
+            self._choose_staging(rr, layouts, mapping, [a for a in answers if a is not None])
+        except Exception as exc:  # noqa: BLE001 - sorted by _bootstrap_failed, which re-raises a bug
+            self._bootstrap_failed(rr, exc)
+            return True
+        self._request(rr)
+        return True
 
     async def _bootstrap(self, rr: ReceiverRoom) -> None:
         try:
             info = await self.ctx.bootstrap.engine_info(rr.bootstrap_addr, rr.prefill_engine_id,
                                                         rr.machine.deadline)
-            layouts = [PoolLayout.from_dict(x) for x in info.layouts]
-            local = rr.pool.layout
-            check_compatible(layouts[0], local)
-            if rr.hisparse != local.hisparse:
-                raise PlanError("enable_hisparse needs a HiSparse host pool (page size 1) on the decode "
-                                "side" if rr.hisparse else "a HiSparse pool receives with enable_hisparse")
-            mapping = map_heads(local.total_kv_heads, info.tp_size, local.tp_size)
-            required = mapping.required_senders(local.tp_rank)
-            tokens = len(rr.dst_indices) * (1 if rr.hisparse else local.page_size)
-            for s in mapping.notified_senders(local.tp_rank):
-                heads = sum(sl.num_heads for sl in mapping.slices_between(s, local.tp_rank))
-                rr.senders[s] = SenderLink(s, info.daemons[s], dummy=s not in required,
-                                           bytes_owed=tokens * local.num_buffers * heads * local.head_bytes)
-            rr.tracker = CompletionTracker(required)
+            layouts, mapping = self._link_senders(rr, info)
             answers = [await self.ctx.bootstrap.announce_pool(daemon, rr.pool, rr.prefill_engine_id,
                                                               rr.machine.deadline) for daemon in sorted(rr.peers())]
-            if all(a.staging for a in answers) and not staging_applies(layouts[0], local, hisparse=rr.hisparse):
-                rings = [a.send_ring_bytes for a in answers if a.send_ring_bytes > 0]
-                rr.staged = self.staged_path.plan(rr, mapping, min(rings) if rings else 0)
-        except (LayoutError, PlanError) as exc:
+            self._choose_staging(rr, layouts, mapping, answers)
+        except Exception as exc:  # noqa: BLE001 - sorted by _bootstrap_failed, which re-raises a bug
+            self._bootstrap_failed(rr, exc)
+            return
+        self._request(rr)
+
+    def _layouts(self, info: wp.EngineInfo) -> list[PoolLayout]:
+        """The prefill ranks' layouts, parsed once per directory answer (not once per room)."""
+        cached = self._parsed.get(id(info))
+        if cached is not None and cached[0] is info:
+            return cached[1]
+        layouts = [PoolLayout.from_dict(x) for x in info.layouts]
+        if len(self._parsed) >= 256:
+            self._parsed.clear()
+        self._parsed[id(info)] = (info, layouts)  # the answer is kept: its id cannot be reused meanwhile
+        return layouts
+
+    def _link_senders(self, rr: ReceiverRoom, info: wp.EngineInfo) -> tuple[list[PoolLayout], TpMapping]:
+        """The sender ranks this room hears from, and what each owes it."""
+        layouts = self._layouts(info)
+        local = rr.pool.layout
+        check_compatible(layouts[0], local)
+        if rr.hisparse != local.hisparse:
+            raise PlanError("enable_hisparse needs a HiSparse host pool (page size 1) on the decode "
+                            "side" if rr.hisparse else "a HiSparse pool receives with enable_hisparse")
+        mapping = map_heads(local.total_kv_heads, info.tp_size, local.tp_size)
+        required = mapping.required_senders(local.tp_rank)
+        tokens = len(rr.dst_indices) * (1 if rr.hisparse else local.page_size)
+        for s in mapping.notified_senders(local.tp_rank):
+            heads = sum(sl.num_heads for sl in mapping.slices_between(s, local.tp_rank))
+            rr.senders[s] = SenderLink(s, info.daemons[s], dummy=s not in required,
+                                       bytes_owed=tokens * local.num_buffers * heads * local.head_bytes)
+        rr.tracker = CompletionTracker(required)
+        return layouts, mapping
+
+    def _choose_staging(self, rr: ReceiverRoom, layouts: list[PoolLayout], mapping: TpMapping,
+                        answers: list[PoolAccepted]) -> None:
+        if all(a.staging for a in answers) and not staging_applies(layouts[0], rr.pool.layout, hisparse=rr.hisparse):
+            rings = [a.send_ring_bytes for a in answers if a.send_ring_bytes > 0]
+            rr.staged = self.staged_path.plan(rr, mapping, min(rings) if rings else 0)
+
+    def _bootstrap_failed(self, rr: ReceiverRoom, exc: Exception) -> None:
+        """A bootstrap that cannot go on fails its room, with the reason and a counter by kind."""
+        if isinstance(exc, LayoutError | PlanError):
             self.ctx.count_error("layout")
             self.fail(rr, str(exc))
-            return
-        except (TimeoutError, ConnectionError) as exc:
+        elif isinstance(exc, TimeoutError | ConnectionError):
             self.fail(rr, str(exc) or "prefill bootstrap timed out")
-            return
-        except (IndexError, KeyError, TypeError, ValueError) as exc:  # a topology that does not add up
+        elif isinstance(exc, IndexError | KeyError | TypeError | ValueError):  # a topology that does not add up
             self.ctx.count_error("bad_peer_message")
             self.fail(rr, f"prefill engine {rr.prefill_engine_id!r}: unusable topology from "
                           f"{rr.bootstrap_addr}: {type(exc).__name__}: {exc}")
-            return
+        else:
+            raise exc
+
+    def _request(self, rr: ReceiverRoom) -> None:
+        """Ask every sender rank for the room: the path is decided, the room is bootstrapped."""
         if rr.machine.state.final:
             return
         rr.path = TransferPath.HISPARSE if rr.hisparse else TransferPath.STAGED if rr.staged else TransferPath.DIRECT

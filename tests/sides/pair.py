@@ -173,6 +173,21 @@ class FakeDaemon:
                 raise EngineNotReady(f"prefill engine {engine_id!r} did not become ready")
             await asyncio.sleep(0)
 
+    def engine_info_now(self, bootstrap: str, engine_id: str) -> wp.EngineInfo | None:
+        ranks = self.cluster.prefill_ranks(engine_id)
+        if ranks and len(ranks) == ranks[0][0].tp_size:
+            return wp.EngineInfo(src=bootstrap, engine_id=engine_id, ready=True, tp_size=len(ranks),
+                                 layouts=[lay.to_dict() for lay, _ in ranks], daemons=[d for _, d in ranks])
+        return None
+
+    def pool_accepted_now(self, daemon: str, pool: LocalPool, engine_id: str) -> PoolAccepted | None:
+        peer = self.cluster.nodes[daemon]
+        if pool.key not in peer.remote_pools or self.sessions.get(daemon) is None:
+            return None  # never announced there, or its session was revoked since
+        stage = self.staging_pool(pool)
+        return PoolAccepted(stage is not None and peer._stage is not None,
+                            peer._stage.send_capacity if peer._stage is not None else 0)
+
     async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str,
                             deadline: float | None) -> PoolAccepted:
         peer = self.cluster.nodes[daemon]
