@@ -39,11 +39,16 @@ __all__ = [
     "map_heads",
     "map_layouts",
     "pages_to_tokens",
+    "DirectPlanner",
     "plan_direct_writes",
     "plan_pair_writes",
 ]
 
 _INT64_MAX = np.iinfo(np.int64).max
+
+#: Up to this many indices or ops, checks and plans run on Python ints: numpy's per-call cost
+#: (microseconds per function) dominates tiny rooms (issue 15); the results are the same.
+SMALL = 16
 
 
 class PlanError(ValueError):
@@ -296,11 +301,18 @@ def pages_to_tokens(pages: np.ndarray, page_size: int) -> np.ndarray:
     if not isinstance(page_size, int | np.integer) or isinstance(page_size, bool) or page_size < 1:
         raise PlanError(f"page_size must be a positive integer, got {page_size!r}")
     arr = _index_array(pages, "pages")
-    if arr.size and arr.min() < 0:
-        raise PlanError(f"pages: negative page index {int(arr.min())}")
+    if 0 < arr.size <= SMALL:  # a tiny room: the same checks on Python ints (numpy's per-call cost)
+        values = arr.tolist()
+        low, high = min(values), max(values)
+    else:
+        low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if low < 0:
+        raise PlanError(f"pages: negative page index {low}")
     # guard the multiplication: a huge page index from a peer must not wrap into range
-    if arr.size and arr.max() > _INT64_MAX // page_size - 1:
-        raise PlanError(f"pages: page index {int(arr.max())} is out of range")
+    if high > _INT64_MAX // page_size - 1:
+        raise PlanError(f"pages: page index {high} is out of range")
+    if page_size == 1:
+        return arr
     return (arr[:, None] * page_size + np.arange(page_size, dtype=np.int64)[None, :]).reshape(-1)
 
 
@@ -319,11 +331,6 @@ def expand_pages_to_tokens(pages: np.ndarray, page_size: int, length: int) -> np
     if length <= (num_pages - 1) * page_size:
         raise PlanError(f"{length} tokens leave the last of {num_pages} pages of {page_size} empty")
     return tokens[:length]
-
-
-#: Up to this many indices or ops, checks and plans run on Python ints: numpy's per-call cost
-#: (microseconds per function) dominates tiny rooms (issue 15); the results are the same.
-SMALL = 16
 
 
 def check_token_indices(tokens: np.ndarray, layout: PoolLayout, what: str) -> None:
@@ -370,6 +377,58 @@ def _check_slice(sender: PoolLayout, receiver: PoolLayout, hs: HeadSlice) -> Non
                             f"{list(layout.head_range())}")
 
 
+class DirectPlanner:
+    """:func:`plan_direct_writes` for one (sender pool, receiver pool, head slice): the layouts,
+    buffer addresses and slice are checked once, then each chunk only plans its tokens. A sender
+    keeps one per receiver request, so a room's chunks (and a tiny room's one chunk) skip the
+    checks that cannot change (issue 15)."""
+
+    def __init__(self, sender: PoolLayout, sender_buffers: Sequence[int], receiver: PoolLayout,
+                 receiver_buffers: Sequence[int], head_slice: HeadSlice) -> None:
+        _check_layouts(sender, receiver)
+        self.sender, self.receiver, self.head_slice = sender, receiver, head_slice
+        self.sbufs = _buffer_addresses(sender_buffers, sender, "sender buffers")
+        self.rbufs = _buffer_addresses(receiver_buffers, receiver, "receiver buffers")
+        self._sbufs_list, self._rbufs_list = self.sbufs.tolist(), self.rbufs.tolist()
+        _check_slice(sender, receiver, head_slice)
+        self.full_row = head_slice.num_heads == sender.local_heads == receiver.local_heads
+
+    def plan(self, src_tokens: np.ndarray, dst_tokens: np.ndarray) -> WriteOps:
+        """Write ops moving the head slice of ``src_tokens[i]`` into ``dst_tokens[i]``, every buffer."""
+        sender, receiver, head_slice = self.sender, self.receiver, self.head_slice
+        src = _index_array(src_tokens, "src tokens")
+        dst = _index_array(dst_tokens, "dst tokens")
+        if src.shape != dst.shape:
+            raise PlanError(f"{src.shape[0]} src tokens but {dst.shape[0]} dst tokens")
+        check_token_indices(src, sender, "src tokens")
+        check_token_indices(dst, receiver, "dst tokens")
+        if dst.size > 1 and (len(set(dst.tolist())) if dst.size <= SMALL else np.unique(dst).shape[0]) != dst.shape[0]:
+            # two writes to one row would leave whichever lands last: never a valid request
+            raise PlanError("dst tokens repeat a token index")
+        if src.size == 0:
+            return WriteOps.empty()
+        head_bytes = sender.head_bytes
+        src_row, dst_row = sender.token_bytes, receiver.token_bytes
+        sbufs, rbufs = self.sbufs, self.rbufs
+        if self.full_row and src.size <= SMALL:
+            return _small_full_row_writes(src.tolist(), dst.tolist(), self._sbufs_list, self._rbufs_list,
+                                          src_row, dst_row)
+        if self.full_row:
+            breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+            starts = np.concatenate((np.zeros(1, dtype=np.int64), breaks))
+            run_tokens = np.diff(np.append(starts, src.shape[0]))
+            src_off = src[starts] * src_row
+            dst_off = dst[starts] * dst_row
+            lengths = run_tokens * src_row
+        else:
+            src_off = src * src_row + head_slice.src_head_offset * head_bytes
+            dst_off = dst * dst_row + head_slice.dst_head_offset * head_bytes
+            lengths = np.full(src.shape[0], head_slice.num_heads * head_bytes, dtype=np.int64)
+        return WriteOps((sbufs[:, None] + src_off[None, :]).reshape(-1),
+                        (rbufs[:, None] + dst_off[None, :]).reshape(-1),
+                        np.tile(lengths, sbufs.shape[0]))
+
+
 def plan_direct_writes(sender: PoolLayout, sender_buffers: Sequence[int], src_tokens: np.ndarray,
                        receiver: PoolLayout, receiver_buffers: Sequence[int], dst_tokens: np.ndarray,
                        head_slice: HeadSlice) -> WriteOps:
@@ -380,41 +439,8 @@ def plan_direct_writes(sender: PoolLayout, sender_buffers: Sequence[int], src_to
     replicas) runs of consecutive src *and* dst tokens become one op per buffer; otherwise the
     slice is strided and each token is its own op.
     """
-    src = _index_array(src_tokens, "src tokens")
-    dst = _index_array(dst_tokens, "dst tokens")
-    if src.shape != dst.shape:
-        raise PlanError(f"{src.shape[0]} src tokens but {dst.shape[0]} dst tokens")
-    _check_layouts(sender, receiver)
-    check_token_indices(src, sender, "src tokens")
-    check_token_indices(dst, receiver, "dst tokens")
-    if dst.size > 1 and (len(set(dst.tolist())) if dst.size <= SMALL else np.unique(dst).shape[0]) != dst.shape[0]:
-        # two writes to one row would leave whichever lands last: never a valid request
-        raise PlanError("dst tokens repeat a token index")
-    sbufs = _buffer_addresses(sender_buffers, sender, "sender buffers")
-    rbufs = _buffer_addresses(receiver_buffers, receiver, "receiver buffers")
-    _check_slice(sender, receiver, head_slice)
-    if src.size == 0:
-        return WriteOps.empty()
-
-    head_bytes = sender.head_bytes
-    src_row, dst_row = sender.token_bytes, receiver.token_bytes
-    full_row = head_slice.num_heads == sender.local_heads == receiver.local_heads
-    if full_row and src.size <= SMALL:
-        return _small_full_row_writes(src.tolist(), dst.tolist(), sbufs.tolist(), rbufs.tolist(), src_row, dst_row)
-    if full_row:
-        breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
-        starts = np.concatenate((np.zeros(1, dtype=np.int64), breaks))
-        run_tokens = np.diff(np.append(starts, src.shape[0]))
-        src_off = src[starts] * src_row
-        dst_off = dst[starts] * dst_row
-        lengths = run_tokens * src_row
-    else:
-        src_off = src * src_row + head_slice.src_head_offset * head_bytes
-        dst_off = dst * dst_row + head_slice.dst_head_offset * head_bytes
-        lengths = np.full(src.shape[0], head_slice.num_heads * head_bytes, dtype=np.int64)
-    return WriteOps((sbufs[:, None] + src_off[None, :]).reshape(-1),
-                    (rbufs[:, None] + dst_off[None, :]).reshape(-1),
-                    np.tile(lengths, sbufs.shape[0]))
+    return DirectPlanner(sender, sender_buffers, receiver, receiver_buffers, head_slice).plan(src_tokens,
+                                                                                               dst_tokens)
 
 
 def _small_full_row_writes(src: list[int], dst: list[int], sbufs: list[int], rbufs: list[int],

@@ -12,13 +12,19 @@ from typing import Any
 import numpy as np
 
 from kvd.core.layout import PoolLayout
-from kvd.core.planner import PlanError, check_ops_within, check_token_indices
+from kvd.core.planner import SMALL, PlanError, check_ops_within, check_token_indices
 from kvd.mem.memory import OpenedPool
 
 
 def check_page_indices(pages: np.ndarray, num_pages: int, what: str) -> None:
     """Refuse page indices outside a pool before anything is planned."""
-    if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= num_pages):
+    if not len(pages):
+        return
+    if len(pages) <= SMALL:  # a tiny room: Python ints (numpy's per-call cost dominates)
+        values = pages.tolist()
+        if min(values) >= 0 and max(values) < num_pages:
+            return
+    if int(pages.min()) < 0 or int(pages.max()) >= num_pages:
         bad = pages[(pages < 0) | (pages >= num_pages)][:4].tolist()
         raise PlanError(f"{what}: page indices {bad} outside the pool's {num_pages} pages")
 

@@ -87,6 +87,8 @@ class Metrics:
                                       registry=r)
         for direction in DIRECTIONS:  # export zeros from the start, so rate() has a baseline
             self._bytes.labels(direction=direction)
+        # The hot counters' children, bound once (labels() costs a lookup under a lock per call).
+        self._sent, self._received = self._bytes.labels(direction="sent"), self._bytes.labels(direction="received")
         self._room_labels: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._server: Any = None
@@ -114,7 +116,7 @@ class Metrics:
         """
         if nbytes < 0 or ops < 0:
             raise ValueError(f"batch bytes and ops must be >= 0, got {nbytes} bytes, {ops} ops")
-        self._bytes.labels(direction="sent").inc(nbytes)
+        self._sent.inc(nbytes)
         self._ops.inc(ops)
         self._batches.inc()
         if seconds > 0:
@@ -125,7 +127,7 @@ class Metrics:
         """Record one inline write: its bytes count as sent, with no transport op or batch."""
         if nbytes < 0:
             raise ValueError(f"inline bytes must be >= 0, got {nbytes}")
-        self._bytes.labels(direction="sent").inc(nbytes)
+        self._sent.inc(nbytes)
         self._inline.inc()
 
     def add_received(self, nbytes: int) -> None:
@@ -137,7 +139,7 @@ class Metrics:
         """
         if nbytes < 0:
             raise ValueError(f"received bytes must be >= 0, got {nbytes}")
-        self._bytes.labels(direction="received").inc(nbytes)
+        self._received.inc(nbytes)
 
     def observe_room(self, seconds: float) -> None:
         """Record one room's latency, start to final state (Success or Failed)."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvd.core.planner import HeadSlice
+from kvd.core.planner import DirectPlanner, HeadSlice
 from kvd.core.ring import RingSlot
 from kvd.core.rooms import CompletionTracker, RoomMachine, TransferPath
 from kvd.core.staging import ChunkGeometry, ChunkLedger, StagedWriter
@@ -58,6 +58,7 @@ class ReceiverRequest:
     unsure: bool = False  # a write to this receiver failed mid-flight: its bytes may still land
     staged: StagedSend | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # fence of this request's staged writes
+    planners: tuple[DirectPlanner, ...] | None = None  # one per head slice, made at the first chunk
     # Inline bytes of the last batch, held for the final status (kvd.core.inline).
     inline_ops: bytes = b""
     inline_data: bytes = b""

@@ -19,13 +19,13 @@ from dataclasses import replace
 from kvd.core.inline import pack_ops
 from kvd.core.layout import LayoutError, check_compatible
 from kvd.core.planner import (
+    DirectPlanner,
     PlanError,
     WriteOps,
     check_ops_within,
     expand_pages_to_tokens,
     map_heads,
     pages_to_tokens,
-    plan_direct_writes,
 )
 from kvd.core.rooms import Deadlines, RoomInput, RoomMachine, RoomState, TransferPath
 from kvd.mem.pools import LocalPool, RemotePool, check_page_indices
@@ -310,8 +310,10 @@ class SenderSide(SideBase[SenderRoom]):
             if chunk.is_last and req.dst_cursor != len(dst_all):
                 raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
                                 f"{len(dst_all)} {'tokens' if req.msg.enable_hisparse else 'pages'} unwritten")
-            ops = WriteOps.concat([plan_direct_writes(local, sr.pool.buffers, src, req.remote.layout,
-                                                      req.remote.buffers, dst, s) for s in req.slices])
+            if req.planners is None:  # checked once per request, not once per chunk
+                req.planners = tuple(DirectPlanner(local, sr.pool.buffers, req.remote.layout, req.remote.buffers, s)
+                                     for s in req.slices)
+            ops = WriteOps.concat([planner.plan(src, dst) for planner in req.planners])
             check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
             check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
             out.append((req, ops))

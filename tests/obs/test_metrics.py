@@ -159,14 +159,16 @@ def test_each_instance_has_its_own_registry() -> None:
 
 def test_snapshot_shape() -> None:
     m = Metrics()
-    assert m.snapshot() == {"errors": {}, "bytes_sent": 0, "bytes_received": 0, "write_ops": 0, "batches": 0}
+    assert m.snapshot() == {"errors": {}, "bytes_sent": 0, "bytes_received": 0, "write_ops": 0, "batches": 0,
+                            "inline_writes": 0}
     m.observe_batch(100, 0.01, 3)
     m.observe_batch(50, 0.01, 2)
     m.add_received(7)
+    m.observe_inline(256)  # bytes sent inside a status: counted as sent, no op, no batch
     m.error("peer_dead")
     snap = m.snapshot()
-    assert snap == {"errors": {"peer_dead": 1}, "bytes_sent": 150, "bytes_received": 7, "write_ops": 5,
-                    "batches": 2}
+    assert snap == {"errors": {"peer_dead": 1}, "bytes_sent": 406, "bytes_received": 7, "write_ops": 5,
+                    "batches": 2, "inline_writes": 1}
     assert all(isinstance(v, int) for k, v in snap.items() if k != "errors")
 
 
