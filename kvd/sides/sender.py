@@ -220,24 +220,61 @@ class SenderSide(SideBase[SenderRoom]):
                 and sr.machine.state is RoomState.BOOTSTRAPPING:
             self.transition(sr, RoomInput.BOOTSTRAPPED)
         if sr.machine.is_live:
-            if sr.chunks:
+            if sr.chunks and not self._drain_now(sr):
                 self.ctx.spawn(self._drain(sr), f"drain-{sr.room}")
             self.staged_path.start(sr)
 
+    def _plan_batch(self, sr: SenderRoom, chunks: list[Chunk]) -> list[tuple[ReceiverRequest, WriteOps]]:
+        """Every chunk's ops, one batch per receiver (a burst of small chunks: one round trip)."""
+        planned: dict[int, tuple[ReceiverRequest, list[WriteOps]]] = {}
+        for chunk in chunks:
+            for req, ops in self._plan_chunk(sr, chunk):
+                planned.setdefault(id(req), (req, []))[1].append(ops)
+        return [(req, WriteOps.concat(parts)) for req, parts in planned.values()]
+
+    def _drain_now(self, sr: SenderRoom) -> bool:
+        """Chunks whose every write goes inline are done here, with no task, lock or await (a
+        tiny room at engine rates, issue 15). Otherwise their planned batch is handed to
+        :meth:`_drain`, which writes it before any later chunk (False: spawn it)."""
+        if sr.lock.locked() or sr.handoff is not None or sr.machine.state.final:
+            return False
+        chunks, sr.chunks = sr.chunks, []
+        try:
+            batch = self._plan_batch(sr, chunks)
+        except PlanError as exc:
+            self.ctx.count_error("plan")
+            self.fail(sr, str(exc))
+            return True
+        if not all(self._fits_inline(sr, req, ops) for req, ops in batch):
+            sr.handoff = (chunks, batch)
+            return False
+        for req, ops in batch:
+            self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
+        self._batch_done(sr, chunks)
+        return True
+
+    def _batch_done(self, sr: SenderRoom, chunks: list[Chunk]) -> None:
+        self.progress(sr)
+        if chunks[-1].is_last:
+            sr.aux = chunks[-1].aux
+            sr.direct_done = True
+            self.maybe_complete(sr)
+
     async def _drain(self, sr: SenderRoom) -> None:
-        """Write every chunk that is ready: all of them planned first, then one batch per
-        receiver (receivers in parallel), so a burst of small chunks costs one round trip."""
+        """Write every chunk that is ready (a batch :meth:`_drain_now` handed over first): one
+        batch per receiver, receivers in parallel."""
         async with sr.lock:
-            while sr.chunks and not sr.machine.state.final:
-                chunks, sr.chunks = sr.chunks, []
+            while (sr.handoff is not None or sr.chunks) and not sr.machine.state.final:
+                batch: list[tuple[ReceiverRequest, WriteOps]] = []
+                if sr.handoff is not None:
+                    (chunks, batch), sr.handoff = sr.handoff, None
+                else:
+                    chunks, sr.chunks = sr.chunks, []
                 try:
-                    planned: dict[int, tuple[ReceiverRequest, list[WriteOps]]] = {}
-                    for chunk in chunks:
-                        for req, ops in self._plan_chunk(sr, chunk):
-                            planned.setdefault(id(req), (req, []))[1].append(ops)
+                    if not batch:
+                        batch = self._plan_batch(sr, chunks)
                     writes = []
-                    for req, parts in planned.values():
-                        ops = WriteOps.concat(parts)
+                    for req, ops in batch:
                         if self._fits_inline(sr, req, ops):
                             self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
                         else:
@@ -246,16 +283,12 @@ class SenderSide(SideBase[SenderRoom]):
                         await asyncio.gather(*writes)
                 except (PlanError, TransportError) as exc:
                     if isinstance(exc, TransportError):
-                        for req, _ in planned.values():  # a failed batch's bytes may still be in flight
+                        for req, _ in batch:  # a failed batch's bytes may still be in flight
                             req.unsure = True
                     self.ctx.count_error("transport" if isinstance(exc, TransportError) else "plan")
                     self.fail(sr, str(exc))
                     return
-                self.progress(sr)
-                if chunks[-1].is_last:
-                    sr.aux = chunks[-1].aux
-                    sr.direct_done = True
-                    self.maybe_complete(sr)
+                self._batch_done(sr, chunks)
 
     async def _write(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps) -> None:
         result = await self.ctx.transport.write(req.remote.session_id, ops.src, ops.dst, ops.length)

@@ -163,3 +163,29 @@ async def test_inline_bytes_after_the_room_failed_never_land(cluster):
     cluster.send(t.prefill.address, t.decode.address, status)
     await cluster.settle()
     assert (arrays.array == CANARY).all(), "inline bytes landed in a failed room"
+
+
+async def test_a_room_mixing_transport_and_inline_chunks_is_exact_and_in_order():
+    """A big chunk first (a transport write, handed to the drain task), then small ones: the
+    final status must not overtake the transport writes still in flight."""
+    probe = Cluster()
+    t0 = Transfer(probe, 1, 1)
+    one_page = t0.dst[0][0].layout.page_bytes
+    await probe.close()
+    c = Cluster(inline_max_bytes=one_page)
+    try:
+        t = Transfer(c, 1, 1)
+        t.recv()
+        await c.settle()
+        t.prefill.transport.hold()  # the transport writes stay in flight until released
+        t.send(chunks=4)  # 6 pages: 2, 2, 1, 1
+        await c.settle(50)
+        assert not [m for m in c.sent(wp.TransferStatus) if m.final], "final status before the writes landed"
+        t.prefill.transport.release()
+        await c.settle()
+        assert t.verify() == []
+        ev = t.decode_events()[0]
+        assert ev is not None and ev.state == "success", ev
+        assert t.prefill.transport.batches > 0
+    finally:
+        await c.close()
