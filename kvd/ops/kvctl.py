@@ -134,7 +134,8 @@ def _totals(daemon: dict[str, Any]) -> str:
     error_text = " ".join(f"{_text(k)}={_text(v)}" for k, v in sorted(errors.items(), key=str)) or "none"
     return (
         f"host {_text(daemon.get('hostname'))}  peer address {_text(daemon.get('peer_address'))}  "
-        f"bytes {moved}  write ops {_text(daemon.get('write_ops_total'))}  errors {error_text}"
+        f"bytes {moved}  write ops {_text(daemon.get('write_ops_total'))}  "
+        f"inline writes {_text(daemon.get('inline_writes_total'))}  errors {error_text}"
     )
 
 

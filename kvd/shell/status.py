@@ -59,6 +59,8 @@ def snapshot(s: StatusSources) -> dict[str, Any]:
             "bytes_total": int(counts.get("bytes_sent", 0)),
             "bytes_received_total": int(counts.get("bytes_received", 0)),
             "write_ops_total": int(counts.get("write_ops", 0)),
+            "batches_total": int(counts.get("batches", 0)),
+            "inline_writes_total": int(counts.get("inline_writes", 0)),
             "tasks": len(s.tasks),
             "pools": [{"pool_id": x.pool_id, "key": x.key, "layout": x.layout.describe()}
                       for x in s.registry.local.values()],
