@@ -457,6 +457,10 @@ class Config:
                 object.__setattr__(self, f.attr, f.parse(getattr(self, f.attr)))
             except ValueError as exc:
                 errors.append(f"Config.{f.attr}: {exc}")
+        if not errors and self.inline_max_bytes > self.peer_max_message_bytes // 2:
+            # Inline bytes ride in a peer message, which must stay under the peer's size cap.
+            errors.append(f"Config.inline_max_bytes: {self.inline_max_bytes} is more than half of "
+                          f"peer.max_message_bytes ({self.peer_max_message_bytes})")
         if errors:
             raise ConfigError(errors)
 

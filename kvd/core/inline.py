@@ -51,11 +51,18 @@ def unpack_ops(packed: bytes, data_len: int, max_bytes: int) -> tuple[np.ndarray
 
 
 def check_within_indices(dst: np.ndarray, length: np.ndarray, buffers: Sequence[int], buffer_bytes: int,
-                         stride: int, indices: np.ndarray, what: str) -> None:
+                         stride: int, indices: np.ndarray, what: str,
+                         rows: tuple[int, Sequence[tuple[int, int]]] | None = None) -> None:
     """Refuse any op whose bytes leave the ``indices`` (pages, or HiSparse tokens, of ``stride``
-    bytes) of some buffer: an inline write can only reach the room it is addressed to."""
+    bytes) of some buffer: an inline write can only reach the room it is addressed to.
+
+    ``rows`` = (token row bytes, [(start, end), ...]) narrows each op further to the bytes of a
+    token row that one sender's head slices cover (heterogeneous TP): a sender then cannot
+    write the heads another sender owes the same room."""
     if not len(dst):
         return
+    if rows is not None:
+        _check_rows(dst, length, buffers, rows, what)
     if len(dst) <= SMALL and len(indices) <= SMALL:
         if _small_within(dst.tolist(), length.tolist(), sorted(int(b) for b in buffers), buffer_bytes, stride,
                          set(indices.tolist())):
@@ -78,6 +85,21 @@ def check_within_indices(dst: np.ndarray, length: np.ndarray, buffers: Sequence[
     if not bool(np.isin(touched, indices).all()):
         raise PlanError(f"{what}: an inline write outside the {len(indices)} pages (or tokens) "
                         "handed over for the room")
+
+
+def _check_rows(dst: np.ndarray, length: np.ndarray, buffers: Sequence[int],
+                rows: tuple[int, Sequence[tuple[int, int]]], what: str) -> None:
+    """Every op inside one token row's allowed byte ranges (buffers are row-aligned)."""
+    row_bytes, ranges = rows
+    bases = np.sort(np.asarray(buffers, dtype=np.int64))
+    pos = np.maximum(np.searchsorted(bases, dst, side="right") - 1, 0)
+    start = (dst - bases[pos]) % row_bytes
+    end = start + length
+    ok = np.zeros(len(dst), dtype=bool)
+    for lo, hi in ranges:
+        ok |= (start >= lo) & (end <= hi)
+    if not bool(ok.all()):
+        raise PlanError(f"{what}: an inline write outside the heads this sender owes the room")
 
 
 def _small_within(dst: list[int], length: list[int], bases: list[int], buffer_bytes: int, stride: int,

@@ -142,9 +142,14 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         required = mapping.required_senders(local.tp_rank)
         tokens = len(rr.dst_indices) * (1 if rr.hisparse else local.page_size)
         for s in mapping.notified_senders(local.tp_rank):
-            heads = sum(sl.num_heads for sl in mapping.slices_between(s, local.tp_rank))
+            slices = mapping.slices_between(s, local.tp_rank)
+            heads = sum(sl.num_heads for sl in slices)
+            ranges = None if heads == local.local_heads else tuple(
+                (sl.dst_head_offset * local.head_bytes, (sl.dst_head_offset + sl.num_heads) * local.head_bytes)
+                for sl in slices)
             rr.senders[s] = SenderLink(s, info.daemons[s], dummy=s not in required,
-                                       bytes_owed=tokens * local.num_buffers * heads * local.head_bytes)
+                                       bytes_owed=tokens * local.num_buffers * heads * local.head_bytes,
+                                       row_ranges=ranges)
         rr.tracker = CompletionTracker(required)
         return layouts, mapping
 
@@ -287,7 +292,8 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         layout = rr.pool.layout
         stride = layout.token_bytes if rr.hisparse else layout.page_bytes
         check_within_indices(dst, length, rr.pool.buffers, layout.buffer_bytes, stride, rr.dst_indices,
-                             f"room {rr.room}")
+                             f"room {rr.room}",
+                             None if link.row_ranges is None else (layout.token_bytes, link.row_ranges))
         link.inline_bytes += len(msg.inline_data)
         if link.inline_bytes > link.bytes_owed:
             raise PlanError(f"{link.inline_bytes} inline bytes, more than the {link.bytes_owed} owed")

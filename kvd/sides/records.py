@@ -129,6 +129,8 @@ class SenderLink:
     bytes_written: int = 0
     bytes_owed: int = 0      # what its head slices of every token and buffer come to
     inline_bytes: int = 0    # of those, copied here from its statuses (kvd.core.inline)
+    # The bytes of each token row its head slices cover ((start, end), ...); None: the whole row.
+    row_ranges: tuple[tuple[int, int], ...] | None = None
 
     @property
     def may_write(self) -> bool:

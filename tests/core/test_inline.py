@@ -75,3 +75,14 @@ def test_the_small_and_the_vectorised_checks_agree():
                 except PlanError:
                     answers.append(False)
         assert answers[0] == answers[1] and answers[2] == answers[3], (dst, length, answers)
+
+
+def test_config_keeps_inline_bytes_under_the_peer_message_cap():
+    from kvd.core.config import Config, ConfigError
+
+    assert Config(inline_max_bytes="1MiB").inline_max_bytes == 1 << 20
+    assert Config(inline_max_bytes=0).inline_max_bytes == 0
+    with pytest.raises(ConfigError, match="inline_max_bytes"):
+        Config(inline_max_bytes="40MiB", peer_max_message_bytes="64MiB")
+    with pytest.raises(ConfigError, match="inline_max_bytes"):
+        Config(inline_max_bytes=-1)

@@ -189,3 +189,28 @@ async def test_a_room_mixing_transport_and_inline_chunks_is_exact_and_in_order()
         assert t.prefill.transport.batches > 0
     finally:
         await c.close()
+
+
+async def test_a_sender_cannot_write_the_heads_another_sender_owes(cluster):
+    """Heterogeneous TP (2 -> 1): sender rank 0 owes heads 0-1 of each token row, rank 1 heads
+    2-3. An inline write of rank 0 into rank 1's heads of the room's own pages is refused."""
+    t = Transfer(cluster, 2, 1, kv_heads=4)
+    t.recv()
+    await cluster.settle()
+    pool, arrays = t.dst[0]
+    lay = pool.layout
+    row = pool.buffers[0] + int(t.dst_index[0]) * lay.page_bytes  # first token row of a room page
+    theirs = pack_ops(WriteOps(np.array([0]), np.array([row + 2 * lay.head_bytes]), np.array([lay.head_bytes])))
+    cluster.send(t.prefill.address, t.decode.address, _hostile_status(t, theirs, b"\xee" * lay.head_bytes))
+    await cluster.settle()
+    ev = t.decode_events()[0]
+    assert ev is not None and ev.state == "failed" and "heads" in ev.reason, ev
+    assert (arrays.array == CANARY).all()
+    # Its own heads of the same row are fine (and the next room is exact).
+    t.decode.events.clear()
+    t.recv(room=2)
+    await cluster.settle()
+    t.send(room=2, chunks=1)
+    await cluster.settle()
+    ev2 = t.decode_events(room=2)[0]
+    assert ev2 is not None and ev2.state == "success" and t.verify() == []
