@@ -55,34 +55,52 @@ def draw_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 class Pages:
-    """A free list of pages; a room waits until enough are free (FIFO, so a long room is not starved)."""
+    """One engine's page allocator; a room waits until enough pages are free (FIFO, so a long
+    room is not starved).
 
-    def __init__(self, num_pages: int) -> None:
+    ``sorted`` is SGLang's paged allocator: freed pages wait aside and are merged back, sorted,
+    when the free list runs short (``merge_and_sort_free``), so rooms tend to get runs of
+    neighbouring pages. ``fifo`` hands pages out in the order they were freed: the worst case, every page of
+    a room scattered once the pool has turned over."""
+
+    def __init__(self, num_pages: int, policy: str) -> None:
         self.free: deque[int] = deque(range(num_pages))
+        self.released: list[int] = []
+        self.policy = policy
         self.waiters: deque[tuple[int, asyncio.Future[list[int]]]] = deque()
 
+    def _available(self) -> int:
+        return len(self.free) + len(self.released)
+
+    def _pop(self, n: int) -> list[int]:
+        if self.released and len(self.free) < n:  # as SGLang: merge (and sort) only when short
+            merged = sorted([*self.free, *self.released]) if self.policy == "sorted" else [*self.free, *self.released]
+            self.free, self.released = deque(merged), []
+        return [self.free.popleft() for _ in range(n)]
+
     async def take(self, n: int) -> list[int]:
-        if not self.waiters and len(self.free) >= n:
-            return [self.free.popleft() for _ in range(n)]
+        if not self.waiters and self._available() >= n:
+            return self._pop(n)
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self.waiters.append((n, fut))
         return await fut
 
     def give(self, pages: list[int]) -> None:
-        self.free.extend(pages)
-        while self.waiters and len(self.free) >= self.waiters[0][0]:
+        self.released.extend(pages)
+        while self.waiters and self._available() >= self.waiters[0][0]:
             n, fut = self.waiters.popleft()
-            fut.set_result([self.free.popleft() for _ in range(n)])
+            fut.set_result(self._pop(n))
 
 
 class Mixed:
     def __init__(self, prefill: DaemonProc, decode: DaemonProc, num_pages: int, chunk_tokens: int,
-                 verify_every: int, seed: int) -> None:
+                 verify_every: int, seed: int, allocator: str) -> None:
         self.prefill, self.decode = prefill, decode
         shape = dict(layers=2, kv_heads=1, head_dim=64, dtype="bfloat16", page_size=PAGE, num_pages=num_pages)
         self.play = build_layout("prefill", "P", 1, 0, **shape)  # type: ignore[arg-type]
         self.dlay = build_layout("decode", "D", 1, 0, **shape)  # type: ignore[arg-type]
-        self.pages = Pages(num_pages)
+        # Each engine allocates its own pages: a room's source and destination runs differ.
+        self.src_pages, self.dst_pages = Pages(num_pages, allocator), Pages(num_pages, allocator)
         self.chunk_pages = max(1, chunk_tokens // PAGE)
         self.verify_every = verify_every
         self.rng = np.random.default_rng(seed)
@@ -116,33 +134,35 @@ class Mixed:
     async def room(self, tokens: int) -> None:
         room, self.next_room = self.next_room, self.next_room + 1
         n_pages = -(-tokens // PAGE)
-        pages = await self.pages.take(n_pages)
+        src = await self.src_pages.take(n_pages)
+        dst = await self.dst_pages.take(n_pages)
         check = self.verify_every > 0 and room % self.verify_every == 0
         try:
             if check:  # this room's own pattern in its prefill pages
+                idx = (np.asarray(src)[:, None] * PAGE + np.arange(PAGE)[None, :]).reshape(-1)
                 for b, buf in enumerate(self.ppool.buffers()):
-                    idx = (np.asarray(pages)[:, None] * PAGE + np.arange(PAGE)[None, :]).reshape(-1)
                     buf[idx] = (room * 31 + b * 7 + np.arange(buf[idx].size).reshape(buf[idx].shape)) % 251
             t0 = time.perf_counter()
             dfut, pfut = self.dc.expect(room, released=True), self.pc.expect(room, released=False)
-            await self.dc.recv(self.pid_d, room, self.prefill.address, "P", pages)
+            await self.dc.recv(self.pid_d, room, self.prefill.address, "P", dst)
             for i in range(0, n_pages, self.chunk_pages):
-                part = pages[i:i + self.chunk_pages]
                 last = i + self.chunk_pages >= n_pages
-                await self.pc.send(self.pid_p, room, part, is_last=last, aux=b"t" if last else b"")
+                await self.pc.send(self.pid_p, room, src[i:i + self.chunk_pages], is_last=last,
+                                   aux=b"t" if last else b"")
             for st in await asyncio.gather(dfut, pfut):
                 ReplyTracker.check_final(st)
             self.done.append((time.monotonic(), tokens, time.perf_counter() - t0))
             self.bytes_moved += n_pages * self.play.page_bytes * self.play.num_buffers
             if check:
                 self.verified += 1
-                src, dst = self._token_rows(self.ppool, pages), self._token_rows(self.dpool, pages)
-                if any(not np.array_equal(a, b) for a, b in zip(src, dst, strict=True)):
+                a, b = self._token_rows(self.ppool, src), self._token_rows(self.dpool, dst)
+                if any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True)):
                     self.mismatched += 1
         except RoomFailed as exc:
             self.failed[str(exc)[:80]] += 1
         finally:
-            self.pages.give(pages)
+            self.src_pages.give(src)
+            self.dst_pages.give(dst)
 
 
 def percentiles(lat: list[float]) -> str:
@@ -158,7 +178,8 @@ async def soak(args: argparse.Namespace, inflight: int, tmp: Path) -> dict[str, 
     decode = start_daemon(tmp, f"decode{inflight}", *flags)
     out: dict[str, Any] = {"inflight": inflight, "intervals": []}
     try:
-        async with Mixed(prefill, decode, args.pages, args.chunk_tokens, args.verify_every, args.seed) as m:
+        async with Mixed(prefill, decode, args.pages, args.chunk_tokens, args.verify_every, args.seed,
+                         args.allocator) as m:
             stop_at = time.monotonic() + args.minutes * 60
             lengths = iter(draw_lengths(m.rng, 10_000_000))
 
@@ -169,7 +190,8 @@ async def soak(args: argparse.Namespace, inflight: int, tmp: Path) -> dict[str, 
             workers = [asyncio.ensure_future(worker()) for _ in range(inflight)]
             t_last, seen, bytes_last = time.monotonic(), 0, 0
             cpu0 = {k: cpu_seconds(p.proc.pid) for k, p in (("prefill", prefill), ("decode", decode))}
-            print(f"--- {inflight} rooms in flight, {args.minutes:g} min, pool {args.pages} pages of {PAGE} tokens "
+            print(f"--- {inflight} rooms in flight, {args.minutes:g} min, {args.allocator} allocator, "
+                  f"pools of {args.pages} pages of {PAGE} tokens "
                   f"({m.play.page_bytes * m.play.num_buffers} B/page), chunks of {m.chunk_pages} pages", flush=True)
             print("   t(s)   rooms/s    MB/s   latency ms p50/p99/p999: all | <=512 | 513-4k | >4k"
                   "          RSS MiB prefill/decode", flush=True)
@@ -229,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-tokens", type=int, default=4096, help="most tokens per chunk (chunked prefill)")
     ap.add_argument("--verify-every", type=int, default=50, help="check every n-th room byte for byte (0: none)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--allocator", choices=("sorted", "fifo"), default="sorted",
+                    help="page allocator of both engines: SGLang's (free pages merged and sorted) or FIFO")
     ap.add_argument("--daemon-flag", action="append", default=[], help="extra daemon flag (repeatable)")
     args = ap.parse_args(argv)
     bad = 0
