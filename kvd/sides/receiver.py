@@ -180,7 +180,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         rr.path = TransferPath.HISPARSE if rr.hisparse else TransferPath.STAGED if rr.staged else TransferPath.DIRECT
         st = rr.staged
         # Host pages this daemon can copy into itself: tiny rooms come inline (kvd.core.inline).
-        rr.inline_max_bytes = self.ctx.config.inline_max_bytes if rr.pool.layout.memory_kind == "host" else 0
+        rr.inline_max_bytes = self.ctx.config.inline_limit if rr.pool.layout.memory_kind == "host" else 0
         for link in rr.senders.values():
             staged = st is not None and not link.dummy
             self.ctx.send_peer(link.daemon, wp.TransferRequest(

@@ -299,7 +299,7 @@ class SenderSide(SideBase[SenderRoom]):
 
     def _fits_inline(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps) -> bool:
         """Host to host, and no more bytes than both daemons allow: the bytes go in the status."""
-        limit = min(req.msg.inline_max_bytes, self.ctx.config.inline_max_bytes)
+        limit = min(req.msg.inline_max_bytes, self.ctx.config.inline_limit)
         return (0 < ops.total_bytes <= limit and sr.pool.layout.memory_kind == "host"
                 and req.remote.layout.memory_kind == "host")
 

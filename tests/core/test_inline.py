@@ -80,9 +80,13 @@ def test_the_small_and_the_vectorised_checks_agree():
 def test_config_keeps_inline_bytes_under_the_peer_message_cap():
     from kvd.core.config import Config, ConfigError
 
-    assert Config(inline_max_bytes="1MiB").inline_max_bytes == 1 << 20
-    assert Config(inline_max_bytes=0).inline_max_bytes == 0
+    assert Config(inline_max_bytes="1MiB").inline_limit == 1 << 20
+    assert Config(inline_max_bytes=0).inline_limit == 0
+    assert Config().inline_limit == 1 << 20  # auto over tcp
+    assert Config(inline_max_bytes="auto", protocol="rdma").inline_limit == 64 << 10
+    assert Config().to_dict()["inline_max_bytes"] == "auto"
     with pytest.raises(ConfigError, match="inline_max_bytes"):
         Config(inline_max_bytes="40MiB", peer_max_message_bytes="64MiB")
     with pytest.raises(ConfigError, match="inline_max_bytes"):
-        Config(inline_max_bytes=-1)
+        Config(inline_max_bytes=-2)
+    assert Config(peer_max_message_bytes="1MiB").inline_limit == 256 << 10  # auto stays under the cap
