@@ -33,18 +33,26 @@ def unpack_ops(packed: bytes, data_len: int, max_bytes: int) -> tuple[np.ndarray
     the receiver's advertised limit before a byte is copied."""
     if max_bytes <= 0:
         raise PlanError("inline bytes sent to a receiver that did not ask for them")
-    if data_len > max_bytes:
-        raise PlanError(f"{data_len} inline bytes, more than the {max_bytes} this receiver accepts")
+    if data_len + len(packed) > max_bytes:
+        raise PlanError(f"{data_len} inline bytes and {len(packed)} bytes of ops, more than the "
+                        f"{max_bytes} this receiver accepts")
     if len(packed) % (2 * _PAIR.itemsize):
         raise PlanError(f"inline ops of {len(packed)} bytes are not (address, length) int64 pairs")
+    if len(packed) // (2 * _PAIR.itemsize) > data_len:
+        raise PlanError(f"{len(packed) // 16} inline ops for {data_len} bytes")
     if len(packed) <= 16 * SMALL:  # a tiny room's few ops: Python ints, no numpy calls
         flat = struct.unpack(f"<{len(packed) // 8}q", packed)
         dst, length = np.array(flat[0::2], dtype=np.int64), np.array(flat[1::2], dtype=np.int64)
     else:
         pairs = np.frombuffer(packed, dtype=_PAIR).reshape(-1, 2).astype(np.int64)
         dst, length = pairs[:, 0], pairs[:, 1]
-    if len(length) and int(length.min()) <= 0:
-        raise PlanError("an inline op with a length <= 0")
+    # Every length in 1..data_len and every address >= 0 before anything adds them up: int64
+    # sums and ends of a peer's values must not wrap (red team: a wrapped page count crashed
+    # np.repeat).
+    if len(length) and (int(length.min()) <= 0 or int(length.max()) > data_len):
+        raise PlanError(f"an inline op with a length outside 1..{data_len}")
+    if len(dst) and int(dst.min()) < 0:
+        raise PlanError("an inline op at a negative address")
     if int(length.sum()) != data_len:
         raise PlanError(f"inline ops name {int(length.sum())} bytes, the message carries {data_len}")
     return dst, length
@@ -61,6 +69,8 @@ def check_within_indices(dst: np.ndarray, length: np.ndarray, buffers: Sequence[
     write the heads another sender owes the same room."""
     if not len(dst):
         return
+    if int(dst.min()) < 0 or int(length.min()) <= 0:
+        raise PlanError(f"{what}: an inline write at a negative address or of no bytes")
     if rows is not None:
         _check_rows(dst, length, buffers, rows, what)
     if len(dst) <= SMALL and len(indices) <= SMALL:
@@ -75,10 +85,10 @@ def check_within_indices(dst: np.ndarray, length: np.ndarray, buffers: Sequence[
     if int(pos.min()) < 0:
         raise PlanError(f"{what}: an inline write below every buffer of the pool")
     base = bases[order][pos]
-    offset = dst - base
-    end = offset + length
-    if bool((end > buffer_bytes).any()):
+    offset = dst - base  # >= 0: dst >= base >= 0
+    if bool((length > buffer_bytes - offset).any()):  # written so that nothing can wrap
         raise PlanError(f"{what}: an inline write runs past the end of its buffer")
+    end = offset + length
     first, last = offset // stride, (end - 1) // stride
     counts = last - first + 1
     touched = np.repeat(first, counts) + (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))

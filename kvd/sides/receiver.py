@@ -243,9 +243,9 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         if msg.inline_ops or msg.inline_data:
             try:
                 self._land_inline(rr, link, msg)
-            except PlanError as exc:
+            except Exception as exc:  # noqa: BLE001 - a peer's bytes: whatever they break fails the room
                 self.ctx.count_error("bad_peer_message")
-                self.fail(rr, f"sender rank {msg.sender_rank}: {exc}")
+                self.fail(rr, f"sender rank {msg.sender_rank}: {exc if isinstance(exc, PlanError) else repr(exc)}")
                 return
         link.bytes_written = max(link.bytes_written, msg.bytes_written)
         if not msg.final:

@@ -265,13 +265,16 @@ class SenderSide(SideBase[SenderRoom]):
         batch per receiver, receivers in parallel."""
         async with sr.lock:
             while (sr.handoff is not None or sr.chunks) and not sr.machine.state.final:
-                batch: list[tuple[ReceiverRequest, WriteOps]] = []
+                batch: list[tuple[ReceiverRequest, WriteOps]] | None = None
                 if sr.handoff is not None:
                     (chunks, batch), sr.handoff = sr.handoff, None
+                    # Planned before this task held the lock: a receiver that aborted meanwhile
+                    # has had its AbortAck (the lock was free), so nothing more may go to it.
+                    batch = [(req, ops) for req, ops in batch if not req.aborted]
                 else:
                     chunks, sr.chunks = sr.chunks, []
                 try:
-                    if not batch:
+                    if batch is None:
                         batch = self._plan_batch(sr, chunks)
                     writes = []
                     for req, ops in batch:
@@ -283,7 +286,7 @@ class SenderSide(SideBase[SenderRoom]):
                         await asyncio.gather(*writes)
                 except (PlanError, TransportError) as exc:
                     if isinstance(exc, TransportError):
-                        for req, _ in batch:  # a failed batch's bytes may still be in flight
+                        for req, _ in batch or []:  # a failed batch's bytes may still be in flight
                             req.unsure = True
                     self.ctx.count_error("transport" if isinstance(exc, TransportError) else "plan")
                     self.fail(sr, str(exc))
@@ -300,7 +303,9 @@ class SenderSide(SideBase[SenderRoom]):
     def _fits_inline(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps) -> bool:
         """Host to host, and no more bytes than both daemons allow: the bytes go in the status."""
         limit = min(req.msg.inline_max_bytes, self.ctx.config.inline_limit)
-        return (0 < ops.total_bytes <= limit and sr.pool.layout.memory_kind == "host"
+        # The ops ride along (16 bytes each): they count, so the message stays under the limit.
+        data = ops.total_bytes
+        return (data > 0 and data + 16 * len(ops) <= limit and sr.pool.layout.memory_kind == "host"
                 and req.remote.layout.memory_kind == "host")
 
     def _write_inline(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps, *, hold: bool) -> None:

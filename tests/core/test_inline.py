@@ -29,8 +29,15 @@ def test_pack_and_unpack_round_trip():
     (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([8]))), 8, 0, "did not ask"),
     (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([8]))), 8, 4, "more than"),
     (b"\x00" * 8, 0, 16, "pairs"),
-    (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([-8]))), 0, 16, "<= 0"),
-    (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([8]))), 9, 16, "carries 9"),
+    (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([-8]))), 0, 16, "inline ops for 0 bytes"),
+    (pack_ops(WriteOps(np.array([0]), np.array([0]), np.array([8]))), 9, 64, "carries 9"),
+    (pack_ops(WriteOps(np.array([0, 0]), np.array([0, 8]), np.array([-8, 16]))), 8, 64, "outside 1..8"),
+    (pack_ops(WriteOps(np.array([0]), np.array([-64]), np.array([8]))), 8, 64, "negative address"),
+    # red team: 1024 lengths of 2**62 plus one of 16 wrap to 16 in int64
+    (pack_ops(WriteOps(np.zeros(1025), np.full(1025, 1 << 40), np.array([1 << 62] * 1024 + [16]))), 16, 1 << 20,
+     "ops for 16 bytes"),
+    (pack_ops(WriteOps(np.zeros(3), np.full(3, 1 << 40), np.array([(1 << 62), (1 << 62), 16]))), 16, 1 << 20,
+     "outside 1..16"),
 ])
 def test_unpack_refuses_malformed_ops(packed, data_len, limit, match):
     with pytest.raises(PlanError, match=match):
@@ -50,6 +57,8 @@ def test_ops_inside_the_room_pass_on_every_buffer():
     ([BUFFERS[0] + BUFFER_BYTES], [1]),                 # in the gap after a buffer
     ([BUFFERS[2] + 63 * STRIDE], [STRIDE + 1]),         # past the end of the last buffer
     ([BUFFERS[0] + 3 * STRIDE, BUFFERS[1]], [8, 8]),    # one good op does not excuse a bad one
+    ([BUFFERS[2] + 9 * STRIDE], [1 << 62]),             # an end that would wrap int64
+    ([-(1 << 62)], [16]),                               # a negative address
 ])
 def test_ops_leaving_the_room_are_refused(dst, length):
     with pytest.raises(PlanError):
