@@ -91,4 +91,24 @@ def check_reports(reports) -> None:
     assert any(r.role == "decode" and r.bytes > 0 for r in reports)
 
 
-__all__ = ["ThreadedEngineServer", "check_reports", "failures", "hisparse_plan", "make_plan", "run_cluster", "throughput"]
+__all__ = ["PAIR_FLAGS", "WRITES", "ThreadedEngineServer", "check_reports", "failures", "hisparse_plan", "make_plan",
+           "run_cluster", "throughput", "writes_checked", "writes_pair"]
+
+
+# How the bytes of an end-to-end room move: Mooncake writes (inline off), or inside the status
+# (kvd.core.inline; the e2e rooms are small enough). Tests parametrized over both.
+WRITES = {"mooncake": ("--transfer-inline-max-bytes", "0"), "inline": ()}
+PAIR_FLAGS = ("--timeouts-waiting-s", "8", "--timeouts-bootstrap-s", "5", "--timeouts-transfer-s", "8",
+              "--timeouts-abort-fence-s", "2")
+
+
+def writes_pair(daemons, writes: str):
+    """A prefill and a decode daemon (the ``pair`` fixture's timeouts) writing as ``writes`` says."""
+    return daemons("prefill", *PAIR_FLAGS, *WRITES[writes]), daemons("decode", *PAIR_FLAGS, *WRITES[writes])
+
+
+def writes_checked(prefill, writes: str) -> None:
+    """The path the parameter names is the one the bytes took (the prefill daemon's counters)."""
+    st = prefill.status()["daemon"]
+    inline, ops = st["inline_writes_total"], st["write_ops_total"]
+    assert (inline > 0 and ops == 0) if writes == "inline" else (inline == 0 and ops > 0), (writes, inline, ops)

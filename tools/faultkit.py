@@ -92,15 +92,21 @@ class PathCfg:
     num_pages: int = 512
     pages: int = 96
     """Pages per room: enough bytes that writes are still on the wire when the fault hits."""
+    inline: bool = False
+    """Small rooms whose bytes ride in the status (kvd.core.inline); every other path forces
+    Mooncake writes (inline off), so that its faults hit transport writes on the wire."""
 
     def flags(self) -> tuple[str, ...]:
-        return TIMEOUT_FLAGS + (STAGING_FLAGS if self.staging else ())
+        return TIMEOUT_FLAGS + (STAGING_FLAGS if self.staging else ()) + \
+            (() if self.inline else ("--transfer-inline-max-bytes", "0"))
 
 
 PATHS = {
     "direct": PathCfg("direct", 1, 1, head_dim=128, pages=120),
     "staged": PathCfg("staged", 2, 1, staging=True, num_pages=128, pages=24),
     "hisparse": PathCfg("hisparse", 1, 1, hisparse=True, num_pages=256, pages=32),
+    # heterogeneous TP 2 -> 1 without staging, chunks of 8 pages (256 KiB per sender): inline
+    "inline": PathCfg("inline", 2, 1, num_pages=256, pages=32, inline=True),
 }
 
 FAULTS = ("stop_prefill", "stop_decode", "kill9_prefill", "kill9_decode", "restart_prefill",
@@ -501,7 +507,7 @@ def _scenario(cl: Cluster, res: Result, fault: str, nrooms: int, pages: int) -> 
     # Stalled peer: big rooms to decode0 (more than the socket buffers hold), small ones to decode1.
     plans = [plan_rooms(cfg, nrooms, pages, 1000, 1)]
     if stalled:
-        plans = [plan_rooms(cfg, 2, pages, 1000, 1), plan_rooms(cfg, 2, max(2, pages // 8), 2000, 2)]
+        plans = [plan_rooms(cfg, 2, pages, 1000, 1), plan_rooms(cfg, 2, max(4, pages // 8), 2000, 2)]  # >= 1 page a chunk
     all_rooms = [p for ps in plans for p in ps]
     decs = [cl.start_decode(i, ps, engine_id=f"D{i}") for i, ps in enumerate(plans)]
     pres = cl.start_prefill(all_rooms)

@@ -5,27 +5,31 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import check_reports, run_cluster
+from tests.support import WRITES, check_reports, run_cluster, writes_checked, writes_pair
 
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.parametrize("writes", list(WRITES))
 @pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads", [
     (1, 1, 4),   # same TP
     (1, 2, 4), (2, 1, 4), (4, 1, 8), (1, 4, 8), (2, 4, 8), (4, 2, 8), (8, 2, 8),
     (4, 2, 2), (2, 4, 2),  # GQA: 2 kv heads replicated on TP 4 (both directions)
     (4, 4, 2), (2, 8, 2),
 ])
-def test_hetero_tp_byte_exact(pair, prefill_tp, decode_tp, kv_heads):
-    prefill, decode = pair
+def test_hetero_tp_byte_exact(daemons, writes, prefill_tp, decode_tp, kv_heads):
+    prefill, decode = writes_pair(daemons, writes)
     check_reports(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, kv_heads=kv_heads))
+    writes_checked(prefill, writes)
 
 
+@pytest.mark.parametrize("writes", list(WRITES))
 @pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 4), (4, 1), (1, 1)])
-def test_mla_byte_exact(pair, prefill_tp, decode_tp):
-    prefill, decode = pair
+def test_mla_byte_exact(daemons, writes, prefill_tp, decode_tp):
+    prefill, decode = writes_pair(daemons, writes)
     check_reports(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, mla=True,
                        head_dim=24))
+    writes_checked(prefill, writes)
 
 
 def test_prefill_ranks_served_by_several_daemons(daemons):

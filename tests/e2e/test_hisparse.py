@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import check_reports, run_cluster
+from tests.support import WRITES, check_reports, run_cluster, writes_checked, writes_pair
 
 pytestmark = pytest.mark.e2e
 
@@ -19,8 +19,10 @@ pytestmark = pytest.mark.e2e
     (16, 1, 1, 1, True),    # MLA latent pool
     (64, 4, 1, 1, True),
 ])
-def test_hisparse_byte_exact(pair, page_size, prefill_tp, decode_tp, kv_heads, mla):
-    prefill, decode = pair
+@pytest.mark.parametrize("writes", list(WRITES))
+def test_hisparse_byte_exact(daemons, writes, page_size, prefill_tp, decode_tp, kv_heads, mla):
+    prefill, decode = writes_pair(daemons, writes)
     check_reports(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, kv_heads=kv_heads,
                        mla=mla, hisparse=True, page_size=page_size, num_pages=16, pages_per_room=3,
                        head_dim=8, layers=2))
+    writes_checked(prefill, writes)
