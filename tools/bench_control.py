@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -97,18 +97,17 @@ class BenchClient(AsyncKvdClient):
             fut.set_result(msg)
 
 
-class Driver:
-    """A prefill rank and a decode rank of one tiny model, each on its own daemon."""
+class EnginePair:
+    """A prefill engine rank and a decode engine rank (TP 1 each), each with a host pool of
+    ``shape`` registered with its own daemon; ``async with`` connects and registers."""
 
-    def __init__(self, prefill: DaemonProc, decode: DaemonProc, num_pages: int) -> None:
-        self.prefill, self.decode, self.num_pages = prefill, decode, num_pages
-        shape = dict(layers=1, kv_heads=1, head_dim=64, dtype="bfloat16", page_size=1, num_pages=num_pages)
-        self.play = build_layout("prefill", "P", 1, 0, **shape)  # type: ignore[arg-type]
-        self.dlay = build_layout("decode", "D", 1, 0, **shape)  # type: ignore[arg-type]
-        assert self.play.page_bytes * self.play.num_buffers == 256
+    def __init__(self, prefill: DaemonProc, decode: DaemonProc, **shape: Any) -> None:
+        self.prefill, self.decode = prefill, decode
+        self.play = build_layout("prefill", "P", 1, 0, **shape)
+        self.dlay = build_layout("decode", "D", 1, 0, **shape)
         self.next_room = 1
 
-    async def __aenter__(self) -> Driver:
+    async def __aenter__(self) -> Self:
         self.ppool, self.dpool = HostPool.create(self.play), HostPool.create(self.dlay)
         self.pc, self.dc = BenchClient(self.prefill.socket_path), BenchClient(self.decode.socket_path)
         await self.pc.connect()
@@ -123,6 +122,16 @@ class Driver:
         for pool in (self.ppool, self.dpool):
             pool.unlink()
             pool.close()
+
+
+class Driver(EnginePair):
+    """Tiny rooms: 1 page of 1 token, 1 layer, 1 kv head of 64 bf16 (256 bytes with K and V)."""
+
+    def __init__(self, prefill: DaemonProc, decode: DaemonProc, num_pages: int) -> None:
+        super().__init__(prefill, decode, layers=1, kv_heads=1, head_dim=64, dtype="bfloat16", page_size=1,
+                         num_pages=num_pages)
+        self.num_pages = num_pages
+        assert self.play.page_bytes * self.play.num_buffers == 256
 
     async def room(self) -> float:
         room, self.next_room = self.next_room, self.next_room + 1

@@ -34,9 +34,8 @@ import numpy as np  # noqa: E402
 
 from kvd.engineclient.hostpool import HostPool  # noqa: E402
 from kvd.engineclient.replies import ReplyTracker, RoomFailed  # noqa: E402
-from tools.bench_control import BenchClient, cpu_seconds  # noqa: E402
+from tools.bench_control import EnginePair, cpu_seconds  # noqa: E402
 from tools.cluster import DaemonProc, start_daemon  # noqa: E402
-from tools.fake_engine import build_layout  # noqa: E402
 
 PAGE = 16
 CLASSES = ((0, 512, "<=512"), (513, 4096, "513-4k"), (4097, 32768, ">4k"))
@@ -92,40 +91,23 @@ class Pages:
             fut.set_result(self._pop(n))
 
 
-class Mixed:
+class Mixed(EnginePair):
+    """Rooms of chat-like lengths between the two engines, each engine with its own allocator."""
+
     def __init__(self, prefill: DaemonProc, decode: DaemonProc, num_pages: int, chunk_tokens: int,
                  verify_every: int, seed: int, allocator: str) -> None:
-        self.prefill, self.decode = prefill, decode
-        shape = dict(layers=2, kv_heads=1, head_dim=64, dtype="bfloat16", page_size=PAGE, num_pages=num_pages)
-        self.play = build_layout("prefill", "P", 1, 0, **shape)  # type: ignore[arg-type]
-        self.dlay = build_layout("decode", "D", 1, 0, **shape)  # type: ignore[arg-type]
+        super().__init__(prefill, decode, layers=2, kv_heads=1, head_dim=64, dtype="bfloat16", page_size=PAGE,
+                         num_pages=num_pages)
         # Each engine allocates its own pages: a room's source and destination runs differ.
         self.src_pages, self.dst_pages = Pages(num_pages, allocator), Pages(num_pages, allocator)
         self.chunk_pages = max(1, chunk_tokens // PAGE)
         self.verify_every = verify_every
         self.rng = np.random.default_rng(seed)
-        self.next_room = 1
         self.done: list[tuple[float, int, float]] = []  # (end time, tokens, latency)
         self.bytes_moved = 0
         self.failed: Counter[str] = Counter()
         self.mismatched = 0
         self.verified = 0
-
-    async def __aenter__(self) -> Mixed:
-        self.ppool, self.dpool = HostPool.create(self.play), HostPool.create(self.dlay)
-        self.pc, self.dc = BenchClient(self.prefill.socket_path), BenchClient(self.decode.socket_path)
-        await self.pc.connect()
-        await self.dc.connect()
-        self.pid_p = await self.pc.register_pool(self.play, self.ppool, bootstrap="")
-        self.pid_d = await self.dc.register_pool(self.dlay, self.dpool)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.pc.close()
-        await self.dc.close()
-        for pool in (self.ppool, self.dpool):
-            pool.unlink()
-            pool.close()
 
     def _token_rows(self, pool: HostPool, pages: list[int]) -> list[np.ndarray]:
         idx = (np.asarray(pages)[:, None] * PAGE + np.arange(PAGE)[None, :]).reshape(-1)

@@ -62,6 +62,16 @@ class Mallory:
                 return msg
         raise AssertionError(f"no {kind.__name__} reached mallory")
 
+    def take_room(self, prefill_layout: PoolLayout):
+        """Play the directory and the only sender of a room the decode daemon asked about:
+        answer its query, accept its pool, and return its TransferRequest (and the announce)."""
+        self.expect(p.EngineQuery)
+        self.send(p.EngineInfo(src=self.address, token="", engine_id=prefill_layout.engine_id, ready=True,
+                               tp_size=1, layouts=[prefill_layout.to_dict()], daemons=[self.address]))
+        ann = self.expect(p.PoolAnnounce)
+        self.send(p.PoolAck(src=self.address, token="", pool_key=ann.pool_key, ok=True))
+        return self.expect(p.TransferRequest), ann
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)

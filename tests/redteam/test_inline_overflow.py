@@ -57,12 +57,7 @@ def _attack(daemons, tmp_path: Path, craft) -> None:
         with dec.client() as dc:
             did = dc.register_pool(dl, dh)
             dc.recv(did, 71, m.address, "P", [5, 6])
-            m.expect(p.EngineQuery)
-            m.send(p.EngineInfo(src=m.address, token="", engine_id="P", ready=True, tp_size=1,
-                                layouts=[pl.to_dict()], daemons=[m.address]))
-            ann = m.expect(p.PoolAnnounce)
-            m.send(p.PoolAck(src=m.address, token="", pool_key=ann.pool_key, ok=True))
-            req = m.expect(p.TransferRequest)
+            req, ann = m.take_room(pl)
             assert req.inline_max_bytes > 0
             ops, data = craft(list(ann.buffers), dl.page_bytes, 5)
             m.send(p.TransferStatus(src=m.address, token="", room=req.room, transfer_id=req.transfer_id,

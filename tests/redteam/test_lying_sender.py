@@ -27,12 +27,7 @@ def test_a_sender_claiming_success_without_writing_fails_the_room(daemons, tmp_p
         with dec.client() as dc:
             did = dc.register_pool(dl, dh)
             dc.recv(did, 71, m.address, "P", [5, 6])
-            m.expect(p.EngineQuery)
-            m.send(p.EngineInfo(src=m.address, token="", engine_id="P", ready=True, tp_size=1,
-                                layouts=[pl.to_dict()], daemons=[m.address]))
-            ann = m.expect(p.PoolAnnounce)
-            m.send(p.PoolAck(src=m.address, token="", pool_key=ann.pool_key, ok=True))
-            req = m.expect(p.TransferRequest)
+            req, _ = m.take_room(pl)
             m.send(p.TransferStatus(src=m.address, token="", room=req.room, transfer_id=req.transfer_id,
                                     pool_key=req.pool_key, sender_rank=0, ok=True, aux=b"lie",
                                     bytes_written=0, final=True))

@@ -115,6 +115,18 @@ def _hostile_cases(t: Transfer) -> dict[str, tuple[bytes, bytes]]:
     }
 
 
+async def _next_room_is_exact(t: Transfer, cluster: Cluster) -> None:
+    """The daemons keep serving: a fresh room on the same pools is byte-exact."""
+    t.decode.events.clear()
+    t.recv(room=2)
+    await cluster.settle()
+    t.send(room=2, chunks=1)
+    await cluster.settle()
+    ev = t.decode_events(room=2)[0]
+    assert ev is not None and ev.state == "success", ev
+    assert t.verify() == []
+
+
 @pytest.mark.parametrize("case", ["outside the room's pages", "straddling into a page not the room's",
                                   "below every buffer", "past the end of the last buffer",
                                   "lengths that do not add up", "a zero length", "ops not in pairs",
@@ -135,17 +147,9 @@ async def test_hostile_inline_bytes_fail_the_room_and_touch_nothing(cluster, cas
     assert t.decode.errors["bad_peer_message"] == 1
     assert np.array_equal(before, arrays.array), "a hostile inline write changed the pool"
     assert (arrays.array == CANARY).all()
-    # The daemon keeps serving: a fresh room on the same pools is exact.
-    t.send(room=1, chunks=1)
+    t.send(room=1, chunks=1)  # the failed room's sender side ends too
     await cluster.settle()
-    t.decode.events.clear()
-    t.recv(room=2)
-    await cluster.settle()
-    t.send(room=2, chunks=1)
-    await cluster.settle()
-    ev2 = t.decode_events(room=2)[0]
-    assert ev2 is not None and ev2.state == "success", ev2
-    assert t.verify() == []
+    await _next_room_is_exact(t, cluster)
 
 
 async def test_inline_bytes_after_the_room_failed_never_land(cluster):
@@ -206,11 +210,4 @@ async def test_a_sender_cannot_write_the_heads_another_sender_owes(cluster):
     ev = t.decode_events()[0]
     assert ev is not None and ev.state == "failed" and "heads" in ev.reason, ev
     assert (arrays.array == CANARY).all()
-    # Its own heads of the same row are fine (and the next room is exact).
-    t.decode.events.clear()
-    t.recv(room=2)
-    await cluster.settle()
-    t.send(room=2, chunks=1)
-    await cluster.settle()
-    ev2 = t.decode_events(room=2)[0]
-    assert ev2 is not None and ev2.state == "success" and t.verify() == []
+    await _next_room_is_exact(t, cluster)  # its own heads of the same rows are fine
