@@ -18,9 +18,8 @@ numbers are forever. This module never touches a socket, asyncio, zmq or torch.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from kvd.wire.codec import Message
 from kvd.wire.fields import Indices, Map, wire
@@ -40,10 +39,16 @@ P = TypeVar("P", bound=PeerMessage)
 def stamped(msg: P, src: str, token: str, incarnation: str = "") -> P:
     """``msg`` from daemon ``src`` (started as ``incarnation``) with auth ``token``: what the
     peer hub sends."""
-    changes: dict[str, Any] = {"src": src, "token": token}
+    # A field-for-field copy with the three fields set: what dataclasses.replace would build,
+    # without re-running __init__ and its checks for values this daemon's own config holds (a
+    # peer hub stamps every message it sends: issue 15's per-message cost).
+    out = object.__new__(type(msg))
+    fields = out.__dict__
+    fields.update(msg.__dict__)
+    fields["src"], fields["token"] = src, token
     if incarnation:
-        changes["incarnation"] = incarnation  # every concrete peer message declares it
-    return dataclasses.replace(msg, **changes)
+        fields["incarnation"] = incarnation  # every concrete peer message declares it
+    return out
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
