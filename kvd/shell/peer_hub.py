@@ -270,7 +270,8 @@ class PeerHub:
         src = getattr(msg, "src", "")
         if isinstance(msg, wp.PeerMessage):
             try:
-                check_peer_address(src)
+                if src not in self.last_seen:  # checked when first seen (the hot path skips it)
+                    check_peer_address(src)
             except PeerAddressError as exc:  # the peer's fault: no traceback
                 self.handler.count_error("bad_peer_src")
                 log.warning("peer_src_unusable", msg=type(msg).__name__, error=str(exc))

@@ -20,6 +20,7 @@ from kvd.core.inline import pack_ops
 from kvd.core.layout import LayoutError, check_compatible
 from kvd.core.planner import (
     DirectPlanner,
+    HeadSlice,
     PlanError,
     WriteOps,
     check_ops_within,
@@ -51,6 +52,7 @@ class SenderSide(SideBase[SenderRoom]):
         # Ended (transfer, sender rank) pairs -> whether a failed write of it may still land.
         self._ended: OrderedDict[tuple[int, int], bool] = OrderedDict()
         self._requests: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
+        self._pairings: dict[tuple[int, str, str], tuple[tuple[HeadSlice, ...], int]] = {}  # see _pairing
         self.staged_path = StagedSender(ctx, self)
 
     def handlers(self) -> dict[type, object]:
@@ -138,21 +140,35 @@ class SenderSide(SideBase[SenderRoom]):
             return
         self._kick(sr)
 
+    def _pairing(self, pool: LocalPool, remote: RemotePool) -> tuple[tuple[HeadSlice, ...], int]:
+        """The head slices this pool's rank owes ``remote``'s rank and how many receivers each room
+        of it has: checked and mapped once per pair of pools, not per request (a pool's layout
+        never changes; a remote pool key names one registration)."""
+        key = (pool.pool_id, pool.key, remote.key)
+        found = self._pairings.get(key)
+        if found is None:
+            local = pool.layout
+            check_compatible(local, remote.layout)
+            mapping = map_heads(local.total_kv_heads, local.tp_size, remote.layout.tp_size)
+            found = (tuple(mapping.slices_between(local.tp_rank, remote.layout.tp_rank)),
+                     len(mapping.receivers_of(local.tp_rank)))
+            if len(self._pairings) >= 4096:
+                self._pairings.clear()
+            self._pairings[key] = found
+        return found
+
     def _validate_request(self, sr: SenderRoom, msg: wp.TransferRequest,
                           remote: RemotePool) -> ReceiverRequest:
         local = sr.pool.layout
-        check_compatible(local, remote.layout)
         if msg.enable_hisparse != remote.layout.hisparse:
             raise PlanError("enable_hisparse does not match the receiver pool "
                             f"(request {msg.enable_hisparse}, pool hisparse {remote.layout.hisparse})")
-        mapping = map_heads(local.total_kv_heads, local.tp_size, remote.layout.tp_size)
-        slices = mapping.slices_between(local.tp_rank, remote.layout.tp_rank)
+        slices, expected = self._pairing(sr.pool, remote)
         if bool(slices) == msg.dummy:
             raise PlanError(
                 f"receiver rank {remote.layout.tp_rank} asks for "
                 f"{'nothing' if msg.dummy else 'heads'} but sender rank {local.tp_rank} holds "
                 f"{'heads it needs' if slices else 'none of its heads'}")
-        expected = len(mapping.receivers_of(local.tp_rank))
         if sr.expected is not None and sr.expected != expected:
             raise PlanError(f"receivers disagree on the layout: {expected} vs {sr.expected} receivers")
         sr.expected = expected
