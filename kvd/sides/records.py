@@ -58,7 +58,7 @@ class ReceiverRequest:
     unsure: bool = False  # a write to this receiver failed mid-flight: its bytes may still land
     staged: StagedSend | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # fence of this request's staged writes
-    planners: tuple[DirectPlanner, ...] | None = None  # one per head slice, made at the first chunk
+    planners: tuple[DirectPlanner, ...] = ()  # one per head slice (shared by the pair of pools)
     # Inline bytes of the last batch, held for the final status (kvd.core.inline).
     inline_ops: bytes = b""
     inline_data: bytes = b""

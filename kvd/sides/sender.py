@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from kvd.core.inline import pack_ops
 from kvd.core.layout import LayoutError, check_compatible
@@ -39,6 +39,16 @@ from kvd.wire import engine as we
 from kvd.wire import peer as wp
 
 
+@dataclass(frozen=True)
+class Pairing:
+    """What one sender pool owes one receiver pool, worked out once (SenderSide._pairing)."""
+
+    remote: RemotePool  # the announce it was worked out for
+    slices: tuple[HeadSlice, ...]
+    receivers: int  # receiver ranks each room of the sender rank writes to
+    planners: tuple[DirectPlanner, ...]  # one per slice
+
+
 class SenderSide(SideBase[SenderRoom]):
     """Every sender room of this daemon, driven by engine chunks and peer requests."""
 
@@ -52,7 +62,7 @@ class SenderSide(SideBase[SenderRoom]):
         # Ended (transfer, sender rank) pairs -> whether a failed write of it may still land.
         self._ended: OrderedDict[tuple[int, int], bool] = OrderedDict()
         self._requests: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
-        self._pairings: dict[tuple[int, str, str], tuple[tuple[HeadSlice, ...], int]] = {}  # see _pairing
+        self._pairings: dict[tuple[int, str, str], Pairing] = {}  # see _pairing
         self.staged_path = StagedSender(ctx, self)
 
     def handlers(self) -> dict[type, object]:
@@ -140,18 +150,20 @@ class SenderSide(SideBase[SenderRoom]):
             return
         self._kick(sr)
 
-    def _pairing(self, pool: LocalPool, remote: RemotePool) -> tuple[tuple[HeadSlice, ...], int]:
-        """The head slices this pool's rank owes ``remote``'s rank and how many receivers each room
-        of it has: checked and mapped once per pair of pools, not per request (a pool's layout
-        never changes; a remote pool key names one registration)."""
+    def _pairing(self, pool: LocalPool, remote: RemotePool) -> Pairing:
+        """The head slices this pool's rank owes ``remote``'s rank, how many receivers each room
+        of it has, and a planner per slice: checked and built once per pair of pools, not per
+        request (a pool's layout and buffers never change; a remote pool key names one
+        registration)."""
         key = (pool.pool_id, pool.key, remote.key)
         found = self._pairings.get(key)
-        if found is None:
+        if found is None or found.remote is not remote:  # a re-announced pool is worked out anew
             local = pool.layout
             check_compatible(local, remote.layout)
             mapping = map_heads(local.total_kv_heads, local.tp_size, remote.layout.tp_size)
-            found = (tuple(mapping.slices_between(local.tp_rank, remote.layout.tp_rank)),
-                     len(mapping.receivers_of(local.tp_rank)))
+            slices = tuple(mapping.slices_between(local.tp_rank, remote.layout.tp_rank))
+            planners = tuple(DirectPlanner(local, pool.buffers, remote.layout, remote.buffers, s) for s in slices)
+            found = Pairing(remote, slices, len(mapping.receivers_of(local.tp_rank)), planners)
             if len(self._pairings) >= 4096:
                 self._pairings.clear()
             self._pairings[key] = found
@@ -163,7 +175,8 @@ class SenderSide(SideBase[SenderRoom]):
         if msg.enable_hisparse != remote.layout.hisparse:
             raise PlanError("enable_hisparse does not match the receiver pool "
                             f"(request {msg.enable_hisparse}, pool hisparse {remote.layout.hisparse})")
-        slices, expected = self._pairing(sr.pool, remote)
+        pairing = self._pairing(sr.pool, remote)
+        slices, expected = pairing.slices, pairing.receivers
         if bool(slices) == msg.dummy:
             raise PlanError(
                 f"receiver rank {remote.layout.tp_rank} asks for "
@@ -181,7 +194,7 @@ class SenderSide(SideBase[SenderRoom]):
         staged = None
         if msg.chunk_tokens and not msg.dummy:
             staged = self.staged_path.validate(sr, msg, remote, slices)
-        return ReceiverRequest(msg, remote, slices, staged=staged)
+        return ReceiverRequest(msg, remote, slices, staged=staged, planners=pairing.planners)
 
     def on_abort(self, msg: wp.AbortTransfer) -> None:
         self._remember_ended(msg.transfer_id, msg.sender_rank)
@@ -364,9 +377,6 @@ class SenderSide(SideBase[SenderRoom]):
             if chunk.is_last and req.dst_cursor != len(dst_all):
                 raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
                                 f"{len(dst_all)} {'tokens' if req.msg.enable_hisparse else 'pages'} unwritten")
-            if req.planners is None:  # checked once per request, not once per chunk
-                req.planners = tuple(DirectPlanner(local, sr.pool.buffers, req.remote.layout, req.remote.buffers, s)
-                                     for s in req.slices)
             ops = WriteOps.concat([planner.plan(src, dst) for planner in req.planners])
             check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
             check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
