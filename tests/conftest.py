@@ -32,6 +32,6 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
 @pytest.fixture
 def pair(daemons) -> tuple[DaemonProc, DaemonProc]:
     """A prefill daemon and a decode daemon with short timeouts."""
-    flags = ("--timeouts-waiting-s", "8", "--timeouts-bootstrap-s", "5", "--timeouts-transfer-s", "8",
-             "--timeouts-abort-fence-s", "2")
-    return daemons("prefill", *flags), daemons("decode", *flags)
+    from tests.support import PAIR_FLAGS
+
+    return daemons("prefill", *PAIR_FLAGS), daemons("decode", *PAIR_FLAGS)

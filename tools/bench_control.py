@@ -45,6 +45,14 @@ from tools.fake_engine import build_layout  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def stop_daemons(*daemons: DaemonProc) -> None:
+    """Stop the benchmark's daemons, saying so (with its log) for one that died under load."""
+    for d in daemons:
+        if not d.alive():
+            print(f"daemon {d.name} died:\n{d.log_tail()}")
+        d.stop()
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (and its threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -309,10 +317,7 @@ async def control(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                     (path.parent / f"{name}.top.txt").write_text(text + "\n")
                     print(f"--- {name} daemon, py-spy ({path}):\n{text}")
     finally:
-        for p in (prefill, decode):
-            if not p.alive():
-                print(f"daemon {p.name} died:\n{p.log_tail()}")
-            p.stop()
+        stop_daemons(prefill, decode)
     return results
 
 

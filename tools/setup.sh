@@ -13,9 +13,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # System libraries: RDMA verbs and connection manager (Mooncake links them even for TCP),
-# and systemd (systemd-analyze checks the unit file in the tests).
+# systemd (systemd-analyze checks the unit file in the tests), iproute2 (ss: the socket tests)
+# and passwd (useradd: the local-user trust tests).
 missing=()
-for pkg in libibverbs1 librdmacm1 systemd; do
+for pkg in libibverbs1 librdmacm1 systemd iproute2 passwd; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
         missing+=("$pkg")
     fi

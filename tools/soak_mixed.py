@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from kvd.engineclient.hostpool import HostPool  # noqa: E402
 from kvd.engineclient.replies import ReplyTracker, RoomFailed  # noqa: E402
-from tools.bench_control import EnginePair, cpu_seconds  # noqa: E402
+from tools.bench_control import EnginePair, cpu_seconds, stop_daemons  # noqa: E402
 from tools.cluster import DaemonProc, start_daemon  # noqa: E402
 
 PAGE = 16
@@ -216,10 +216,7 @@ async def soak(args: argparse.Namespace, inflight: int, tmp: Path) -> dict[str, 
         print(f"  RSS peak first third {first / 2**20:.1f} MiB -> last third {last / 2**20:.1f} MiB "
               f"({out['rss_growth']:+.1%}): {'flat' if out['rss_growth'] < 0.05 else 'GROWING'}", flush=True)
     finally:
-        for p in (prefill, decode):
-            if not p.alive():
-                print(f"daemon {p.name} died:\n{p.log_tail()}")
-            p.stop()
+        stop_daemons(prefill, decode)
     return out
 
 

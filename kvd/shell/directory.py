@@ -250,6 +250,10 @@ class Directory:
         except TimeoutError:
             self._announced.pop(key, None)
             raise TimeoutError(f"prefill daemon {daemon} did not accept pool {pool.key}") from None
+        return self._agreed(daemon, pool)
+
+    def _agreed(self, daemon: str, pool: LocalPool) -> PoolAccepted:
+        """What ``daemon`` agreed to for ``pool`` (staging only while this side still has it)."""
         accepted = self._accepted.get((daemon, pool.key), PoolAccepted(False))
         return PoolAccepted(accepted.staging and self.registry.staging_pool(pool) is not None,
                             accepted.send_ring_bytes)
@@ -262,9 +266,7 @@ class Directory:
         if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None \
                 or not self.current(daemon, self.config.heartbeat_timeout_s):
             return None
-        accepted = self._accepted.get((daemon, pool.key), PoolAccepted(False))
-        return PoolAccepted(accepted.staging and self.registry.staging_pool(pool) is not None,
-                            accepted.send_ring_bytes)
+        return self._agreed(daemon, pool)
 
     def on_pool_announce(self, msg: wp.PoolAnnounce) -> None:
         error = ""
