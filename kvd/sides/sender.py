@@ -14,39 +14,27 @@ from __future__ import annotations
 import asyncio
 import ctypes
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from kvd.core.inline import pack_ops
-from kvd.core.layout import LayoutError, check_compatible
+from kvd.core.layout import LayoutError
 from kvd.core.planner import (
-    DirectPlanner,
-    HeadSlice,
     PlanError,
     WriteOps,
     check_ops_within,
     expand_pages_to_tokens,
-    map_heads,
     pages_to_tokens,
 )
 from kvd.core.rooms import Deadlines, RoomInput, RoomMachine, RoomState, TransferPath
 from kvd.mem.pools import LocalPool, RemotePool, check_page_indices
 from kvd.sides.context import RoomContext
 from kvd.sides.lifecycle import SideBase, room_event
+from kvd.sides.pairing import Pairings
 from kvd.sides.records import Chunk, ReceiverRequest, SenderRoom
 from kvd.sides.staged_send import StagedSender
 from kvd.transfer.base import TransportError
 from kvd.wire import engine as we
 from kvd.wire import peer as wp
-
-
-@dataclass(frozen=True)
-class Pairing:
-    """What one sender pool owes one receiver pool, worked out once (SenderSide._pairing)."""
-
-    remote: RemotePool  # the announce it was worked out for
-    slices: tuple[HeadSlice, ...]
-    receivers: int  # receiver ranks each room of the sender rank writes to
-    planners: tuple[DirectPlanner, ...]  # one per slice
 
 
 class SenderSide(SideBase[SenderRoom]):
@@ -62,7 +50,7 @@ class SenderSide(SideBase[SenderRoom]):
         # Ended (transfer, sender rank) pairs -> whether a failed write of it may still land.
         self._ended: OrderedDict[tuple[int, int], bool] = OrderedDict()
         self._requests: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
-        self._pairings: dict[tuple[int, str, str], Pairing] = {}  # see _pairing
+        self._pairings = Pairings()
         self.staged_path = StagedSender(ctx, self)
 
     def handlers(self) -> dict[type, object]:
@@ -150,32 +138,13 @@ class SenderSide(SideBase[SenderRoom]):
             return
         self._kick(sr)
 
-    def _pairing(self, pool: LocalPool, remote: RemotePool) -> Pairing:
-        """The head slices this pool's rank owes ``remote``'s rank, how many receivers each room
-        of it has, and a planner per slice: checked and built once per pair of pools, not per
-        request (a pool's layout and buffers never change; a remote pool key names one
-        registration)."""
-        key = (pool.pool_id, pool.key, remote.key)
-        found = self._pairings.get(key)
-        if found is None or found.remote is not remote:  # a re-announced pool is worked out anew
-            local = pool.layout
-            check_compatible(local, remote.layout)
-            mapping = map_heads(local.total_kv_heads, local.tp_size, remote.layout.tp_size)
-            slices = tuple(mapping.slices_between(local.tp_rank, remote.layout.tp_rank))
-            planners = tuple(DirectPlanner(local, pool.buffers, remote.layout, remote.buffers, s) for s in slices)
-            found = Pairing(remote, slices, len(mapping.receivers_of(local.tp_rank)), planners)
-            if len(self._pairings) >= 4096:
-                self._pairings.clear()
-            self._pairings[key] = found
-        return found
-
     def _validate_request(self, sr: SenderRoom, msg: wp.TransferRequest,
                           remote: RemotePool) -> ReceiverRequest:
         local = sr.pool.layout
         if msg.enable_hisparse != remote.layout.hisparse:
             raise PlanError("enable_hisparse does not match the receiver pool "
                             f"(request {msg.enable_hisparse}, pool hisparse {remote.layout.hisparse})")
-        pairing = self._pairing(sr.pool, remote)
+        pairing = self._pairings.of(sr.pool, remote)
         slices, expected = pairing.slices, pairing.receivers
         if bool(slices) == msg.dummy:
             raise PlanError(
