@@ -217,6 +217,8 @@ def run(a) -> dict:
     if a.staged:
         flags.insert(0, "--staging-enabled")
     flags += ["--transport-same-node", a.same_node]
+    if a.timeline:
+        flags += ["--log-level", "debug"]
     prefill = start_daemon(tmp, "prefill", *flags)
     decode = start_daemon(tmp, "decode", *flags)
     try:
@@ -237,6 +239,7 @@ def run(a) -> dict:
         prefill.stop()
         decode.stop()
     peer_paths, totals = _peer_paths(prefill.log())
+    timeline = _timeline({"P": prefill.log(), "D": decode.log()}, min(r.t_start for r in reports)) if a.timeline else []
     dec = [r for r in reports if r.role == "decode"]
     nbytes = sum(r.bytes for r in dec)
     seconds = max(r.t_end for r in reports) - min(r.t_start for r in reports)
@@ -246,7 +249,28 @@ def run(a) -> dict:
             "gbps": nbytes / seconds / 1e9 if seconds > 0 else 0.0, "paths": dstat["rooms_by_path"],
             "write_ops": pstat["write_ops_total"], "errors": {**pstat["errors"], **dstat["errors"]},
             "failures": [(r.role, r.rank, r.error, r.mismatches[:2]) for r in reports if not r.ok],
-            "peer_paths": peer_paths, "path_totals": totals, **kern}
+            "peer_paths": peer_paths, "path_totals": totals, "timeline": timeline, **kern}
+
+
+def _timeline(logs: dict[str, str], t0: float) -> list[str]:
+    """The timed rooms' debug events of both daemons, in ms from the engines' start (issue 14:
+    where a room's time goes beside the copy)."""
+    import json
+    from datetime import datetime
+
+    rows = []
+    for who, text in logs.items():
+        for line in text.splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("room") in (None, WARMUP_ROOM) or "timestamp" not in ev:
+                continue
+            t = datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
+            rest = {k: v for k, v in ev.items() if k not in ("timestamp", "event", "level", "logger", "room")}
+            rows.append((t, f"{(t - t0) * 1e3:9.2f} ms {who} {ev.get('event')} {rest}"))
+    return [text for _, text in sorted(rows)]
 
 
 def _peer_paths(log_text: str) -> tuple[list[str], dict]:
@@ -290,6 +314,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--raw", action="store_true", help="also time a raw GPU->GPU Mooncake bulk write")
     ap.add_argument("--warmup-tokens", type=int, default=0,
                     help="tokens of one untimed room before the timed ones (Triton JIT, first handshakes)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="daemons at debug level; print the timed rooms' events in ms from the engines' start")
     ap.add_argument("--same-node", default="cuda_ipc", choices=("cuda_ipc", "off"),
                     help="the daemons' transport.same_node ('off': every peer over the network, TCP here)")
     return ap
@@ -306,6 +332,8 @@ def main(argv=None) -> int:
     if r["failures"]:
         print("  failures:", r["failures"])
     for line in r["peer_paths"]:
+        print("  " + line)
+    for line in r["timeline"][:200]:
         print("  " + line)
     kernel = r["gather_s"] + r["scatter_s"]
     if a.raw:

@@ -16,6 +16,8 @@ import ctypes
 from collections import OrderedDict
 from dataclasses import replace
 
+import structlog
+
 from kvd.core.inline import pack_ops
 from kvd.core.layout import LayoutError
 from kvd.core.planner import (
@@ -35,6 +37,8 @@ from kvd.sides.staged_send import StagedSender
 from kvd.transfer.base import TransportError
 from kvd.wire import engine as we
 from kvd.wire import peer as wp
+
+log = structlog.get_logger("kvd.sender")
 
 
 class SenderSide(SideBase[SenderRoom]):
@@ -292,7 +296,11 @@ class SenderSide(SideBase[SenderRoom]):
                 self._batch_done(sr, chunks)
 
     async def _write(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps) -> None:
+        t0 = self.ctx.now()
         result = await self.ctx.transport.write(req.remote.session_id, ops.src, ops.dst, ops.length)
+        # debug: where a room's time goes (issue 14: the per-room cost beside the copy itself)
+        log.debug("direct_write", room=sr.room, rank=sr.pool.layout.tp_rank, ops=len(ops), bytes=result.nbytes,
+                  copy_s=round(result.seconds, 6), wall_s=round(self.ctx.now() - t0, 6))
         self.ctx.observe_batch(result)
         sr.bytes_done += result.nbytes
         req.bytes_written += result.nbytes

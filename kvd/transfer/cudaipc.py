@@ -75,6 +75,41 @@ class Cuda:
         self._ctx: dict[int, ctypes.c_void_p] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.peer_access: dict[tuple[int, int], str] = {}  # (from, to) -> "on" or why not
+
+    def enable_peer_access(self) -> dict[tuple[int, int], str]:
+        """Let every device's primary context reach every other device's memory (once).
+
+        A copy runs on the source device: with the destination on another GPU (prefill on GPU 0,
+        decode on GPU 1), the source context must have peer access to the destination's, or
+        the batched copy kernel faults and ``cuMemcpyAsync`` may bounce through the host.
+        Where the link does not allow it the reason is kept (``kvctl status``), never raised.
+        """
+        for a in range(self.device_count):
+            for b in range(self.device_count):
+                if a == b or (a, b) in self.peer_access:
+                    continue
+                can = ctypes.c_int()
+                self.lib.cuDeviceCanAccessPeer(ctypes.byref(can), a, b)
+                if not can.value:
+                    self.peer_access[(a, b)] = "the devices cannot access each other (no P2P link)"
+                    continue
+                self.use(a)
+                self.use_ctx_of(b)
+                rc = self.lib.cuCtxEnablePeerAccess(self._ctx[b], 0)
+                # 704: CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
+                self.peer_access[(a, b)] = "on" if rc in (0, 704) else f"cuCtxEnablePeerAccess failed ({rc})"
+        return self.peer_access
+
+    def use_ctx_of(self, device: int) -> None:
+        """Retain ``device``'s primary context (without making it current)."""
+        with self._lock:
+            if device not in self._ctx:
+                dev = ctypes.c_int()
+                self._check(self.lib.cuDeviceGet(ctypes.byref(dev), device), "cuDeviceGet")
+                ctx = ctypes.c_void_p()
+                self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+                self._ctx[device] = ctx
 
     def _check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -86,15 +121,8 @@ class Cuda:
         """Make ``device``'s primary context (the one torch uses) current on this thread."""
         if getattr(self._local, "device", None) == device:
             return
-        with self._lock:
-            ctx = self._ctx.get(device)
-            if ctx is None:
-                dev = ctypes.c_int()
-                self._check(self.lib.cuDeviceGet(ctypes.byref(dev), device), "cuDeviceGet")
-                ctx = ctypes.c_void_p()
-                self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-                self._ctx[device] = ctx
-        self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        self.use_ctx_of(device)
+        self._check(self.lib.cuCtxSetCurrent(self._ctx[device]), "cuCtxSetCurrent")
         self._local.device = device
 
     def device_of(self, addr: int) -> int | None:
@@ -144,6 +172,9 @@ _opened_lock = threading.Lock()
 
 
 def open_handle(handle: bytes, device: int) -> int:
+    """Our address of a peer's allocation, opened once per process in the context of ``device``:
+    the device that will copy into it (the peer memory may sit on another GPU; the lazy flag
+    then enables peer access from ``device``'s context, as CUDA IPC documents)."""
     with _opened_lock:
         ptr = _opened.get(handle)
         if ptr is None:
@@ -365,6 +396,7 @@ class IpcPeer:
     skipped: list[str] = field(default_factory=list)
     generation: int = -1
     fence: mmap.mmap | None = None
+    copy_device: int | None = None  # our device the copies run on; None: each region's own device
 
     def refresh(self) -> None:
         """(Re)read the peer's regions and open any allocation not opened yet."""
@@ -385,7 +417,8 @@ class IpcPeer:
                 self.fence = None
         for r in reply.get("regions", []):
             try:
-                ours = open_handle(bytes.fromhex(r["handle"]), int(r["device"]))
+                device = int(r["device"]) if self.copy_device is None else self.copy_device
+                ours = open_handle(bytes.fromhex(r["handle"]), device)
             except TransportError as exc:
                 self.skipped.append(f"region {r['addr']:#x}+{r['length']}: {exc}")
                 continue

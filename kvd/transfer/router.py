@@ -78,6 +78,7 @@ class SameNodeTransport:
             self.disabled = str(exc)
         self._registered: dict[int, int] = {}
         self._device_regions: list[tuple[int, int]] = []  # sorted (addr, length), exported device memory
+        self._devices: set[int] = set()  # the GPUs our exported regions are on
         self._not_exported: dict[int, str] = {}
         self._peers: dict[str, IpcPeer] = {}
         self._paths: dict[str, PeerPath] = {}
@@ -96,6 +97,7 @@ class SameNodeTransport:
         with self._lock:
             if isinstance(exported, ExportedRegion):
                 self._device_regions = sorted({*self._device_regions, (addr, length)})
+                self._devices.add(exported.device)
             else:
                 self._not_exported[addr] = exported
         if not isinstance(exported, ExportedRegion):
@@ -126,16 +128,29 @@ class SameNodeTransport:
     def _decide_blocking(self, peer_session: str) -> PeerPath:
         if self.disabled:
             return PeerPath("network", f"same-node path off on this daemon: {self.disabled}")
+        links = self._peer_links()
         if peer_session == self.session_id:
-            return PeerPath("local", "the peer is this daemon: device-to-device copies")
-        peer = IpcPeer(peer_session)
+            return PeerPath("local", f"the peer is this daemon: device-to-device copies{links}")
+        # Copies run on our device: the peer's allocations are opened in its context, so a peer
+        # on another GPU is reached over the GPUs' link (CUDA IPC's lazy peer access).
+        peer = IpcPeer(peer_session, copy_device=min(self._devices) if len(self._devices) == 1 else None)
         try:
             peer.refresh()
         except TransportError as exc:
             return PeerPath("network", str(exc))
         self._peers[peer_session] = peer
         note = f"; {len(peer.skipped)} region(s) not opened: {peer.skipped[0]}" if peer.skipped else ""
-        return PeerPath("cuda_ipc", f"same machine: {len(peer.starts)} region(s) opened over CUDA IPC{note}")
+        return PeerPath("cuda_ipc", f"same machine: {len(peer.starts)} region(s) opened over CUDA IPC{note}{links}")
+
+    def _peer_links(self) -> str:
+        """With several GPUs: peer access between every pair, enabled once (the reason where not)."""
+        c = cuda()
+        if c.device_count < 2:
+            return ""
+        access = c.enable_peer_access()
+        off = {f"{a}->{b}": why for (a, b), why in access.items() if why != "on"}
+        state = off if off else f"on between all {c.device_count} GPUs"
+        return f"; GPU peer access {state}"
 
     async def _path(self, peer_session: str) -> PeerPath:
         path = self._paths.get(peer_session)
