@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .reference import PoolBuffers, check_args, check_rows
 
-__all__ = ["LaunchConfig", "copy_ops_triton", "gather_triton", "is_interpreted", "launch_config", "scatter_triton",
+__all__ = ["LaunchConfig", "copy_ops_triton", "copy_rows_triton", "gather_triton", "is_interpreted", "launch_config", "scatter_triton",
            "scatter_writers_triton"]
 
 _UNIT_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32}
@@ -404,3 +404,88 @@ def copy_ops_triton(src: Sequence[int] | Any, dst: Sequence[int] | Any, length: 
                                         num_warps=warps)
     table.record_stream(torch.cuda.current_stream(device))
     return int(op.size)
+
+
+# --- one-pass strided row copies (a head slice straight into a peer's pool) -------------------
+@triton.jit
+def _copy_rows_kernel(  # type: ignore[no-untyped-def]
+    src_table,  # *i64 [B]: byte address of each source buffer
+    dst_table,  # *i64 [B]: byte address of each destination buffer
+    src_rows,  # *i64 [T]
+    dst_rows,  # *i64 [T]
+    like,  # *unit: gives the element type
+    num_rows,  # T
+    src_stride,  # units between source rows
+    dst_stride,
+    src_offset,  # units into a source row
+    dst_offset,
+    tiles,  # cdiv(T, BLOCK_T)
+    NUM_BUFFERS: tl.constexpr,
+    RUN: tl.constexpr,  # units copied per row
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # next power of two >= RUN
+    ALIGN: tl.constexpr,  # bytes every run start is a multiple of
+):
+    """Consecutive programs take consecutive buffers of one row tile (SGLang's grid order)."""
+    pid = tl.program_id(0)
+    tile = pid // NUM_BUFFERS
+    buf = pid % NUM_BUFFERS
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_batch = t < num_rows
+    s_row = tl.load(src_rows + t, mask=in_batch, other=0).to(tl.int64)
+    d_row = tl.load(dst_rows + t, mask=in_batch, other=0).to(tl.int64)
+    src = tl.load(src_table + buf).to(tl.pointer_type(like.dtype.element_ty))
+    dst = tl.load(dst_table + buf).to(tl.pointer_type(like.dtype.element_ty))
+    cols = tl.arange(0, BLOCK_R)
+    src_ptrs = src + (s_row * src_stride + src_offset)[:, None] + cols[None, :]
+    dst_ptrs = dst + (d_row * dst_stride + dst_offset)[:, None] + cols[None, :]
+    src_ptrs = tl.multiple_of(src_ptrs, [1, ALIGN])
+    dst_ptrs = tl.multiple_of(dst_ptrs, [1, ALIGN])
+    if RUN == BLOCK_R:  # noqa: SIM108 - a compile-time branch, kept plain for the Triton frontend
+        mask = in_batch[:, None]
+    else:
+        mask = in_batch[:, None] & (cols < RUN)[None, :]
+    data = tl.load(src_ptrs, mask=mask)
+    tl.store(dst_ptrs, data, mask=mask)
+
+
+def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_rows: Any, dst_rows: Any,
+                     src_stride: int, dst_stride: int, src_offset: int, dst_offset: int, run: int,
+                     device: torch.device, block_bytes: int = 0) -> None:
+    """For every buffer ``b`` and row ``i``: copy ``run`` bytes from ``src_bases[b] + src_rows[i] *
+    src_stride + src_offset`` to ``dst_bases[b] + dst_rows[i] * dst_stride + dst_offset``, in one
+    launch on the current stream (asynchronous). Addresses are device memory this process can
+    reach (its own, CUDA-IPC-opened, or a peer GPU's with peer access); rows are int64 arrays
+    (host: uploaded here; or tensors on ``device``). The caller has checked every span."""
+    import numpy as np
+
+    if len(src_bases) != len(dst_bases):
+        raise ValueError(f"{len(src_bases)} source buffers but {len(dst_bases)} destination buffers")
+    rows = []
+    for r in (src_rows, dst_rows):
+        if isinstance(r, torch.Tensor):
+            rows.append(r.to(device=device, dtype=torch.int64))
+        else:
+            host = torch.from_numpy(np.ascontiguousarray(r, dtype=np.int64))
+            rows.append(host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host)
+    if rows[0].numel() != rows[1].numel():
+        raise ValueError(f"{rows[0].numel()} source rows but {rows[1].numel()} destination rows")
+    num_rows = rows[0].numel()
+    if num_rows == 0 or not src_bases:
+        return
+    align = _alignment([*src_bases, *dst_bases, src_stride, dst_stride, src_offset, dst_offset, run])
+    unit = min(align, 4)
+    row_units = triton.next_power_of_2(run // unit)
+    tokens = max(1, (block_bytes or 16384) // (row_units * unit))
+    block_t = max(1, min(triton.next_power_of_2(num_rows), tokens, 1024))
+    tiles = triton.cdiv(num_rows, block_t)
+    like = torch.empty(0, dtype=_UNIT_DTYPES[unit], device=device)
+    _copy_rows_kernel[(tiles * len(src_bases),)](
+        _device_table(list(src_bases), device), _device_table(list(dst_bases), device), rows[0], rows[1], like,
+        num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit, tiles,
+        NUM_BUFFERS=len(src_bases), RUN=run // unit, BLOCK_T=block_t, BLOCK_R=row_units, ALIGN=align,
+        num_warps=8 if block_t * row_units * unit >= 8192 else 4,
+    )
+    if device.type == "cuda":
+        for r in rows:
+            r.record_stream(torch.cuda.current_stream(device))

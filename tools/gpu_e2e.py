@@ -333,6 +333,8 @@ def main(argv=None) -> int:
         print("  failures:", r["failures"])
     for line in r["peer_paths"]:
         print("  " + line)
+    for peer, p in r["path_totals"].items():
+        print(f"  same-node totals to {peer[:24]}: batches {p['batches']}, seconds {p['seconds']}")
     for line in r["timeline"][:200]:
         print("  " + line)
     kernel = r["gather_s"] + r["scatter_s"]

@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in r.get("shim", []):
             say("      " + p)
         for p in r.get("peer_paths", [])[:2]:
-            say("      " + p[:300])
+            say("      " + str(p)[:300])
         if r.get("failures"):
             say(f"      failures: {r['failures']}"[:1200])
         for side in ("prefill_log", "decode_log"):

@@ -282,6 +282,24 @@ class WriteOps:
                         np.concatenate([p.length for p in parts]))
 
 
+def coalesce(ops: WriteOps, max_ops: int = 1 << 16) -> WriteOps:
+    """Ops that continue one another (source and destination both start where another op's
+    end) as one op: a batch of several chunks of a room then copies each buffer's run once,
+    not once per chunk (fewer, larger copies; on one GPU each op is a driver call). Ops come
+    back in source order; a batch of more than ``max_ops`` is left as it is (sorting it would
+    cost more than it saves)."""
+    n = len(ops)
+    if n < 2 or n > max_ops:
+        return ops
+    order = np.argsort(ops.src, kind="stable")
+    src, dst, length = ops.src[order], ops.dst[order], ops.length[order]
+    joins = (src[:-1] + length[:-1] == src[1:]) & (dst[:-1] + length[:-1] == dst[1:])
+    if not joins.any():
+        return ops
+    starts = np.flatnonzero(np.concatenate(([True], ~joins)))
+    return WriteOps(src[starts], dst[starts], np.add.reduceat(length, starts))
+
+
 def _index_array(values: object, what: str) -> np.ndarray:
     """A 1-D int64 copy-free view of indices; floats and bools are refused, never rounded."""
     arr = np.asarray(values)
@@ -393,18 +411,24 @@ class DirectPlanner:
         _check_slice(sender, receiver, head_slice)
         self.full_row = head_slice.num_heads == sender.local_heads == receiver.local_heads
 
-    def plan(self, src_tokens: np.ndarray, dst_tokens: np.ndarray) -> WriteOps:
-        """Write ops moving the head slice of ``src_tokens[i]`` into ``dst_tokens[i]``, every buffer."""
-        sender, receiver, head_slice = self.sender, self.receiver, self.head_slice
+    def checked_tokens(self, src_tokens: np.ndarray, dst_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The token indices as int64 arrays, refused unless both fit their pools, pair up,
+        and no destination row repeats."""
         src = _index_array(src_tokens, "src tokens")
         dst = _index_array(dst_tokens, "dst tokens")
         if src.shape != dst.shape:
             raise PlanError(f"{src.shape[0]} src tokens but {dst.shape[0]} dst tokens")
-        check_token_indices(src, sender, "src tokens")
-        check_token_indices(dst, receiver, "dst tokens")
-        if dst.size > 1 and (len(set(dst.tolist())) if dst.size <= SMALL else np.unique(dst).shape[0]) != dst.shape[0]:
+        check_token_indices(src, self.sender, "src tokens")
+        check_token_indices(dst, self.receiver, "dst tokens")
+        if dst.size > 1 and _repeats(dst):
             # two writes to one row would leave whichever lands last: never a valid request
             raise PlanError("dst tokens repeat a token index")
+        return src, dst
+
+    def plan(self, src_tokens: np.ndarray, dst_tokens: np.ndarray) -> WriteOps:
+        """Write ops moving the head slice of ``src_tokens[i]`` into ``dst_tokens[i]``, every buffer."""
+        sender, receiver, head_slice = self.sender, self.receiver, self.head_slice
+        src, dst = self.checked_tokens(src_tokens, dst_tokens)
         if src.size == 0:
             return WriteOps.empty()
         head_bytes = sender.head_bytes
@@ -427,6 +451,17 @@ class DirectPlanner:
         return WriteOps((sbufs[:, None] + src_off[None, :]).reshape(-1),
                         (rbufs[:, None] + dst_off[None, :]).reshape(-1),
                         np.tile(lengths, sbufs.shape[0]))
+
+
+def _repeats(indices: np.ndarray) -> bool:
+    """Whether any index occurs twice (a sort, not ``np.unique``: that one imports ``numpy.ma``
+    on first use, 25 ms inside a daemon's first room)."""
+    if indices.size <= SMALL:
+        return len(set(indices.tolist())) != indices.size
+    if indices.size > 1 and bool((np.diff(indices) > 0).all()):
+        return False  # ascending (the common case: one run of pages): no sort needed
+    ordered = np.sort(indices)
+    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def plan_direct_writes(sender: PoolLayout, sender_buffers: Sequence[int], src_tokens: np.ndarray,

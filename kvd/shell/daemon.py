@@ -315,8 +315,11 @@ class Daemon:
         if c.same_node != "off":  # peers on this machine: CUDA IPC copies (kvd.transfer.router)
             from kvd.transfer.router import SameNodeTransport, with_endpoint
 
-            main = await loop.run_in_executor(None, SameNodeTransport, main, c.workers)
+            same_node = await loop.run_in_executor(None, SameNodeTransport, main, c.workers)
+            main = same_node
             sessions = with_endpoint(open_session)  # receive sessions answer same-node peers too
+            self.directory.same_node_peer = same_node.reaches_peer  # one-pass head slices (PoolAck)
+            self.directory.device_memory = same_node.device_memory
         self._transport = SessionedTransport(main, sessions)
         # Supervision and healing: the peer loop and housekeeping feed the watchdog; a peer's new
         # incarnation drops what its old one told us; a dropped prefill pool leaves its directory.

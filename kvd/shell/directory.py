@@ -67,6 +67,11 @@ class Directory:
         #: Whether a peer was heard from (same incarnation) within some seconds; the daemon wires
         #: the peer hub's in. Cached answers of a peer not heard from lately are asked again.
         self.current: Callable[[str, float], bool] = lambda peer, within: True
+        #: Whether this daemon's transport reaches a peer's receive session on this machine, and
+        #: whether addresses are device memory it can copy GPU to GPU (the daemon wires the
+        #: same-node transport's in; off: never). Both hold: head slices go in one pass.
+        self.same_node_peer: Callable[[str], bool] = lambda session: False
+        self.device_memory: Callable[[list[int]], bool] = lambda addresses: False
         self._changed: dict[tuple[str, str], asyncio.Event] = {}
         self._announced: dict[tuple[str, str, str], asyncio.Future[bool]] = {}
         self._accepted: dict[tuple[str, str], PoolAccepted] = {}
@@ -256,7 +261,7 @@ class Directory:
         """What ``daemon`` agreed to for ``pool`` (staging only while this side still has it)."""
         accepted = self._accepted.get((daemon, pool.key), PoolAccepted(False))
         return PoolAccepted(accepted.staging and self.registry.staging_pool(pool) is not None,
-                            accepted.send_ring_bytes)
+                            accepted.send_ring_bytes, accepted.one_pass and self.device_memory(pool.buffers))
 
     def engine_info_now(self, bootstrap: str, engine_id: str) -> wp.EngineInfo | None:
         return self._cached((bootstrap, engine_id))
@@ -270,6 +275,7 @@ class Directory:
 
     def on_pool_announce(self, msg: wp.PoolAnnounce) -> None:
         error = ""
+        one_pass = False
         try:
             layout = PoolLayout.from_dict(msg.layout)
             if len(msg.buffers) != layout.num_buffers:
@@ -285,18 +291,23 @@ class Directory:
             self.registry.remote_pools[msg.pool_key] = RemotePool(
                 msg.pool_key, layout, list(msg.buffers), msg.session_id, msg.src,
                 staging_base=msg.staging_base, staging_bytes=msg.staging_bytes)
+            # One pass needs the decode daemon on this machine and this engine's pools in GPU
+            # memory here (the decode side checks its own pool before it relies on it).
+            ours = [b for p in self.registry.local.values() if p.layout.engine_id == msg.prefill_engine_id
+                    and p.layout.role == "prefill" for b in p.buffers]
+            one_pass = bool(ours) and self.same_node_peer(msg.session_id) and self.device_memory(ours)
         except (LayoutError, ValueError) as exc:
             self._count_error("layout")
             error = str(exc)
         staging = not error and self.config.staging_enabled and msg.staging_bytes > 0 and bool(self.registry.staging)
         self._send(msg.src, wp.PoolAck(pool_key=msg.pool_key, ok=not error, error=error, staging=staging,
-                                       send_ring_bytes=self.registry.send_ring_bytes()))
+                                       send_ring_bytes=self.registry.send_ring_bytes(), one_pass=one_pass))
 
     def on_pool_ack(self, msg: wp.PoolAck) -> None:
         for (daemon, pool_key, _), fut in self._announced.items():
             if daemon == msg.src and pool_key == msg.pool_key and not fut.done():
                 if msg.ok:
-                    self._accepted[(daemon, pool_key)] = PoolAccepted(msg.staging, msg.send_ring_bytes)
+                    self._accepted[(daemon, pool_key)] = PoolAccepted(msg.staging, msg.send_ring_bytes, msg.one_pass)
                     fut.set_result(True)
                 else:
                     fut.set_exception(PoolRefused(msg.error))

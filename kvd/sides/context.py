@@ -45,6 +45,7 @@ class PoolAccepted:
 
     staging: bool  # both sides will take the staged path for this pool
     send_ring_bytes: int = 0  # the sender's send ring: a staged block must fit (0: unknown)
+    one_pass: bool = False  # the sender writes head slices straight into this pool (same node, GPU)
 
 
 class PoolLookup(Protocol):

@@ -155,6 +155,10 @@ class ReceiverSide(SideBase[ReceiverRoom]):
 
     def _choose_staging(self, rr: ReceiverRoom, layouts: list[PoolLayout], mapping: TpMapping,
                         answers: list[PoolAccepted]) -> None:
+        if answers and all(a.one_pass for a in answers):
+            # Every sender is on this machine, GPU to GPU: it writes its head slice straight into
+            # our pool (one kernel, one pass), which beats gather + copy + scatter (three).
+            return
         if all(a.staging for a in answers) and not staging_applies(layouts[0], rr.pool.layout, hisparse=rr.hisparse):
             rings = [a.send_ring_bytes for a in answers if a.send_ring_bytes > 0]
             rr.staged = self.staged_path.plan(rr, mapping, min(rings) if rings else 0)

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvd.core.planner import DirectPlanner, HeadSlice, WriteOps
+from kvd.core.planner import DirectPlanner, HeadSlice
 from kvd.core.ring import RingSlot
 from kvd.core.rooms import CompletionTracker, RoomMachine, TransferPath
+from kvd.core.rows import Plan
 from kvd.core.staging import ChunkGeometry, ChunkLedger, StagedWriter
 from kvd.mem.pools import LocalPool, RemotePool
 from kvd.wire import peer as wp
@@ -93,7 +94,7 @@ class SenderRoom:
     engine_told: bool = False
     direct_done: bool = False  # every chunk of the per-slice requests is written
     # Chunks planned by SenderSide._drain_now that need transport writes: the drain task's first.
-    handoff: tuple[list[Chunk], list[tuple[ReceiverRequest, WriteOps]]] | None = None
+    handoff: tuple[list[Chunk], list[tuple[ReceiverRequest, Plan]]] | None = None
     src_tokens: list[np.ndarray] = field(default_factory=list)  # room tokens so far (staged path)
     src_token_count: int = 0
 

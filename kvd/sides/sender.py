@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -22,23 +22,32 @@ from kvd.core.inline import pack_ops
 from kvd.core.layout import LayoutError
 from kvd.core.planner import (
     PlanError,
-    WriteOps,
     check_ops_within,
     expand_pages_to_tokens,
     pages_to_tokens,
 )
 from kvd.core.rooms import Deadlines, RoomInput, RoomMachine, RoomState, TransferPath
+from kvd.core.rows import Plan, RowBatch, check_rows_within, join_plans, plan_slice
 from kvd.mem.pools import LocalPool, RemotePool, check_page_indices
 from kvd.sides.context import RoomContext
 from kvd.sides.lifecycle import SideBase, room_event
 from kvd.sides.pairing import Pairings
 from kvd.sides.records import Chunk, ReceiverRequest, SenderRoom
 from kvd.sides.staged_send import StagedSender
-from kvd.transfer.base import TransportError
+from kvd.transfer.base import TransportError, write_plan
 from kvd.wire import engine as we
 from kvd.wire import peer as wp
 
 log = structlog.get_logger("kvd.sender")
+
+
+@dataclass
+class _InFlight:
+    """A batch being written while the next one is planned."""
+
+    writes: asyncio.Future[list[None]]
+    batch: list[tuple[ReceiverRequest, Plan]]
+    chunks: list[Chunk]
 
 
 class SenderSide(SideBase[SenderRoom]):
@@ -91,6 +100,7 @@ class SenderSide(SideBase[SenderRoom]):
         if sr.got_last:
             raise PlanError(f"room {msg.room} already got its last chunk")
         sr.chunks.append(Chunk(msg.pages, msg.is_last, msg.aux))
+        log.debug("chunk_in", room=msg.room, pages=len(msg.pages), is_last=msg.is_last)
         sr.got_last = msg.is_last
         sr.src_tokens.append(pages_to_tokens(msg.pages, pool.layout.page_size))
         sr.src_token_count += len(msg.pages) * pool.layout.page_size
@@ -226,13 +236,13 @@ class SenderSide(SideBase[SenderRoom]):
                 self.ctx.spawn(self._drain(sr), f"drain-{sr.room}")
             self.staged_path.start(sr)
 
-    def _plan_batch(self, sr: SenderRoom, chunks: list[Chunk]) -> list[tuple[ReceiverRequest, WriteOps]]:
+    def _plan_batch(self, sr: SenderRoom, chunks: list[Chunk]) -> list[tuple[ReceiverRequest, Plan]]:
         """Every chunk's ops, one batch per receiver (a burst of small chunks: one round trip)."""
-        planned: dict[int, tuple[ReceiverRequest, list[WriteOps]]] = {}
+        planned: dict[int, tuple[ReceiverRequest, list[Plan]]] = {}
         for chunk in chunks:
             for req, ops in self._plan_chunk(sr, chunk):
                 planned.setdefault(id(req), (req, []))[1].append(ops)
-        return [(req, WriteOps.concat(parts)) for req, parts in planned.values()]
+        return [(req, join_plans(parts)) for req, parts in planned.values()]
 
     def _drain_now(self, sr: SenderRoom) -> bool:
         """Chunks whose every write goes inline are done here, with no task, lock or await (a
@@ -264,10 +274,20 @@ class SenderSide(SideBase[SenderRoom]):
 
     async def _drain(self, sr: SenderRoom) -> None:
         """Write every chunk that is ready (a batch :meth:`_drain_now` handed over first): one
-        batch per receiver, receivers in parallel."""
+        batch per receiver, receivers in parallel. The next batch is planned while the last one
+        is still being written (planning a long chunk costs about as much as copying it on one
+        machine), but batches land one after the other, all under the room's lock."""
         async with sr.lock:
-            while (sr.handoff is not None or sr.chunks) and not sr.machine.state.final:
-                batch: list[tuple[ReceiverRequest, WriteOps]] | None = None
+            in_flight: _InFlight | None = None
+            while not sr.machine.state.final:
+                if sr.handoff is None and not sr.chunks:
+                    if in_flight is None:
+                        return
+                    landed, in_flight = in_flight, None  # chunks that come meanwhile: next round
+                    if not await self._land(sr, landed):
+                        return
+                    continue
+                batch: list[tuple[ReceiverRequest, Plan]] | None = None
                 if sr.handoff is not None:
                     (chunks, batch), sr.handoff = sr.handoff, None
                     # Planned before this task held the lock: a receiver that aborted meanwhile
@@ -275,29 +295,54 @@ class SenderSide(SideBase[SenderRoom]):
                     batch = [(req, ops) for req, ops in batch if not req.aborted]
                 else:
                     chunks, sr.chunks = sr.chunks, []
+                t0 = self.ctx.now()
                 try:
                     if batch is None:
                         batch = self._plan_batch(sr, chunks)
-                    writes = []
-                    for req, ops in batch:
-                        if self._fits_inline(sr, req, ops):
-                            self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
-                        else:
-                            writes.append(self._write(sr, req, ops))
-                    if writes:
-                        await asyncio.gather(*writes)
-                except (PlanError, TransportError) as exc:
-                    if isinstance(exc, TransportError):
-                        for req, _ in batch or []:  # a failed batch's bytes may still be in flight
-                            req.unsure = True
-                    self.ctx.count_error("transport" if isinstance(exc, TransportError) else "plan")
+                except PlanError as exc:
+                    if in_flight is not None:
+                        await self._land(sr, in_flight)
+                    self.ctx.count_error("plan")
                     self.fail(sr, str(exc))
                     return
-                self._batch_done(sr, chunks)
+                log.debug("drain_batch", room=sr.room, chunks=len(chunks), planned=batch is not None,
+                          plan_s=round(self.ctx.now() - t0, 6))
+                if in_flight is not None:  # batches land in order: the last one first
+                    landed, in_flight = in_flight, None
+                    if not await self._land(sr, landed):
+                        return
+                    batch = [(req, ops) for req, ops in batch if not req.aborted]
+                writes = []
+                for req, ops in batch:
+                    if self._fits_inline(sr, req, ops):
+                        self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
+                    else:
+                        writes.append(self._write(sr, req, ops))
+                if not writes:
+                    self._batch_done(sr, chunks)
+                    continue
+                in_flight = _InFlight(asyncio.gather(*writes), batch, chunks)
+            if in_flight is not None:  # the room ended meanwhile: its last batch still lands or fails
+                await self._land(sr, in_flight)
 
-    async def _write(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps) -> None:
+    async def _land(self, sr: SenderRoom, in_flight: _InFlight) -> bool:
+        """Wait for a batch's writes; a failure fails the room (its bytes may still be in flight)."""
+        try:
+            await in_flight.writes
+        except TransportError as exc:
+            for req, _ in in_flight.batch:
+                req.unsure = True
+            self.ctx.count_error("transport")
+            self.fail(sr, str(exc))
+            return False
+        if sr.machine.state.final:
+            return False
+        self._batch_done(sr, in_flight.chunks)
+        return True
+
+    async def _write(self, sr: SenderRoom, req: ReceiverRequest, ops: Plan) -> None:
         t0 = self.ctx.now()
-        result = await self.ctx.transport.write(req.remote.session_id, ops.src, ops.dst, ops.length)
+        result = await write_plan(self.ctx.transport, req.remote.session_id, ops)
         # debug: where a room's time goes (issue 14: the per-room cost beside the copy itself)
         log.debug("direct_write", room=sr.room, rank=sr.pool.layout.tp_rank, ops=len(ops), bytes=result.nbytes,
                   copy_s=round(result.seconds, 6), wall_s=round(self.ctx.now() - t0, 6))
@@ -306,7 +351,7 @@ class SenderSide(SideBase[SenderRoom]):
         req.bytes_written += result.nbytes
         self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=False))
 
-    def _fits_inline(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps) -> bool:
+    def _fits_inline(self, sr: SenderRoom, req: ReceiverRequest, ops: Plan) -> bool:
         """Host to host, and no more bytes than both daemons allow: the bytes go in the status."""
         limit = min(req.msg.inline_max_bytes, self.ctx.config.inline_limit)
         # The ops ride along (16 bytes each): they count, so the message stays under the limit.
@@ -314,9 +359,10 @@ class SenderSide(SideBase[SenderRoom]):
         return (data > 0 and data + 16 * len(ops) <= limit and sr.pool.layout.memory_kind == "host"
                 and req.remote.layout.memory_kind == "host")
 
-    def _write_inline(self, sr: SenderRoom, req: ReceiverRequest, ops: WriteOps, *, hold: bool) -> None:
+    def _write_inline(self, sr: SenderRoom, req: ReceiverRequest, plan: Plan, *, hold: bool) -> None:
         """Copy the (bounds-checked) source bytes into a status; the last batch's status is the
         final one, so a one-chunk room costs one message and no transport write."""
+        ops = plan.ops() if isinstance(plan, RowBatch) else plan
         data = b"".join([ctypes.string_at(src, n) for src, n in zip(ops.src.tolist(), ops.length.tolist(), strict=True)])
         req.inline_ops, req.inline_data = pack_ops(ops), data
         sr.bytes_done += len(data)
@@ -325,7 +371,7 @@ class SenderSide(SideBase[SenderRoom]):
         if not hold:
             self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=False))
 
-    def _plan_chunk(self, sr: SenderRoom, chunk: Chunk) -> list[tuple[ReceiverRequest, WriteOps]]:
+    def _plan_chunk(self, sr: SenderRoom, chunk: Chunk) -> list[tuple[ReceiverRequest, Plan]]:
         """Write ops of one chunk for every live receiver, bounds-checked on both sides."""
         local = sr.pool.layout
         src_tokens = pages_to_tokens(chunk.pages, local.page_size)
@@ -354,9 +400,13 @@ class SenderSide(SideBase[SenderRoom]):
             if chunk.is_last and req.dst_cursor != len(dst_all):
                 raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
                                 f"{len(dst_all)} {'tokens' if req.msg.enable_hisparse else 'pages'} unwritten")
-            ops = WriteOps.concat([planner.plan(src, dst) for planner in req.planners])
-            check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
-            check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
+            ops = join_plans(plan_slice(planner, src, dst) for planner in req.planners)
+            if isinstance(ops, RowBatch):  # a strided slice: spans checked, never expanded here
+                check_rows_within(ops, req.remote.regions(), f"write into {req.remote.key}")
+                check_rows_within(ops, sr.pool.regions(), "read from the local pool", side="src")
+            else:
+                check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
+                check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
             out.append((req, ops))
         return out
 

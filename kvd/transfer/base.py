@@ -9,11 +9,13 @@ here into memory a peer registered with its own transport, named by the peer's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["BatchResult", "Transport", "TransportError"]
+from kvd.core.rows import Plan, RowBatch
+
+__all__ = ["BatchResult", "RowWriter", "Transport", "TransportError", "write_plan"]
 
 
 class TransportError(RuntimeError):
@@ -55,3 +57,22 @@ class Transport(Protocol):
     def close(self) -> None:
         """Unregister everything and stop; no write may follow."""
         ...
+
+
+@runtime_checkable
+class RowWriter(Protocol):
+    """A transport that can move a :class:`~kvd.core.rows.RowBatch` without expanding it
+    (the same-node path: one copy kernel from our pool into the peer's mapped pool)."""
+
+    async def write_rows(self, peer_session: str, batch: RowBatch) -> BatchResult:
+        """Like :meth:`Transport.write` for every row of ``batch``; never partial on success."""
+        ...
+
+
+async def write_plan(transport: Transport, peer_session: str, plan: Plan) -> BatchResult:
+    """Write a sender's plan: row copies to a transport that takes them whole, else as ops."""
+    if isinstance(plan, RowBatch):
+        if isinstance(transport, RowWriter):
+            return await transport.write_rows(peer_session, plan)
+        plan = plan.ops()
+    return await transport.write(peer_session, plan.src, plan.dst, plan.length)

@@ -31,7 +31,8 @@ import numpy as np
 
 from kvd.transfer.base import TransportError
 
-__all__ = ["Cuda", "ExportedRegion", "IpcEndpoint", "IpcPeer", "boot_id", "cuda", "endpoint_name"]
+__all__ = ["Cuda", "ExportedRegion", "IpcEndpoint", "IpcPeer", "boot_id", "cuda", "endpoint_name",
+           "endpoint_reachable"]
 
 _MEMORYTYPE_DEVICE = 2
 _ATTR_MEMORY_TYPE = 2
@@ -54,6 +55,21 @@ def boot_id() -> str:
 def endpoint_name(session_id: str) -> bytes:
     """The abstract socket a transport with this session id serves its regions on."""
     return b"\0kvd-ipc/" + session_id.encode()
+
+
+def endpoint_reachable(session_id: str) -> bool:
+    """Whether a same-node endpoint serves ``session_id`` here: a non-blocking connect to its
+    abstract socket (those exist only in this machine's network namespace). Never waits."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect(endpoint_name(session_id))
+        s.send(b"G")  # the endpoint's cheapest question; the answer is not awaited
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 class Cuda:

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from kvd.transfer.base import BatchResult, Transport, TransportError
-from kvd.transfer.cudaipc import ExportedRegion, IpcEndpoint, IpcPeer, cuda, inside
+from kvd.core.rows import RowBatch, RowCopy
+from kvd.transfer.base import BatchResult, RowWriter, Transport, TransportError
+from kvd.transfer.cudaipc import ExportedRegion, IpcEndpoint, IpcPeer, cuda, endpoint_reachable, inside
 
 __all__ = ["PeerPath", "SameNodeTransport", "with_endpoint"]
 
@@ -48,7 +49,8 @@ class PeerPath:
 
     path: str  # "local", "cuda_ipc" or "network"
     reason: str
-    batches: dict[str, int] = field(default_factory=lambda: {"same_node": 0, "network": 0})
+    # "one_pass": same-node batches of row copies (a head slice straight into the peer's pool)
+    batches: dict[str, int] = field(default_factory=lambda: {"same_node": 0, "one_pass": 0, "network": 0})
     bytes: dict[str, int] = field(default_factory=lambda: {"same_node": 0, "network": 0})
     seconds: dict[str, float] = field(default_factory=lambda: {"same_node": 0.0, "network": 0.0})
     fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> batches sent over the network
@@ -120,6 +122,18 @@ class SameNodeTransport:
     def same_node(self) -> str:
         """'cuda_ipc' when peers on this machine can get the same-node path, else 'off: <reason>'."""
         return f"off: {self.disabled}" if self.disabled else "cuda_ipc"
+
+    def reaches_peer(self, peer_session: str) -> bool:
+        """Whether ``peer_session`` is on this machine with its same-node endpoint up (its GPU
+        memory can be opened here): such a peer can take row copies in one pass."""
+        return not self.disabled and (peer_session == self.session_id or endpoint_reachable(peer_session))
+
+    def device_memory(self, addresses: list[int]) -> bool:
+        """Whether every address lies in device memory this daemon registered and exported."""
+        if self.disabled or not addresses:
+            return False
+        addrs = np.asarray(addresses, dtype=np.int64)
+        return inside(self._device_regions, addrs, np.ones_like(addrs))
 
     def paths(self) -> dict[str, dict[str, Any]]:
         """Per peer session: path, reason, batches and bytes by route, fallbacks by reason."""
@@ -217,6 +231,79 @@ class SameNodeTransport:
         path.seconds["network"] += result.seconds
         return result
 
+    async def write_rows(self, peer_session: str, batch: RowBatch) -> BatchResult:
+        """Row copies (a strided head slice per buffer): on a same-node path one copy kernel from
+        our pool into the peer's opened pool, one pass, no staging; otherwise, or where the
+        memory is not shareable (a counted, logged fallback), the same bytes as network ops."""
+        if len(batch) == 0:
+            return BatchResult(0, 0, 0.0)
+        path = await self._path(peer_session)
+        if path.path != "network":
+            reason = ""
+            if not all(inside(self._device_regions, *part.spans("src")) for part in batch.parts):
+                reason = "row copy source outside this daemon's exported device memory (host memory?)"
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._pool, self._same_node_rows, peer_session, path, batch)
+                if isinstance(result, BatchResult):
+                    path.batches["same_node"] += 1
+                    path.batches["one_pass"] += 1
+                    path.bytes["same_node"] += result.nbytes
+                    path.seconds["same_node"] += result.seconds
+                    return result
+                reason = result
+            self._fallback(peer_session, path, reason)
+        ops = batch.ops()
+        result = await self.network.write(peer_session, ops.src, ops.dst, ops.length)
+        path.batches["network"] += 1
+        path.bytes["network"] += result.nbytes
+        path.seconds["network"] += result.seconds
+        return result
+
+    def _same_node_rows(self, peer_session: str, path: PeerPath, batch: RowBatch) -> BatchResult | str:
+        """The row copies of one batch on the worker: each part's destination spans translated
+        into our mapping of the peer's pool (whole spans, so every row lands inside), then one
+        kernel per part, one stream sync for the batch."""
+        mapped: list[tuple[RowCopy, np.ndarray]] = []
+        try:
+            for part in batch.parts:
+                starts, lengths = part.spans("dst")
+                ours = self._destinations(peer_session, path, starts, lengths)
+                if ours is None:
+                    return f"destination outside the device memory {peer_session} exported (host pool?)"
+                mapped.append((part, part.dst_bases + (ours - starts)))
+        except TransportError as exc:
+            raise TransportError(f"same-node write to {peer_session} refused: {exc}") from exc
+        try:
+            return self._copy_rows(mapped)
+        except TransportError as exc:
+            return f"CUDA row copy failed: {exc}"
+
+    def _copy_rows(self, parts: list[tuple[RowCopy, np.ndarray]]) -> BatchResult:
+        import torch
+        from kvd_kernels.triton_kernels import copy_rows_triton
+
+        c = cuda()
+        device = c.device_of(int(parts[0][0].src_bases[0]))
+        if device is None:
+            raise TransportError(f"source {int(parts[0][0].src_bases[0]):#x} is not device memory")
+        c.use(device)
+        stream = self._stream(device)
+        t0 = time.perf_counter()
+        nbytes = ops = 0
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                for part, dst_bases in parts:
+                    copy_rows_triton(part.src_bases.tolist(), dst_bases.tolist(), part.src_rows, part.dst_rows,
+                                     part.src_stride, part.dst_stride, part.src_offset, part.dst_offset, part.run,
+                                     torch.device("cuda", device))
+                    nbytes += part.total_bytes
+                    ops += len(part)
+            stream.synchronize()
+        except Exception as exc:  # torch / Triton errors
+            raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+        return BatchResult(nbytes, ops, time.perf_counter() - t0)
+
     def _same_node(self, peer_session: str, path: PeerPath, src: np.ndarray, dst: np.ndarray,
                    length: np.ndarray) -> BatchResult | str:
         """One worker-thread hop per batch: fence check, address translation, copy. A str is the
@@ -293,4 +380,8 @@ def with_endpoint(open_session: Callable[[], Transport]) -> Callable[[], Transpo
 
 
 def _conforms(transport: SameNodeTransport) -> Transport:  # checked by mypy: SameNodeTransport is a Transport
+    return transport
+
+
+def _writes_rows(transport: SameNodeTransport) -> RowWriter:  # and it takes row copies whole
     return transport

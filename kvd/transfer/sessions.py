@@ -25,7 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import structlog
 
-from kvd.transfer.base import BatchResult, Transport, TransportError
+from kvd.core.rows import RowBatch
+from kvd.transfer.base import BatchResult, Transport, TransportError, write_plan
 
 log = structlog.get_logger("kvd.transfer")
 
@@ -61,6 +62,10 @@ class SessionedTransport:
     async def write(self, peer_session: str, src: np.ndarray, dst: np.ndarray,
                     length: np.ndarray) -> BatchResult:
         return await self.main.write(peer_session, src, dst, length)
+
+    async def write_rows(self, peer_session: str, batch: RowBatch) -> BatchResult:
+        """Row copies go to the main transport whole where it takes them, else as ops."""
+        return await write_plan(self.main, peer_session, batch)
 
     def close(self) -> None:
         """Close every session and the main transport, at once: each close joins a Mooncake

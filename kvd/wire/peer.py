@@ -140,6 +140,9 @@ class PoolAck(PeerMessage):
     # older peer, whose ring is assumed to hold the receiver's chunks as it always did).
     send_ring_bytes: int = wire(0, since=2)
     incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
+    # The sender daemon reaches this pool on the same machine, GPU to GPU: it can write a
+    # strided head slice straight into it in one pass, so the receiver need not stage.
+    one_pass: bool = wire(False, since=4)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

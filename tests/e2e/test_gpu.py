@@ -29,9 +29,24 @@ def args(**kw) -> argparse.Namespace:
 def test_gpu_staged_byte_exact(prefill_tp, decode_tp, kv_heads):
     from tools.gpu_e2e import run
 
-    r = run(args(prefill_tp=prefill_tp, decode_tp=decode_tp, kv_heads=kv_heads, rooms=2))
+    # Over the network (TCP here): on the same node a hetero room goes in one pass instead.
+    r = run(args(prefill_tp=prefill_tp, decode_tp=decode_tp, kv_heads=kv_heads, rooms=2, same_node="off"))
     assert r["ok"], r["failures"]
     assert set(r["paths"]) == {"staged"} and r["bytes"] > 0
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads", [(4, 1, 8), (1, 4, 8), (2, 4, 8), (4, 2, 2), (1, 4, 2)])
+def test_gpu_same_node_one_pass_byte_exact(prefill_tp, decode_tp, kv_heads):
+    """Same node, staging enabled: each head slice goes straight into the decode pool (row
+    copies over CUDA IPC, no staging), every byte and every canary row checked."""
+    from tools.gpu_e2e import run
+
+    r = run(args(prefill_tp=prefill_tp, decode_tp=decode_tp, kv_heads=kv_heads, rooms=2, same_node="cuda_ipc"))
+    assert r["ok"], r["failures"]
+    assert set(r["paths"]) == {"direct"}, r["paths"]
+    one_pass = sum(p["batches"].get("one_pass", 0) for p in r["path_totals"].values())
+    assert one_pass > 0, r["path_totals"]
+    assert not any("same_node_fallback" in p for p in r["peer_paths"]), r["peer_paths"]
 
 
 def test_gpu_per_slice_path_byte_exact():

@@ -35,8 +35,39 @@ async def test_without_cuda_every_peer_goes_over_the_network_and_says_why() -> N
     assert res.nbytes == 256 and dst.raw == src.raw[:256]
     p = a.paths()["b"]
     assert p["path"] == "network" and "same-node path off" in p["reason"]
-    assert p["batches"] == {"same_node": 0, "network": 1} and p["bytes"]["network"] == 256
+    assert p["batches"] == {"same_node": 0, "one_pass": 0, "network": 1} and p["bytes"]["network"] == 256
     assert a.regions() == [(ctypes.addressof(src), 256)]
+    assert not a.reaches_peer("b") and not a.device_memory([ctypes.addressof(src)])  # no one pass without CUDA
+    a.close()
+    b.close()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="checks the CPU behaviour")
+async def test_row_copies_without_cuda_go_as_the_same_ops_over_the_network() -> None:
+    """A head slice as a row copy (two buffers, four rows of 8-byte rows, 2 bytes at offset 4
+    into 2 bytes at offset 0 of 4-byte rows): the network gets exactly its ops; every other
+    destination byte keeps its sentinel."""
+    from kvd.core.rows import RowBatch, RowCopy
+
+    fabric = MemcpyFabric()
+    a = SameNodeTransport(MemcpyTransport("a", fabric))
+    b = SameNodeTransport(MemcpyTransport("b", fabric))
+    srcs = [ctypes.create_string_buffer(bytes(range(64 * k, 64 * k + 64))) for k in (1, 2)]
+    dsts = [ctypes.create_string_buffer(b"\xa5" * 32) for _ in range(2)]
+    for s in srcs:
+        a.register(ctypes.addressof(s), 64)
+    for d in dsts:
+        b.register(ctypes.addressof(d), 32)
+    rows = RowCopy(np.array([ctypes.addressof(s) for s in srcs]), np.array([ctypes.addressof(d) for d in dsts]),
+                   np.array([7, 0, 3, 5]), np.array([1, 6, 0, 4]), 8, 4, 4, 0, 2)
+    res = await a.write_rows("b", RowBatch((rows,)))
+    assert res.nbytes == 16 and res.ops == 8
+    for s, d in zip(srcs, dsts, strict=True):
+        want = bytearray(b"\xa5" * 32)
+        for sr, dr in ((7, 1), (0, 6), (3, 0), (5, 4)):
+            want[dr * 4:dr * 4 + 2] = s.raw[sr * 8 + 4:sr * 8 + 6]
+        assert d.raw[:32] == bytes(want)
+    assert a.paths()["b"]["batches"]["network"] == 1
     a.close()
     b.close()
 
