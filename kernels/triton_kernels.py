@@ -425,6 +425,7 @@ def _copy_rows_kernel(  # type: ignore[no-untyped-def]
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,  # next power of two >= RUN
     ALIGN: tl.constexpr,  # bytes every run start is a multiple of
+    STREAM: tl.constexpr = False,  # streaming stores and evict-first loads (bytes touched once)
 ):
     """Consecutive programs take consecutive buffers of one row tile (SGLang's grid order)."""
     pid = tl.program_id(0)
@@ -445,8 +446,12 @@ def _copy_rows_kernel(  # type: ignore[no-untyped-def]
         mask = in_batch[:, None]
     else:
         mask = in_batch[:, None] & (cols < RUN)[None, :]
-    data = tl.load(src_ptrs, mask=mask)
-    tl.store(dst_ptrs, data, mask=mask)
+    if STREAM:
+        data = tl.load(src_ptrs, mask=mask, eviction_policy="evict_first")
+        tl.store(dst_ptrs, data, mask=mask, cache_modifier=".cs")
+    else:
+        data = tl.load(src_ptrs, mask=mask)
+        tl.store(dst_ptrs, data, mask=mask)
 
 
 def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_rows: Any, dst_rows: Any,
@@ -476,7 +481,10 @@ def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_row
     align = _alignment([*src_bases, *dst_bases, src_stride, dst_stride, src_offset, dst_offset, run])
     unit = min(align, 4)
     row_units = triton.next_power_of_2(run // unit)
-    tokens = max(1, (block_bytes or 16384) // (row_units * unit))
+    # The staging kernels' sweeps (tools/bench_gpu_kernels.py): a batch that may sit in L2 runs
+    # 16 KiB tiles with 8 warps and no hints; a larger one 4 KiB tiles, 4 warps, streaming.
+    large = num_rows * len(src_bases) * run > SMALL_CHUNK_BYTES
+    tokens = max(1, (block_bytes or (4096 if large else 16384)) // (row_units * unit))
     block_t = max(1, min(triton.next_power_of_2(num_rows), tokens, 1024))
     tiles = triton.cdiv(num_rows, block_t)
     like = torch.empty(0, dtype=_UNIT_DTYPES[unit], device=device)
@@ -484,7 +492,7 @@ def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_row
         _device_table(list(src_bases), device), _device_table(list(dst_bases), device), rows[0], rows[1], like,
         num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit, tiles,
         NUM_BUFFERS=len(src_bases), RUN=run // unit, BLOCK_T=block_t, BLOCK_R=row_units, ALIGN=align,
-        num_warps=8 if block_t * row_units * unit >= 8192 else 4,
+        STREAM=large, num_warps=4 if large or block_t * row_units * unit < 8192 else 8,
     )
     if device.type == "cuda":
         for r in rows:

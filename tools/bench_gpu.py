@@ -165,6 +165,8 @@ E2E = [  # name, prefill TP, decode TP, kv heads, same_node, staged
     ("same-node TP 1->4", 1, 4, 8, "cuda_ipc", True),
     ("same-node TP 2->1", 2, 1, 8, "cuda_ipc", True),
     ("same-node GQA 2 kv heads, TP 4->1", 4, 1, 2, "cuda_ipc", True),
+    ("same-node GQA 2 kv heads, TP 1->4", 1, 4, 2, "cuda_ipc", True),
+    ("same-node TP 4->1, staged (one pass off)", 4, 1, 8, "cuda_ipc", True),
     ("network (TCP) TP 4->1", 4, 1, 8, "off", True),
     ("network (TCP) TP 2->1", 2, 1, 8, "off", True),
 ]
@@ -183,6 +185,7 @@ def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
                                          "--tokens", str(tokens), "--same-node", same, "--timeout", str(timeout),
                                          "--warmup-tokens", "8192"]
                                         + (["--chunk-tokens", "131072"] if "one 128k chunk" in name else [])
+                                        + (["--daemon-flag=--no-transport-one-pass"] if "one pass off" in name else [])
                                         + ([] if staged else ["--no-staging"]))
         a.num_pages = a.rooms * a.tokens // a.page_size + 64
         try:
@@ -196,7 +199,8 @@ def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
             line += f" -> {r['gbps'] / d2d:.3f} of D2D"
             sn = [p for p in r.get("path_totals", {}).values()]
             if sn:
-                line += (f"; same-node batches {sum(p['batches']['same_node'] for p in sn)}, network batches "
+                line += (f"; same-node batches {sum(p['batches']['same_node'] for p in sn)} (one pass "
+                         f"{sum(p['batches'].get('one_pass', 0) for p in sn)}), network batches "
                          f"{sum(p['batches']['network'] for p in sn)}, fallbacks "
                          f"{sum(sum(p['fallbacks'].values()) for p in sn)} (warm-up room included)")
             if r["gather_s"] or r["scatter_s"]:

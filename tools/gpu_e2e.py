@@ -219,6 +219,7 @@ def run(a) -> dict:
     flags += ["--transport-same-node", a.same_node]
     if a.timeline:
         flags += ["--log-level", "debug"]
+    flags += a.daemon_flag
     prefill = start_daemon(tmp, "prefill", *flags)
     decode = start_daemon(tmp, "decode", *flags)
     try:
@@ -314,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--raw", action="store_true", help="also time a raw GPU->GPU Mooncake bulk write")
     ap.add_argument("--warmup-tokens", type=int, default=0,
                     help="tokens of one untimed room before the timed ones (Triton JIT, first handshakes)")
+    ap.add_argument("--daemon-flag", action="append", default=[],
+                    help="extra flag for both daemons (repeatable), e.g. --daemon-flag=--no-transport-one-pass")
     ap.add_argument("--timeline", action="store_true",
                     help="daemons at debug level; print the timed rooms' events in ms from the engines' start")
     ap.add_argument("--same-node", default="cuda_ipc", choices=("cuda_ipc", "off"),

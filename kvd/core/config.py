@@ -360,6 +360,9 @@ FIELDS: tuple[Field, ...] = (
           "RDMA devices, e.g. 'mlx5_0,mlx5_1' (empty = auto-detect)"),
     Field("transport", "same_node", "same_node", _choice("cuda_ipc", "off"),
           "peers on this machine: 'cuda_ipc' (GPU copies between IPC-opened memory) or 'off' (network)"),
+    Field("transport", "one_pass", "one_pass", _bool,
+          "same node, GPU pools, different TP: write each head slice straight into the decode pool "
+          "(one copy kernel) instead of staging (gather, copy, scatter)"),
     Field("transfer", "workers", "workers", _positive_int,
           "threads issuing Mooncake writes"),
     Field("transfer", "queues", "queues", _positive_int,
@@ -435,6 +438,7 @@ class Config:
     protocol: str = "tcp"
     devices: str = ""
     same_node: str = "cuda_ipc"
+    one_pass: bool = True
     workers: int = 4
     queues: int = 4
     max_batch_ops: int = 1024

@@ -425,6 +425,35 @@ class DirectPlanner:
             raise PlanError("dst tokens repeat a token index")
         return src, dst
 
+    def plan_pages(self, src_pages: np.ndarray, dst_pages: np.ndarray) -> WriteOps:
+        """:meth:`plan` for whole rows of whole pages (equal page sizes), on page indices: a page
+        is ``page_size`` consecutive rows on both sides, so runs of pages are runs of tokens and
+        the same ops come out of 1/page_size the work (a long chunk on one machine: planning
+        costs as much as the copy otherwise)."""
+        if not self.full_row or self.sender.page_size != self.receiver.page_size:
+            raise PlanError("page-level planning needs whole rows and equal page sizes")
+        src = _index_array(src_pages, "src pages")
+        dst = _index_array(dst_pages, "dst pages")
+        if src.shape != dst.shape:
+            raise PlanError(f"{src.shape[0]} src pages but {dst.shape[0]} dst pages")
+        if src.size == 0:
+            return WriteOps.empty()
+        for arr, layout, what in ((src, self.sender, "src pages"), (dst, self.receiver, "dst pages")):
+            low, high = int(arr.min()), int(arr.max())
+            if low < 0 or high >= layout.num_pages:
+                raise PlanError(f"{what}: page {low if low < 0 else high} outside [0, {layout.num_pages})")
+        if dst.size > 1 and _repeats(dst):
+            raise PlanError("dst pages repeat a page index")
+        breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+        starts = np.concatenate((np.zeros(1, dtype=np.int64), breaks))
+        run_pages = np.diff(np.append(starts, src.shape[0]))
+        src_off = src[starts] * self.sender.page_bytes
+        dst_off = dst[starts] * self.receiver.page_bytes
+        lengths = run_pages * self.sender.page_bytes
+        return WriteOps((self.sbufs[:, None] + src_off[None, :]).reshape(-1),
+                        (self.rbufs[:, None] + dst_off[None, :]).reshape(-1),
+                        np.tile(lengths, self.sbufs.shape[0]))
+
     def plan(self, src_tokens: np.ndarray, dst_tokens: np.ndarray) -> WriteOps:
         """Write ops moving the head slice of ``src_tokens[i]`` into ``dst_tokens[i]``, every buffer."""
         sender, receiver, head_slice = self.sender, self.receiver, self.head_slice

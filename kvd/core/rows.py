@@ -103,12 +103,34 @@ def check_rows_within(batch: RowBatch, regions: Sequence[tuple[int, int]], what:
         check_ranges_within(addresses, lengths, regions, what)
 
 
+def _merge(copies: Iterable[RowCopy]) -> tuple[RowCopy, ...]:
+    """Copies of the same slice (same buffers, strides, offsets: one planner's chunks) as one
+    copy of all their rows: one kernel launch per batch, not per chunk."""
+    merged: list[list[RowCopy]] = []
+    for c in copies:
+        for group in merged:
+            g = group[0]
+            if (g.src_bases is c.src_bases or np.array_equal(g.src_bases, c.src_bases)) \
+                    and (g.dst_bases is c.dst_bases or np.array_equal(g.dst_bases, c.dst_bases)) \
+                    and (g.src_stride, g.dst_stride, g.src_offset, g.dst_offset, g.run) \
+                    == (c.src_stride, c.dst_stride, c.src_offset, c.dst_offset, c.run):
+                group.append(c)
+                break
+        else:
+            merged.append([c])
+    return tuple(g[0] if len(g) == 1 else RowCopy(g[0].src_bases, g[0].dst_bases,
+                                                  np.concatenate([c.src_rows for c in g]),
+                                                  np.concatenate([c.dst_rows for c in g]),
+                                                  g[0].src_stride, g[0].dst_stride, g[0].src_offset,
+                                                  g[0].dst_offset, g[0].run) for g in merged)
+
+
 def join_plans(parts: Iterable[WriteOps | RowBatch]) -> WriteOps | RowBatch:
     """One batch of several plans for the same receiver: row copies stay rows; ops stay ops,
     coalesced where they continue one another (a mix, which no planner makes, is expanded)."""
     parts = list(parts)
     if parts and all(isinstance(p, RowBatch) for p in parts):
-        return RowBatch(tuple(c for p in parts if isinstance(p, RowBatch) for c in p.parts))
+        return RowBatch(_merge(c for p in parts if isinstance(p, RowBatch) for c in p.parts))
     if len(parts) == 1 and isinstance(parts[0], WriteOps):
         return parts[0]
     return coalesce(WriteOps.concat(p.ops() if isinstance(p, RowBatch) else p for p in parts))

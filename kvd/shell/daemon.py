@@ -318,8 +318,9 @@ class Daemon:
             same_node = await loop.run_in_executor(None, SameNodeTransport, main, c.workers)
             main = same_node
             sessions = with_endpoint(open_session)  # receive sessions answer same-node peers too
-            self.directory.same_node_peer = same_node.reaches_peer  # one-pass head slices (PoolAck)
-            self.directory.device_memory = same_node.device_memory
+            if c.one_pass:  # head slices straight into a same-node decode pool (PoolAck.one_pass)
+                self.directory.same_node_peer = same_node.reaches_peer
+                self.directory.device_memory = same_node.device_memory
         self._transport = SessionedTransport(main, sessions)
         # Supervision and healing: the peer loop and housekeeping feed the watchdog; a peer's new
         # incarnation drops what its old one told us; a dropped prefill pool leaves its directory.

@@ -95,6 +95,8 @@ class SenderRoom:
     direct_done: bool = False  # every chunk of the per-slice requests is written
     # Chunks planned by SenderSide._drain_now that need transport writes: the drain task's first.
     handoff: tuple[list[Chunk], list[tuple[ReceiverRequest, Plan]]] | None = None
+    # Set when a chunk arrives: a drain waiting on a write plans it meanwhile.
+    more: asyncio.Event = field(default_factory=asyncio.Event)
     src_tokens: list[np.ndarray] = field(default_factory=list)  # room tokens so far (staged path)
     src_token_count: int = 0
 

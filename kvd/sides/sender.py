@@ -40,6 +40,9 @@ from kvd.wire import peer as wp
 
 log = structlog.get_logger("kvd.sender")
 
+#: Chunks of more pages than this plan whole-row writes on page indices (kvd.core.planner).
+SMALL_PAGES = 16
+
 
 @dataclass
 class _InFlight:
@@ -100,6 +103,7 @@ class SenderSide(SideBase[SenderRoom]):
         if sr.got_last:
             raise PlanError(f"room {msg.room} already got its last chunk")
         sr.chunks.append(Chunk(msg.pages, msg.is_last, msg.aux))
+        sr.more.set()
         log.debug("chunk_in", room=msg.room, pages=len(msg.pages), is_last=msg.is_last)
         sr.got_last = msg.is_last
         sr.src_tokens.append(pages_to_tokens(msg.pages, pool.layout.page_size))
@@ -283,7 +287,16 @@ class SenderSide(SideBase[SenderRoom]):
                 if sr.handoff is None and not sr.chunks:
                     if in_flight is None:
                         return
-                    landed, in_flight = in_flight, None  # chunks that come meanwhile: next round
+                    # Wait for the write, or for a chunk to plan while the write goes on.
+                    sr.more.clear()
+                    more = asyncio.ensure_future(sr.more.wait())
+                    try:
+                        await asyncio.wait((in_flight.writes, more), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        more.cancel()
+                    if not in_flight.writes.done():
+                        continue
+                    landed, in_flight = in_flight, None
                     if not await self._land(sr, landed):
                         return
                     continue
@@ -394,21 +407,37 @@ class SenderSide(SideBase[SenderRoom]):
                 if start + len(chunk.pages) > len(dst_all):
                     raise PlanError(f"sender sent {start + len(chunk.pages)} pages, the receiver asked "
                                     f"for {len(dst_all)}")
-                dst = pages_to_tokens(dst_all[start:start + len(chunk.pages)], req.remote.layout.page_size)
-                src = src_tokens
+                dst_pages = dst_all[start:start + len(chunk.pages)]
                 req.dst_cursor += len(chunk.pages)
+                if len(chunk.pages) > SMALL_PAGES and all(
+                        p.full_row and p.sender.page_size == p.receiver.page_size for p in req.planners):
+                    pages_plan = [p.plan_pages(chunk.pages, dst_pages) for p in req.planners]
+                    if chunk.is_last and req.dst_cursor != len(dst_all):
+                        raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
+                                        f"{len(dst_all)} pages unwritten")
+                    ops = join_plans(pages_plan)
+                    self._check_plan(sr, req, ops)
+                    out.append((req, ops))
+                    continue
+                dst = pages_to_tokens(dst_pages, req.remote.layout.page_size)
+                src = src_tokens
             if chunk.is_last and req.dst_cursor != len(dst_all):
                 raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
                                 f"{len(dst_all)} {'tokens' if req.msg.enable_hisparse else 'pages'} unwritten")
             ops = join_plans(plan_slice(planner, src, dst) for planner in req.planners)
-            if isinstance(ops, RowBatch):  # a strided slice: spans checked, never expanded here
-                check_rows_within(ops, req.remote.regions(), f"write into {req.remote.key}")
-                check_rows_within(ops, sr.pool.regions(), "read from the local pool", side="src")
-            else:
-                check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
-                check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
+            self._check_plan(sr, req, ops)
             out.append((req, ops))
         return out
+
+    @staticmethod
+    def _check_plan(sr: SenderRoom, req: ReceiverRequest, ops: Plan) -> None:
+        """Every byte read from our pool and written into the receiver's announced one."""
+        if isinstance(ops, RowBatch):  # a strided slice: spans checked, never expanded here
+            check_rows_within(ops, req.remote.regions(), f"write into {req.remote.key}")
+            check_rows_within(ops, sr.pool.regions(), "read from the local pool", side="src")
+        else:
+            check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
+            check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
 
     # --- endings ------------------------------------------------------------------------
     def maybe_complete(self, sr: SenderRoom) -> None:

@@ -62,7 +62,7 @@ def test_bad_row_copies_are_refused() -> None:
 def test_join_keeps_rows_whole_and_ops_as_ops() -> None:
     a, b = _copy([1]), _copy([2])
     joined = join_plans([a, b])
-    assert isinstance(joined, RowBatch) and len(joined.parts) == 2 and len(joined) == 4
+    assert isinstance(joined, RowBatch) and len(joined.parts) == 1 and len(joined) == 4  # one slice: merged
     ops = WriteOps(np.array([1]), np.array([2]), np.array([3]))
     mixed = join_plans([ops, a])
     assert isinstance(mixed, WriteOps) and len(mixed) == 3
@@ -81,3 +81,38 @@ def test_coalesce_joins_runs_that_continue_each_other_only() -> None:
     joined = join_plans([WriteOps(np.array([0]), np.array([10]), np.array([5])),
                          WriteOps(np.array([5]), np.array([15]), np.array([5]))])
     assert isinstance(joined, WriteOps) and joined.src.tolist() == [0] and joined.length.tolist() == [10]
+
+
+def test_chunks_of_one_slice_merge_into_one_copy() -> None:
+    a, b = _copy([1, 2]), _copy([7])
+    other = RowBatch((RowCopy(np.array([1000, 1100]), np.array([1000, 1100]), np.array([4]), np.array([4]),
+                              10, 10, 6, 6, 4),))  # another head offset: its own copy
+    joined = join_plans([a, b, other])
+    assert isinstance(joined, RowBatch) and len(joined.parts) == 2
+    assert joined.parts[0].src_rows.tolist() == [1, 2, 7] and len(joined) == 8
+    ops = joined.ops()
+    want = WriteOps.concat([a.ops(), b.ops(), other.ops()])
+    assert sorted(zip(ops.src.tolist(), ops.dst.tolist(), ops.length.tolist(), strict=True)) == \
+        sorted(zip(want.src.tolist(), want.dst.tolist(), want.length.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_page_level_plan_is_the_token_plan(page_size: int) -> None:
+    from kvd.core.planner import pages_to_tokens
+
+    s = PoolLayout("P", "prefill", 2, 1, 3, 8, 16, "bfloat16", page_size, 64)
+    r = PoolLayout("D", "decode", 2, 1, 3, 8, 16, "bfloat16", page_size, 64)
+    sbufs = [(1 << 30) + i * s.buffer_bytes for i in range(s.num_buffers)]
+    rbufs = [(1 << 34) + i * r.buffer_bytes for i in range(r.num_buffers)]
+    planner = DirectPlanner(s, sbufs, r, rbufs, map_layouts(s, r).slices_between(1, 1)[0])
+    src = np.array([3, 4, 5, 9, 10, 40, 41, 42, 43])
+    dst = np.array([7, 8, 20, 21, 22, 0, 1, 2, 3])
+    want = planner.plan(pages_to_tokens(src, page_size), pages_to_tokens(dst, page_size))
+    got = planner.plan_pages(src, dst)
+    assert np.array_equal(got.src, want.src) and np.array_equal(got.dst, want.dst)
+    assert np.array_equal(got.length, want.length)
+    for bad in (np.array([64]), np.array([-1])):
+        with pytest.raises(PlanError):
+            planner.plan_pages(bad, np.array([0]))
+    with pytest.raises(PlanError):
+        planner.plan_pages(np.array([1, 2]), np.array([5, 5]))
