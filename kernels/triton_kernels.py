@@ -411,10 +411,10 @@ def copy_ops_triton(src: Sequence[int] | Any, dst: Sequence[int] | Any, length: 
 def _copy_rows_kernel(  # type: ignore[no-untyped-def]
     src_table,  # *i64 [B]: byte address of each source buffer
     dst_table,  # *i64 [B]: byte address of each destination buffer
-    src_rows,  # *i64 [T]
-    dst_rows,  # *i64 [T]
+    src_rows,  # *i64 [N]: row indices (each PAGE consecutive token rows)
+    dst_rows,  # *i64 [N]
     like,  # *unit: gives the element type
-    num_rows,  # T
+    num_rows,  # T = N * PAGE token rows
     src_stride,  # units between source rows
     dst_stride,
     src_offset,  # units into a source row
@@ -426,6 +426,7 @@ def _copy_rows_kernel(  # type: ignore[no-untyped-def]
     BLOCK_R: tl.constexpr,  # next power of two >= RUN
     ALIGN: tl.constexpr,  # bytes every run start is a multiple of
     STREAM: tl.constexpr = False,  # streaming stores and evict-first loads (bytes touched once)
+    PAGE: tl.constexpr = 1,  # token rows per index
 ):
     """Consecutive programs take consecutive buffers of one row tile (SGLang's grid order)."""
     pid = tl.program_id(0)
@@ -433,8 +434,14 @@ def _copy_rows_kernel(  # type: ignore[no-untyped-def]
     buf = pid % NUM_BUFFERS
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     in_batch = t < num_rows
-    s_row = tl.load(src_rows + t, mask=in_batch, other=0).to(tl.int64)
-    d_row = tl.load(dst_rows + t, mask=in_batch, other=0).to(tl.int64)
+    if PAGE == 1:
+        s_row = tl.load(src_rows + t, mask=in_batch, other=0).to(tl.int64)
+        d_row = tl.load(dst_rows + t, mask=in_batch, other=0).to(tl.int64)
+    else:
+        idx = t // PAGE
+        within = (t % PAGE).to(tl.int64)
+        s_row = tl.load(src_rows + idx, mask=in_batch, other=0).to(tl.int64) * PAGE + within
+        d_row = tl.load(dst_rows + idx, mask=in_batch, other=0).to(tl.int64) * PAGE + within
     src = tl.load(src_table + buf).to(tl.pointer_type(like.dtype.element_ty))
     dst = tl.load(dst_table + buf).to(tl.pointer_type(like.dtype.element_ty))
     cols = tl.arange(0, BLOCK_R)
@@ -456,10 +463,11 @@ def _copy_rows_kernel(  # type: ignore[no-untyped-def]
 
 def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_rows: Any, dst_rows: Any,
                      src_stride: int, dst_stride: int, src_offset: int, dst_offset: int, run: int,
-                     device: torch.device, block_bytes: int = 0) -> None:
+                     device: torch.device, block_bytes: int = 0, rows_per_index: int = 1) -> None:
     """For every buffer ``b`` and row ``i``: copy ``run`` bytes from ``src_bases[b] + src_rows[i] *
     src_stride + src_offset`` to ``dst_bases[b] + dst_rows[i] * dst_stride + dst_offset``, in one
-    launch on the current stream (asynchronous). Addresses are device memory this process can
+    launch on the current stream (asynchronous). With ``rows_per_index`` k > 1 each index ``p``
+    stands for the k rows ``p*k .. p*k+k-1`` on both sides (pages). Addresses are device memory this process can
     reach (its own, CUDA-IPC-opened, or a peer GPU's with peer access); rows are int64 arrays
     (host: uploaded here; or tensors on ``device``). The caller has checked every span."""
     import numpy as np
@@ -475,7 +483,7 @@ def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_row
             rows.append(host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host)
     if rows[0].numel() != rows[1].numel():
         raise ValueError(f"{rows[0].numel()} source rows but {rows[1].numel()} destination rows")
-    num_rows = rows[0].numel()
+    num_rows = rows[0].numel() * rows_per_index
     if num_rows == 0 or not src_bases:
         return
     align = _alignment([*src_bases, *dst_bases, src_stride, dst_stride, src_offset, dst_offset, run])
@@ -492,7 +500,7 @@ def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_row
         _device_table(list(src_bases), device), _device_table(list(dst_bases), device), rows[0], rows[1], like,
         num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit, tiles,
         NUM_BUFFERS=len(src_bases), RUN=run // unit, BLOCK_T=block_t, BLOCK_R=row_units, ALIGN=align,
-        STREAM=large, num_warps=4 if large or block_t * row_units * unit < 8192 else 8,
+        STREAM=large, PAGE=rows_per_index, num_warps=4 if large or block_t * row_units * unit < 8192 else 8,
     )
     if device.type == "cuda":
         for r in rows:

@@ -430,20 +430,11 @@ class DirectPlanner:
         is ``page_size`` consecutive rows on both sides, so runs of pages are runs of tokens and
         the same ops come out of 1/page_size the work (a long chunk on one machine: planning
         costs as much as the copy otherwise)."""
-        if not self.full_row or self.sender.page_size != self.receiver.page_size:
-            raise PlanError("page-level planning needs whole rows and equal page sizes")
-        src = _index_array(src_pages, "src pages")
-        dst = _index_array(dst_pages, "dst pages")
-        if src.shape != dst.shape:
-            raise PlanError(f"{src.shape[0]} src pages but {dst.shape[0]} dst pages")
+        if not self.full_row:
+            raise PlanError("page-level ops need whole rows")
+        src, dst = self.checked_pages(src_pages, dst_pages)
         if src.size == 0:
             return WriteOps.empty()
-        for arr, layout, what in ((src, self.sender, "src pages"), (dst, self.receiver, "dst pages")):
-            low, high = int(arr.min()), int(arr.max())
-            if low < 0 or high >= layout.num_pages:
-                raise PlanError(f"{what}: page {low if low < 0 else high} outside [0, {layout.num_pages})")
-        if dst.size > 1 and _repeats(dst):
-            raise PlanError("dst pages repeat a page index")
         breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
         starts = np.concatenate((np.zeros(1, dtype=np.int64), breaks))
         run_pages = np.diff(np.append(starts, src.shape[0]))
@@ -453,6 +444,23 @@ class DirectPlanner:
         return WriteOps((self.sbufs[:, None] + src_off[None, :]).reshape(-1),
                         (self.rbufs[:, None] + dst_off[None, :]).reshape(-1),
                         np.tile(lengths, self.sbufs.shape[0]))
+
+    def checked_pages(self, src_pages: np.ndarray, dst_pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`checked_tokens` for page indices (equal page sizes on both sides)."""
+        if self.sender.page_size != self.receiver.page_size:
+            raise PlanError("page-level planning needs equal page sizes")
+        src = _index_array(src_pages, "src pages")
+        dst = _index_array(dst_pages, "dst pages")
+        if src.shape != dst.shape:
+            raise PlanError(f"{src.shape[0]} src pages but {dst.shape[0]} dst pages")
+        for arr, layout, what in ((src, self.sender, "src pages"), (dst, self.receiver, "dst pages")):
+            if arr.size:
+                low, high = int(arr.min()), int(arr.max())
+                if low < 0 or high >= layout.num_pages:
+                    raise PlanError(f"{what}: page {low if low < 0 else high} outside [0, {layout.num_pages})")
+        if dst.size > 1 and _repeats(dst):
+            raise PlanError("dst pages repeat a page index")
+        return src, dst
 
     def plan(self, src_tokens: np.ndarray, dst_tokens: np.ndarray) -> WriteOps:
         """Write ops moving the head slice of ``src_tokens[i]`` into ``dst_tokens[i]``, every buffer."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from kvd.core.planner import DirectPlanner, PlanError, WriteOps, check_ranges_within, coalesce
 
-__all__ = ["Plan", "RowBatch", "RowCopy", "check_rows_within", "join_plans", "plan_slice"]
+__all__ = ["Plan", "RowBatch", "RowCopy", "check_rows_within", "join_plans", "plan_slice", "plan_slice_pages"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,8 +38,13 @@ class RowCopy:
     src_offset: int
     dst_offset: int
     run: int
+    # Token rows per index: 1 (rows are tokens), or the page size (rows are pages, each
+    # ``rows_per_index`` consecutive token rows on both sides: 1/page_size the planning).
+    rows_per_index: int = 1
 
     def __post_init__(self) -> None:
+        if self.rows_per_index < 1:
+            raise PlanError(f"row copy of {self.rows_per_index} rows per index")
         if self.src_bases.shape != self.dst_bases.shape or self.src_rows.shape != self.dst_rows.shape:
             raise PlanError(f"row copy of unequal shapes: {self.src_bases.shape[0]} / {self.dst_bases.shape[0]} "
                             f"buffers, {self.src_rows.shape[0]} / {self.dst_rows.shape[0]} rows")
@@ -49,7 +54,15 @@ class RowCopy:
                             f"rows of {self.src_stride}/{self.dst_stride} bytes")
 
     def __len__(self) -> int:
-        return int(self.src_bases.shape[0] * self.src_rows.shape[0])
+        return int(self.src_bases.shape[0] * self.src_rows.shape[0] * self.rows_per_index)
+
+    def token_rows(self, side: str) -> np.ndarray:
+        """The token rows of ``side`` ("src" or "dst"), one per op of a buffer."""
+        idx = self.src_rows if side == "src" else self.dst_rows
+        k = self.rows_per_index
+        if k == 1:
+            return idx
+        return (idx[:, None] * k + np.arange(k, dtype=np.int64)[None, :]).reshape(-1)
 
     @property
     def total_bytes(self) -> int:
@@ -57,8 +70,8 @@ class RowCopy:
 
     def ops(self) -> WriteOps:
         """The same copy as per-row ops, grouped by buffer (what the planner made before)."""
-        src_off = self.src_rows * self.src_stride + self.src_offset
-        dst_off = self.dst_rows * self.dst_stride + self.dst_offset
+        src_off = self.token_rows("src") * self.src_stride + self.src_offset
+        dst_off = self.token_rows("dst") * self.dst_stride + self.dst_offset
         return WriteOps((self.src_bases[:, None] + src_off[None, :]).reshape(-1),
                         (self.dst_bases[:, None] + dst_off[None, :]).reshape(-1),
                         np.full(len(self), self.run, dtype=np.int64))
@@ -70,7 +83,8 @@ class RowCopy:
         if rows.size == 0:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty
-        lo, hi = int(rows.min()), int(rows.max())
+        k = self.rows_per_index
+        lo, hi = int(rows.min()) * k, int(rows.max()) * k + k - 1
         if lo < 0:
             raise PlanError(f"row copy: negative {side} row {lo}")
         start = bases + (lo * stride + offset)
@@ -112,8 +126,8 @@ def _merge(copies: Iterable[RowCopy]) -> tuple[RowCopy, ...]:
             g = group[0]
             if (g.src_bases is c.src_bases or np.array_equal(g.src_bases, c.src_bases)) \
                     and (g.dst_bases is c.dst_bases or np.array_equal(g.dst_bases, c.dst_bases)) \
-                    and (g.src_stride, g.dst_stride, g.src_offset, g.dst_offset, g.run) \
-                    == (c.src_stride, c.dst_stride, c.src_offset, c.dst_offset, c.run):
+                    and (g.src_stride, g.dst_stride, g.src_offset, g.dst_offset, g.run, g.rows_per_index) \
+                    == (c.src_stride, c.dst_stride, c.src_offset, c.dst_offset, c.run, c.rows_per_index):
                 group.append(c)
                 break
         else:
@@ -122,7 +136,7 @@ def _merge(copies: Iterable[RowCopy]) -> tuple[RowCopy, ...]:
                                                   np.concatenate([c.src_rows for c in g]),
                                                   np.concatenate([c.dst_rows for c in g]),
                                                   g[0].src_stride, g[0].dst_stride, g[0].src_offset,
-                                                  g[0].dst_offset, g[0].run) for g in merged)
+                                                  g[0].dst_offset, g[0].run, g[0].rows_per_index) for g in merged)
 
 
 def join_plans(parts: Iterable[WriteOps | RowBatch]) -> WriteOps | RowBatch:
@@ -144,10 +158,25 @@ def plan_slice(planner: DirectPlanner, src_tokens: np.ndarray, dst_tokens: np.nd
     src, dst = planner.checked_tokens(src_tokens, dst_tokens)
     if src.size == 0:
         return WriteOps.empty()
+    return _slice_copy(planner, src, dst, 1)
+
+
+def plan_slice_pages(planner: DirectPlanner, src_pages: np.ndarray, dst_pages: np.ndarray) -> Plan:
+    """:func:`plan_slice` on page indices (equal page sizes): whole rows as merged ops, a strided
+    slice as one row copy whose rows are pages."""
+    if planner.full_row:
+        return planner.plan_pages(src_pages, dst_pages)
+    src, dst = planner.checked_pages(src_pages, dst_pages)
+    if src.size == 0:
+        return WriteOps.empty()
+    return _slice_copy(planner, src, dst, planner.sender.page_size)
+
+
+def _slice_copy(planner: DirectPlanner, src: np.ndarray, dst: np.ndarray, rows_per_index: int) -> RowBatch:
     sender, receiver, hs = planner.sender, planner.receiver, planner.head_slice
     return RowBatch((RowCopy(planner.sbufs, planner.rbufs, src, dst, sender.token_bytes, receiver.token_bytes,
                              hs.src_head_offset * sender.head_bytes, hs.dst_head_offset * receiver.head_bytes,
-                             hs.num_heads * sender.head_bytes),))
+                             hs.num_heads * sender.head_bytes, rows_per_index),))
 
 
 #: What the sender writes to one receiver in one batch: ops, or row copies.

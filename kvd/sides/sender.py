@@ -27,7 +27,7 @@ from kvd.core.planner import (
     pages_to_tokens,
 )
 from kvd.core.rooms import Deadlines, RoomInput, RoomMachine, RoomState, TransferPath
-from kvd.core.rows import Plan, RowBatch, check_rows_within, join_plans, plan_slice
+from kvd.core.rows import Plan, RowBatch, check_rows_within, join_plans, plan_slice, plan_slice_pages
 from kvd.mem.pools import LocalPool, RemotePool, check_page_indices
 from kvd.sides.context import RoomContext
 from kvd.sides.lifecycle import SideBase, room_event
@@ -387,7 +387,7 @@ class SenderSide(SideBase[SenderRoom]):
     def _plan_chunk(self, sr: SenderRoom, chunk: Chunk) -> list[tuple[ReceiverRequest, Plan]]:
         """Write ops of one chunk for every live receiver, bounds-checked on both sides."""
         local = sr.pool.layout
-        src_tokens = pages_to_tokens(chunk.pages, local.page_size)
+        src_count = len(chunk.pages) * local.page_size
         sr.src_pages_done += len(chunk.pages)
         out = []
         for req in sr.requests.values():
@@ -397,8 +397,8 @@ class SenderSide(SideBase[SenderRoom]):
             start = req.dst_cursor
             if req.msg.enable_hisparse:
                 remaining = len(dst_all) - start
-                n = min(len(src_tokens), remaining)
-                if remaining <= 0 or (not chunk.is_last and n < len(src_tokens)):
+                n = min(src_count, remaining)
+                if remaining <= 0 or (not chunk.is_last and n < src_count):
                     raise PlanError(f"sender sent more tokens than the receiver's {len(dst_all)}")
                 src = expand_pages_to_tokens(chunk.pages, local.page_size, n)
                 dst = dst_all[start:start + n]
@@ -410,8 +410,8 @@ class SenderSide(SideBase[SenderRoom]):
                 dst_pages = dst_all[start:start + len(chunk.pages)]
                 req.dst_cursor += len(chunk.pages)
                 if len(chunk.pages) > SMALL_PAGES and all(
-                        p.full_row and p.sender.page_size == p.receiver.page_size for p in req.planners):
-                    pages_plan = [p.plan_pages(chunk.pages, dst_pages) for p in req.planners]
+                        p.sender.page_size == p.receiver.page_size for p in req.planners):
+                    pages_plan = [plan_slice_pages(p, chunk.pages, dst_pages) for p in req.planners]
                     if chunk.is_last and req.dst_cursor != len(dst_all):
                         raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
                                         f"{len(dst_all)} pages unwritten")
@@ -420,7 +420,7 @@ class SenderSide(SideBase[SenderRoom]):
                     out.append((req, ops))
                     continue
                 dst = pages_to_tokens(dst_pages, req.remote.layout.page_size)
-                src = src_tokens
+                src = pages_to_tokens(chunk.pages, local.page_size)
             if chunk.is_last and req.dst_cursor != len(dst_all):
                 raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
                                 f"{len(dst_all)} {'tokens' if req.msg.enable_hisparse else 'pages'} unwritten")

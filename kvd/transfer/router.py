@@ -296,7 +296,7 @@ class SameNodeTransport:
                 for part, dst_bases in parts:
                     copy_rows_triton(part.src_bases.tolist(), dst_bases.tolist(), part.src_rows, part.dst_rows,
                                      part.src_stride, part.dst_stride, part.src_offset, part.dst_offset, part.run,
-                                     torch.device("cuda", device))
+                                     torch.device("cuda", device), rows_per_index=part.rows_per_index)
                     nbytes += part.total_bytes
                     ops += len(part)
             stream.synchronize()

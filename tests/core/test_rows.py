@@ -116,3 +116,32 @@ def test_page_level_plan_is_the_token_plan(page_size: int) -> None:
             planner.plan_pages(bad, np.array([0]))
     with pytest.raises(PlanError):
         planner.plan_pages(np.array([1, 2]), np.array([5, 5]))
+
+
+@pytest.mark.parametrize(("sender_tp", "receiver_tp", "kv_heads", "page_size"),
+                         [(4, 1, 8, 4), (1, 4, 8, 16), (2, 4, 2, 2), (4, 2, 8, 1)])
+def test_page_rows_stand_for_the_token_ops(sender_tp: int, receiver_tp: int, kv_heads: int, page_size: int) -> None:
+    from kvd.core.planner import pages_to_tokens
+    from kvd.core.rows import plan_slice_pages
+
+    s = PoolLayout("P", "prefill", sender_tp, 0, 2, kv_heads, 16, "bfloat16", page_size, 40)
+    r = PoolLayout("D", "decode", receiver_tp, 0, 2, kv_heads, 16, "bfloat16", page_size, 40)
+    sbufs = [(1 << 30) + i * s.buffer_bytes for i in range(s.num_buffers)]
+    rbufs = [(1 << 34) + i * r.buffer_bytes for i in range(r.num_buffers)]
+    src, dst = np.array([5, 6, 7, 30, 2]), np.array([39, 0, 1, 2, 20])
+    for hs in map_layouts(s, r).slices_between(0, 0):
+        planner = DirectPlanner(s, sbufs, r, rbufs, hs)
+        want = planner.plan(pages_to_tokens(src, page_size), pages_to_tokens(dst, page_size))
+        got = plan_slice_pages(planner, src, dst)
+        ops = got.ops() if isinstance(got, RowBatch) else got
+        key = sorted(zip(ops.src.tolist(), ops.dst.tolist(), ops.length.tolist(), strict=True))
+        assert key == sorted(zip(want.src.tolist(), want.dst.tolist(), want.length.tolist(), strict=True))
+        if isinstance(got, RowBatch):
+            check_rows_within(got, [(b, r.buffer_bytes) for b in rbufs], "dst")
+            starts, lengths = got.parts[0].spans("dst")  # the span ends at page 39's last row's run
+            assert int((starts + lengths).max()) == max(int(d) + int(n) for d, n in zip(ops.dst, ops.length, strict=True))
+            check_rows_within(got, list(zip(starts.tolist(), lengths.tolist(), strict=True)), "dst")
+            with pytest.raises(PlanError):
+                check_rows_within(got, list(zip(starts.tolist(), (lengths - 1).tolist(), strict=True)), "dst")
+        with pytest.raises(PlanError):
+            plan_slice_pages(planner, np.array([40]), np.array([0]))

@@ -27,30 +27,33 @@ CHECK = textwrap.dedent('''
     from kvd.core.rows import RowCopy
     from kvd_kernels.triton_kernels import copy_rows_triton
 
-    def one(device, buffers, rows, src_heads, dst_heads, src_off, dst_off, n, head_bytes, seed):
+    def one(device, buffers, rows, src_heads, dst_heads, src_off, dst_off, n, head_bytes, seed, page=1):
         gen = np.random.default_rng(seed)
         src_stride, dst_stride = src_heads * head_bytes, dst_heads * head_bytes
-        pool_rows = rows + 7
+        pool_rows = (rows + 7) * page
         srcs = [torch.randint(0, 256, (pool_rows * src_stride,), dtype=torch.uint8, device=device)
                 for _ in range(buffers)]
         dsts = [torch.full((pool_rows * dst_stride,), 0xA5, dtype=torch.uint8, device=device)
                 for _ in range(buffers)]
         want = [d.clone().cpu() for d in dsts]
-        s_rows = gen.choice(pool_rows, rows, replace=False).astype(np.int64)
-        d_rows = gen.choice(pool_rows, rows, replace=False).astype(np.int64)
+        s_rows = gen.choice(pool_rows // page, rows, replace=False).astype(np.int64)
+        d_rows = gen.choice(pool_rows // page, rows, replace=False).astype(np.int64)
         rc = RowCopy(np.array([s.data_ptr() for s in srcs], np.int64), np.array([d.data_ptr() for d in dsts], np.int64),
-                     s_rows, d_rows, src_stride, dst_stride, src_off * head_bytes, dst_off * head_bytes, n * head_bytes)
+                     s_rows, d_rows, src_stride, dst_stride, src_off * head_bytes, dst_off * head_bytes, n * head_bytes,
+                     page)
         # the reference: every op the row copy stands for, on host copies
         host_src = [s.cpu() for s in srcs]
         ops = rc.ops()
+        per_buffer = rows * page
         for b in range(buffers):
-            for i in range(rows):
-                k = b * rows + i
+            for i in range(per_buffer):
+                k = b * per_buffer + i
                 so = int(ops.src[k]) - srcs[b].data_ptr()
                 do = int(ops.dst[k]) - dsts[b].data_ptr()
                 want[b][do:do + int(ops.length[k])] = host_src[b][so:so + int(ops.length[k])]
         copy_rows_triton(rc.src_bases.tolist(), rc.dst_bases.tolist(), rc.src_rows, rc.dst_rows, rc.src_stride,
-                         rc.dst_stride, rc.src_offset, rc.dst_offset, rc.run, torch.device(device))
+                         rc.dst_stride, rc.src_offset, rc.dst_offset, rc.run, torch.device(device),
+                         rows_per_index=rc.rows_per_index)
         if device == "cuda":
             torch.cuda.synchronize()
         return all(torch.equal(d.cpu(), w) for d, w in zip(dsts, want))
@@ -62,8 +65,13 @@ CHECK = textwrap.dedent('''
         "fp8-like 2-byte heads, unaligned offset": (2, 11, 6, 6, 1, 3, 2, 2),
         "one-byte heads": (2, 9, 5, 3, 2, 0, 3, 1),
         "wide 4 KiB runs": (2, 33, 16, 16, 0, 0, 16, 256),
+        "pages of 4 rows, TP4->1": (3, 9, 2, 8, 0, 6, 2, 256, 4),
+        "pages of 16 rows, odd run": (2, 5, 6, 3, 1, 1, 2, 6, 16),
     }
-    print(json.dumps({name: one(device, *args, seed=i) for i, (name, args) in enumerate(cases.items())}))
+    if device == "cuda":  # large enough for the streaming tiles (> 16 MiB)
+        cases["large: 64 buffers x 8192 rows, pages of 16"] = (64, 512, 2, 8, 0, 2, 2, 256, 16)
+    print(json.dumps({name: one(device, *args[:8], seed=i, page=args[8] if len(args) > 8 else 1)
+                      for i, (name, args) in enumerate(cases.items())}))
 ''')
 
 
