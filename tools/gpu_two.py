@@ -62,6 +62,7 @@ class Case:
     same_node: str = "cuda_ipc"  # or "off": the network path (TCP here)
     goal: float = 0.0  # kvd / ceiling wanted (0: comparison only)
     tokens: int = 0  # 0: --tokens
+    one_pass: bool = True  # False: hetero rooms stage (gather on GPU 0, write, scatter on GPU 1)
 
 
 CASES = [
@@ -71,10 +72,11 @@ CASES = [
     Case("TP 1->4", 1, 4, 8, goal=0.8),
     Case("GQA 4->1 (2 kv heads)", 4, 1, 2, goal=0.8),
     Case("GQA 1->4 (2 kv heads)", 1, 4, 2, goal=0.8),
+    Case("TP 4->1 staged (one pass off)", 4, 1, 8, one_pass=False),
     Case("network (TCP) TP 4->1", 4, 1, 8, same_node="off", tokens=32768),
 ]
 DEFAULT_CASES = ["same TP 1->1", "TP 4->1", "TP 1->4", "GQA 4->1 (2 kv heads)", "GQA 1->4 (2 kv heads)",
-                 "network (TCP) TP 4->1"]
+                 "TP 4->1 staged (one pass off)", "network (TCP) TP 4->1"]
 
 # Device-only shim for --peer-access on: chain any other sitecustomize on the path first (the GPU
 # host's own workarounds), then make kvd's driver wrapper enable peer access between all GPUs.
@@ -303,6 +305,8 @@ def run_case(a, case: Case, seq: int, peer_access: bool) -> dict[str, Any]:
              "--timeouts-waiting-s", str(a.timeout), "--timeouts-transfer-s", str(a.timeout),
              "--transfer-workers", str(a.transfer_workers), "--staging-prefetch-chunks", str(a.prefetch_chunks),
              "--transport-same-node", case.same_node]
+    if not case.one_pass:
+        flags.append("--no-transport-one-pass")
     env: dict[str, str] = {}
     if peer_access:
         shim = tmp / "shim"

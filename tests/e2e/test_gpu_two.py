@@ -22,14 +22,16 @@ def _args():
 
 @pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads, path", [
     (1, 1, 8, "direct"),   # same TP: merged runs straight into the decode pool on the other GPU
-    (4, 1, 8, "staged"),   # gather on GPU 0, one write per chunk, scatter on GPU 1
-    (1, 4, 2, "staged"),   # GQA: each decode rank holds a replica of one head
-    (4, 1, 2, "staged"),   # GQA: replicated prefill ranks, dummies
+    (4, 1, 8, "direct"),   # one pass: each head slice straight into the pool on the other GPU
+    (1, 4, 2, "direct"),   # GQA: each decode rank holds a replica of one head
+    (4, 1, 2, "direct"),   # GQA: replicated prefill ranks, dummies
+    (4, 1, 8, "staged"),   # one pass off: gather on GPU 0, one write per chunk, scatter on GPU 1
 ])
 def test_cross_gpu_same_node_byte_exact(prefill_tp, decode_tp, kv_heads, path):
     from tools.gpu_two import Case, run_case
 
-    case = Case(f"{prefill_tp}->{decode_tp} kv {kv_heads}", prefill_tp, decode_tp, kv_heads)
+    case = Case(f"{prefill_tp}->{decode_tp} kv {kv_heads}", prefill_tp, decode_tp, kv_heads,
+                one_pass=path != "staged")
     r = run_case(_args(), case, 1, peer_access=False)
     assert r["ok"], (r.get("error"), r.get("failures"), r.get("prefill_log"), r.get("decode_log"))
     assert set(r["paths"]) == {path}
