@@ -220,8 +220,9 @@ def run(a) -> dict:
     if a.timeline:
         flags += ["--log-level", "debug"]
     flags += a.daemon_flag
-    prefill = start_daemon(tmp, "prefill", *flags)
-    decode = start_daemon(tmp, "decode", *flags)
+    prof = {role: ["--log-profile", str(tmp / f"{role}.prof")] if a.profile else [] for role in ("prefill", "decode")}
+    prefill = start_daemon(tmp, "prefill", *flags, *prof["prefill"])
+    decode = start_daemon(tmp, "decode", *flags, *prof["decode"])
     try:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
@@ -239,6 +240,8 @@ def run(a) -> dict:
     finally:
         prefill.stop()
         decode.stop()
+    if a.profile:
+        _print_profiles(tmp, a.profile)
     peer_paths, totals = _peer_paths(prefill.log())
     timeline = _timeline({"P": prefill.log(), "D": decode.log()}, min(r.t_start for r in reports)) if a.timeline else []
     dec = [r for r in reports if r.role == "decode"]
@@ -251,6 +254,22 @@ def run(a) -> dict:
             "write_ops": pstat["write_ops_total"], "errors": {**pstat["errors"], **dstat["errors"]},
             "failures": [(r.role, r.rank, r.error, r.mismatches[:2]) for r in reports if not r.ok],
             "peer_paths": peer_paths, "path_totals": totals, "timeline": timeline, **kern}
+
+
+def _print_profiles(tmp: Path, top: int) -> None:
+    """Each daemon's event-loop thread, by own time (cProfile, whole run: warm-up included)."""
+    import io
+    import pstats
+
+    for role in ("prefill", "decode"):
+        path = tmp / f"{role}.prof"
+        if not path.exists():
+            print(f"  no profile from the {role} daemon")
+            continue
+        out = io.StringIO()
+        pstats.Stats(str(path), stream=out).sort_stats("tottime").print_stats(top)
+        print(f"--- {role} daemon, event-loop thread, top {top} by own time ---")
+        print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
 
 
 def _timeline(logs: dict[str, str], t0: float) -> list[str]:
@@ -315,6 +334,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--raw", action="store_true", help="also time a raw GPU->GPU Mooncake bulk write")
     ap.add_argument("--warmup-tokens", type=int, default=0,
                     help="tokens of one untimed room before the timed ones (Triton JIT, first handshakes)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="run both daemons' event loops under cProfile and print each one's top N functions")
     ap.add_argument("--daemon-flag", action="append", default=[],
                     help="extra flag for both daemons (repeatable), e.g. --daemon-flag=--no-transport-one-pass")
     ap.add_argument("--timeline", action="store_true",

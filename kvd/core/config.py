@@ -402,6 +402,8 @@ FIELDS: tuple[Field, ...] = (
           "'auto' (console on a TTY, JSON otherwise), 'console' or 'json'"),
     Field("log", "level", "log_level", _log_level,
           "'debug', 'info', 'warning', 'error' or 'critical'"),
+    Field("log", "profile", "log_profile", _str,
+          "a file: the event loop's thread runs under cProfile, stats written there at exit ('' = off)"),
 )  # fmt: skip
 
 _BY_ATTR = {f.attr: f for f in FIELDS}
@@ -458,6 +460,7 @@ class Config:
     metrics_address: str = ""
     log_format: str = "auto"
     log_level: str = "info"
+    log_profile: str = ""
 
     def __post_init__(self) -> None:
         # Validated in the constructor, so a Config built in code is as safe as a loaded one.

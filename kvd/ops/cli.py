@@ -98,11 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     from kvd.shell.peer_auth import TrustError
 
     daemon = Daemon(config)
+    # log.profile: the event loop's thread under cProfile, stats written there at exit (where a
+    # room's time goes on a machine with no py-spy: tools/gpu_e2e.py --profile).
+    profile_path = config.log_profile
+    profiler = None
+    if profile_path:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         run(daemon.serve())
     except (OSError, TrustError) as exc:
         print(f"kvd: cannot start: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
     return 0
 
 
