@@ -97,6 +97,7 @@ class SenderRoom:
     handoff: tuple[list[Chunk], list[tuple[ReceiverRequest, Plan]]] | None = None
     # Set when a chunk arrives: a drain waiting on a write plans it meanwhile.
     more: asyncio.Event = field(default_factory=asyncio.Event)
+    draining: bool = False  # a drain holds the lock and looks for chunks before it lets go
     src_tokens: list[np.ndarray] = field(default_factory=list)  # room tokens so far (staged path)
     src_token_count: int = 0
 

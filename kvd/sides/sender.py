@@ -236,7 +236,7 @@ class SenderSide(SideBase[SenderRoom]):
                 and sr.machine.state is RoomState.BOOTSTRAPPING:
             self.transition(sr, RoomInput.BOOTSTRAPPED)
         if sr.machine.is_live:
-            if sr.chunks and not self._drain_now(sr):
+            if sr.chunks and not self._drain_now(sr) and not sr.draining:
                 self.ctx.spawn(self._drain(sr), f"drain-{sr.room}")
             self.staged_path.start(sr)
 
@@ -282,61 +282,68 @@ class SenderSide(SideBase[SenderRoom]):
         is still being written (planning a long chunk costs about as much as copying it on one
         machine), but batches land one after the other, all under the room's lock."""
         async with sr.lock:
-            in_flight: _InFlight | None = None
-            while not sr.machine.state.final:
-                if sr.handoff is None and not sr.chunks:
-                    if in_flight is None:
-                        return
-                    # Wait for the write, or for a chunk to plan while the write goes on.
-                    sr.more.clear()
-                    more = asyncio.ensure_future(sr.more.wait())
-                    try:
-                        await asyncio.wait((in_flight.writes, more), return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        more.cancel()
-                    if not in_flight.writes.done():
-                        continue
-                    landed, in_flight = in_flight, None
-                    if not await self._land(sr, landed):
-                        return
-                    continue
-                batch: list[tuple[ReceiverRequest, Plan]] | None = None
-                if sr.handoff is not None:
-                    (chunks, batch), sr.handoff = sr.handoff, None
-                    # Planned before this task held the lock: a receiver that aborted meanwhile
-                    # has had its AbortAck (the lock was free), so nothing more may go to it.
-                    batch = [(req, ops) for req, ops in batch if not req.aborted]
-                else:
-                    chunks, sr.chunks = sr.chunks, []
-                t0 = self.ctx.now()
-                try:
-                    if batch is None:
-                        batch = self._plan_batch(sr, chunks)
-                except PlanError as exc:
-                    if in_flight is not None:
-                        await self._land(sr, in_flight)
-                    self.ctx.count_error("plan")
-                    self.fail(sr, str(exc))
+            sr.draining = True
+            try:
+                await self._drain_locked(sr)
+            finally:
+                sr.draining = False
+
+    async def _drain_locked(self, sr: SenderRoom) -> None:
+        in_flight: _InFlight | None = None
+        while not sr.machine.state.final:
+            if sr.handoff is None and not sr.chunks:
+                if in_flight is None:
                     return
-                log.debug("drain_batch", room=sr.room, chunks=len(chunks), planned=batch is not None,
-                          plan_s=round(self.ctx.now() - t0, 6))
-                if in_flight is not None:  # batches land in order: the last one first
-                    landed, in_flight = in_flight, None
-                    if not await self._land(sr, landed):
-                        return
-                    batch = [(req, ops) for req, ops in batch if not req.aborted]
-                writes = []
-                for req, ops in batch:
-                    if self._fits_inline(sr, req, ops):
-                        self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
-                    else:
-                        writes.append(self._write(sr, req, ops))
-                if not writes:
-                    self._batch_done(sr, chunks)
+                # Wait for the write, or for a chunk to plan while the write goes on.
+                sr.more.clear()
+                more = asyncio.ensure_future(sr.more.wait())
+                try:
+                    await asyncio.wait((in_flight.writes, more), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    more.cancel()
+                if not in_flight.writes.done():
                     continue
-                in_flight = _InFlight(asyncio.gather(*writes), batch, chunks)
-            if in_flight is not None:  # the room ended meanwhile: its last batch still lands or fails
-                await self._land(sr, in_flight)
+                landed, in_flight = in_flight, None
+                if not await self._land(sr, landed):
+                    return
+                continue
+            batch: list[tuple[ReceiverRequest, Plan]] | None = None
+            if sr.handoff is not None:
+                (chunks, batch), sr.handoff = sr.handoff, None
+                # Planned before this task held the lock: a receiver that aborted meanwhile
+                # has had its AbortAck (the lock was free), so nothing more may go to it.
+                batch = [(req, ops) for req, ops in batch if not req.aborted]
+            else:
+                chunks, sr.chunks = sr.chunks, []
+            t0 = self.ctx.now()
+            try:
+                if batch is None:
+                    batch = self._plan_batch(sr, chunks)
+            except PlanError as exc:
+                if in_flight is not None:
+                    await self._land(sr, in_flight)
+                self.ctx.count_error("plan")
+                self.fail(sr, str(exc))
+                return
+            log.debug("drain_batch", room=sr.room, chunks=len(chunks), planned=batch is not None,
+                      plan_s=round(self.ctx.now() - t0, 6))
+            if in_flight is not None:  # batches land in order: the last one first
+                landed, in_flight = in_flight, None
+                if not await self._land(sr, landed):
+                    return
+                batch = [(req, ops) for req, ops in batch if not req.aborted]
+            writes = []
+            for req, ops in batch:
+                if self._fits_inline(sr, req, ops):
+                    self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
+                else:
+                    writes.append(self._write(sr, req, ops))
+            if not writes:
+                self._batch_done(sr, chunks)
+                continue
+            in_flight = _InFlight(asyncio.gather(*writes), batch, chunks)
+        if in_flight is not None:  # the room ended meanwhile: its last batch still lands or fails
+            await self._land(sr, in_flight)
 
     async def _land(self, sr: SenderRoom, in_flight: _InFlight) -> bool:
         """Wait for a batch's writes; a failure fails the room (its bytes may still be in flight)."""
