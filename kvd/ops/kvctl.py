@@ -204,7 +204,9 @@ def _paths(daemon: dict[str, Any]) -> list[str]:
         if not isinstance(info, dict):
             continue
         fallbacks = _dict(info.get("fallbacks"))
-        rows.append([_text(session), _text(info.get("path")), _text(info.get("reason")),
+        one_pass = _dict(info.get("batches")).get("one_pass", 0)
+        path = _text(info.get("path")) + (f" (one pass x{one_pass})" if isinstance(one_pass, int) and one_pass else "")
+        rows.append([_text(session), path, _text(info.get("reason")),
                      human_bytes(sum(v for v in _dict(info.get("bytes")).values() if isinstance(v, int))),
                      "; ".join(f"{k} x{v}" for k, v in fallbacks.items()) or "-"])
     if not rows:

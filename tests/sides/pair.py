@@ -186,7 +186,7 @@ class FakeDaemon:
             return None  # never announced there, or its session was revoked since
         stage = self.staging_pool(pool)
         return PoolAccepted(stage is not None and peer._stage is not None,
-                            peer._stage.send_capacity if peer._stage is not None else 0)
+                            peer._stage.send_capacity if peer._stage is not None else 0, self.cluster.one_pass)
 
     async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str,
                             deadline: float | None) -> PoolAccepted:
@@ -197,7 +197,7 @@ class FakeDaemon:
                                                  self.address, staging_base=stage.base if stage else 0,
                                                  staging_bytes=stage.recv_bytes if stage else 0)
         return PoolAccepted(stage is not None and peer._stage is not None,
-                            peer._stage.send_capacity if peer._stage is not None else 0)
+                            peer._stage.send_capacity if peer._stage is not None else 0, self.cluster.one_pass)
 
     def receive_session(self, peer: str) -> str:
         """A memcpy transport of this daemon's memory that only ``peer`` is told about."""
@@ -267,6 +267,7 @@ class Cluster:
                                  "inline_max_bytes": 0} | config))
         self.log: list[Delivery] = []
         self.hold: Callable[[Delivery], bool] = lambda d: False  # True: keep it back
+        self.one_pass = False  # what every sender daemon answers a pool announce (same node, GPU)
         self.held: list[Delivery] = []
         self.keep: list[ArrayPool] = []
 

@@ -213,6 +213,26 @@ async def test_staged_room_goes_chunk_by_chunk_and_frees_its_staging(cluster):
     assert t.decode.receivers.paths
 
 
+async def test_one_pass_answer_skips_staging_and_writes_row_copies(cluster):
+    """Senders that answer one_pass (same node, GPU pools) get a direct request although both
+    sides stage: each head slice goes as one row copy per batch (expanded to ops by the
+    in-memory transport, which cannot run the kernel), every byte and canary checked."""
+    from kvd.core.rooms import TransferPath
+
+    cluster.one_pass = True
+    t = Transfer(cluster, 4, 1, staged=True, pages=12)
+    t.recv()
+    await cluster.settle()
+    rr = next(iter(t.decode.receivers.rooms.values()))
+    assert rr.staged is None and rr.path is TransferPath.DIRECT
+    assert not cluster.sent(wp.StagingGrant)
+    t.send(chunks=3)
+    await cluster.settle()
+    assert t.verify() == []
+    assert t.decode_events()[0].state == "success"
+    assert all(r.chunk_tokens == 0 for r in cluster.sent(wp.TransferRequest))
+
+
 async def test_hisparse_writes_token_indices_into_the_host_pool(cluster):
     t = Transfer(cluster, 2, 1, hisparse=True)
     t.recv()
