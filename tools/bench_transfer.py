@@ -40,12 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scattered", action="store_true",
                     help="random pages on both sides (default: each room is one contiguous page run)")
     ap.add_argument("--hisparse", action="store_true")
+    ap.add_argument("--warm", action="store_true",
+                    help="time a second round of the same rooms on the same pools (the first untimed), "
+                         "against raw Mooncake's best of 3 writes into the same buffers")
+    ap.add_argument("--staged", action="store_true", help="both daemons stage (hetero TP)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     pages_per_room = max(1, args.tokens // args.page_size)
     num_pages = pages_per_room * args.rooms
     with tempfile.TemporaryDirectory(prefix="kvd-bench-") as tmp:
-        flags = ("--timeouts-waiting-s", "600", "--timeouts-transfer-s", "600")
+        flags: tuple[str, ...] = ("--timeouts-waiting-s", "600", "--timeouts-transfer-s", "600")
+        if args.staged:
+            flags += ("--staging-enabled",)
         prefill = start_daemon(Path(tmp), "prefill", *flags)
         decode = start_daemon(Path(tmp), "decode", *flags)
         try:
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                   page_size=args.page_size, num_pages=num_pages, rooms=args.rooms,
                                   pages_per_room=pages_per_room, mla=args.mla, hisparse=args.hisparse,
                                   chunk_pages=args.chunk_pages, timeout=900,
-                                  contiguous=not args.scattered)
+                                  contiguous=not args.scattered, warm=args.warm)
             write_ops = prefill.status()["daemon"]["write_ops_total"]
         finally:
             prefill.stop()
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "kvd_gbps": round(nbytes / seconds / 1e9, 3), "raw_seconds": round(raw_s, 4),
         "raw_gbps": round(nbytes / raw_s / 1e9, 3), "kvd_over_raw": round(raw_s / seconds, 3),
     }
-    print(f"kvd {fig['path']} TP {args.prefill_tp}->{args.decode_tp}, {args.layers} layers x "
+    print(("warm (second round on the same pools): " if args.warm else "") + f"kvd {fig['path']} TP {args.prefill_tp}->{args.decode_tp}, {args.layers} layers x "
           f"{fig['kv_heads']} kv heads x {args.head_dim}, {fig['tokens_per_room']} tokens x {args.rooms} rooms: "
           f"{nbytes / 2**20:.1f} MiB in {seconds * 1e3:.0f} ms = {fig['kvd_gbps']} GB/s, {write_ops} write ops")
     print(f"raw Mooncake bulk write of the same bytes: {raw_s * 1e3:.0f} ms = {fig['raw_gbps']} GB/s")

@@ -165,15 +165,15 @@ def start_daemon(tmp: Path, name: str, *extra: str, env: dict[str, str] | None =
     raise RuntimeError(f"kvd {name} did not come up:\n{d.log()}")
 
 
-def _prefill(q, barrier, sock, layout, rooms, bootstrap, chunk_pages, timeout):
+def _prefill(q, barrier, sock, layout, rooms, bootstrap, chunk_pages, timeout, warm=False):
     r = run_prefill_rank(sock, layout, rooms, seed=7, chunk_pages=chunk_pages, bootstrap=bootstrap,
-                         timeout=timeout, on_ready=lambda _pool: barrier.wait())
+                         timeout=timeout, on_ready=lambda _pool: barrier.wait(), warm=warm)
     q.put(r)
 
 
-def _decode(q, barrier, sock, layout, rooms, bootstrap, prefill_page_size, timeout):
+def _decode(q, barrier, sock, layout, rooms, bootstrap, prefill_page_size, timeout, warm=False):
     r = run_decode_rank(sock, layout, rooms, bootstrap, "P", prefill_page_size, seed=7, timeout=timeout,
-                        on_ready=lambda _pool: barrier.wait())
+                        on_ready=lambda _pool: barrier.wait(), warm=warm)
     q.put(r)
 
 
@@ -222,8 +222,9 @@ def run_cluster(prefill, decode, *, prefill_tp: int, decode_tp: int, kv_heads: i
                 layers: int = 2, head_dim: int = 16, page_size: int = 4, num_pages: int = 64,
                 rooms: int = 3, pages_per_room: int = 5, mla: bool = False, hisparse: bool = False,
                 chunk_pages: int = 2, dtype: str = "bfloat16", timeout: float = 60.0,
-                contiguous: bool = False) -> list:
+                contiguous: bool = False, warm: bool = False) -> list:
     """Run a whole transfer; returns every rank's RankReport (asserting is the caller's job).
+    ``warm``: every rank runs the same rooms once, untimed, before the timed round.
 
     ``prefill`` may be a list of daemons: prefill rank r registers with daemon r % len, and
     the first daemon is the engine's directory (a prefill engine spread over several nodes).
@@ -244,12 +245,12 @@ def run_cluster(prefill, decode, *, prefill_tp: int, decode_tp: int, kv_heads: i
                            num_pages, mla=mla)
         home = prefills[r % len(prefills)]
         procs.append(ctx.Process(target=_prefill, args=(q, barrier, home.socket_path, lay, plan,
-                                                        prefill.address, chunk_pages, timeout)))
+                                                        prefill.address, chunk_pages, timeout, warm)))
     for r in range(decode_tp):
         lay = build_layout("decode", "D", decode_tp, r, layers, kv_heads, head_dim, dtype, page_size,
                            num_pages, mla=mla, hisparse=hisparse)
         procs.append(ctx.Process(target=_decode, args=(q, barrier, decode.socket_path, lay, plan,
-                                                       prefill.address, page_size, timeout)))
+                                                       prefill.address, page_size, timeout, warm)))
     for proc in procs:
         proc.start()
     reports = [q.get(timeout=timeout + 60) for _ in procs]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -143,12 +144,21 @@ def _chunks(pages: list[int], size: int) -> list[list[int]]:
     return [pages[i:i + size] for i in range(0, len(pages), size)] or [[]]
 
 
+WARM_ROOM_OFFSET = 500_000  # a warm-up round's room ids: the timed room's + this
+
+
+def _warm(rooms: Sequence[RoomPlan]) -> list[RoomPlan]:
+    return [dataclasses.replace(r, room=r.room + WARM_ROOM_OFFSET) for r in rooms]
+
+
 def run_prefill_rank(socket_path: str, layout: PoolLayout, rooms: Sequence[RoomPlan], seed: int = 1,
                      chunk_pages: int = 4, bootstrap: str = "", timeout: float = 120.0,
-                     on_ready: Callable[[int], None] | None = None) -> RankReport:
+                     on_ready: Callable[[int], None] | None = None, warm: bool = False) -> RankReport:
     """Fill, register, send every room chunk by chunk (aux ``aux-<room>`` on the last), wait.
 
-    ``on_ready(pool_id)`` runs after registration and may block (a start barrier).
+    ``on_ready(pool_id)`` runs after registration and may block (a start barrier). ``warm``: the
+    same rooms once first (other ids, same pages), untimed, then ``on_ready`` again: the timed
+    round writes into pools and connections that have been used (what an engine runs on).
     """
     report = RankReport(role="prefill", rank=layout.tp_rank)
     with _errors_to(report), HostPool.create(layout) as pool, \
@@ -157,13 +167,13 @@ def run_prefill_rank(socket_path: str, layout: PoolLayout, rooms: Sequence[RoomP
         report.pool_id = client.register_pool(layout, pool, bootstrap=bootstrap)
         if on_ready is not None:
             on_ready(report.pool_id)
+        if warm:
+            _send_rooms(client, report.pool_id, _warm(rooms), chunk_pages)
+            _wait_all(client, _warm(rooms), timeout, RankReport(role="prefill", rank=layout.tp_rank))
+            if on_ready is not None:
+                on_ready(report.pool_id)
         report.t_start = time.time()
-        for r in rooms:
-            chunks = _chunks(r.src_pages, chunk_pages)
-            for i, chunk in enumerate(chunks):
-                last = i == len(chunks) - 1
-                client.send(report.pool_id, r.room, chunk, is_last=last,
-                            aux=f"aux-{r.room}".encode() if last else b"")
+        _send_rooms(client, report.pool_id, rooms, chunk_pages)
         done = _wait_all(client, rooms, timeout, report)
         report.t_end = time.time()
         report.rooms_ok = len(done)
@@ -171,10 +181,18 @@ def run_prefill_rank(socket_path: str, layout: PoolLayout, rooms: Sequence[RoomP
     return report
 
 
+def _send_rooms(client: KvdClient, pool_id: int, rooms: Sequence[RoomPlan], chunk_pages: int) -> None:
+    for r in rooms:
+        chunks = _chunks(r.src_pages, chunk_pages)
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            client.send(pool_id, r.room, chunk, is_last=last, aux=f"aux-{r.room}".encode() if last else b"")
+
+
 def run_decode_rank(socket_path: str, layout: PoolLayout, rooms: Sequence[RoomPlan], bootstrap_addr: str,
                     prefill_engine_id: str, prefill_page_size: int, seed: int = 1,
                     canary: int = DEFAULT_CANARY, timeout: float = 120.0,
-                    on_ready: Callable[[int], None] | None = None) -> RankReport:
+                    on_ready: Callable[[int], None] | None = None, warm: bool = False) -> RankReport:
     """Canary-fill, register, receive every room, wait, then check every byte of the pool.
 
     ``prefill_page_size`` expands source pages to tokens (it differs from the pool's page
@@ -188,6 +206,13 @@ def run_decode_rank(socket_path: str, layout: PoolLayout, rooms: Sequence[RoomPl
         report.pool_id = client.register_pool(layout, pool)
         if on_ready is not None:
             on_ready(report.pool_id)
+        if warm:  # the same pages once, untimed (the timed round writes the same bytes again)
+            for r in _warm(rooms):
+                client.recv(report.pool_id, r.room, bootstrap_addr, prefill_engine_id, r.dst_pages,
+                            enable_hisparse=layout.hisparse)
+            _wait_all(client, _warm(rooms), timeout, RankReport(role="decode", rank=layout.tp_rank))
+            if on_ready is not None:
+                on_ready(report.pool_id)
         report.t_start = time.time()
         for r in rooms:
             client.recv(report.pool_id, r.room, bootstrap_addr, prefill_engine_id, r.dst_pages,

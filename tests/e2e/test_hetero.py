@@ -60,3 +60,13 @@ def test_prefill_ranks_that_disagree_on_layout_are_refused(pair):
         dc.recv(did, 1, prefill.address, "P", np.arange(2))
         with pytest.raises(RoomFailed, match="disagree"):
             dc.wait(1, timeout=20)
+
+
+def test_a_second_round_on_the_same_pools_is_byte_exact(daemons):
+    """The warm benchmark's shape (tools/bench_transfer.py --warm): every rank runs the rooms once,
+    then the same pages again under new room ids; the second round is checked byte for byte."""
+    flags = ("--transfer-inline-max-bytes", "0")
+    prefill, decode = daemons("p", *flags), daemons("d", *flags)
+    reports = run_cluster(prefill, decode, prefill_tp=2, decode_tp=1, kv_heads=4, warm=True)
+    check_reports(reports)
+    assert all(r.rooms_ok == 3 for r in reports)
