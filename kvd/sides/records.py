@@ -93,7 +93,7 @@ class SenderRoom:
     path: TransferPath = TransferPath.DIRECT
     engine_told: bool = False
     direct_done: bool = False  # every chunk of the per-slice requests is written
-    # Chunks planned by SenderSide._drain_now that need transport writes: the drain task's first.
+    # Chunks planned by DirectSender.drain_now that need transport writes: the drain task's first.
     handoff: tuple[list[Chunk], list[tuple[ReceiverRequest, Plan]]] | None = None
     # Set when a chunk arrives: a drain waiting on a write plans it meanwhile.
     more: asyncio.Event = field(default_factory=asyncio.Event)

@@ -5,52 +5,34 @@ requests of every receiver rank the TP mapping says it serves, and the chunks th
 engine reports as chunked prefill produces them; each chunk is planned against
 every request and written in one batch per receiver. All writes of a room happen
 under the room's lock, so an abort answered after taking the lock is a fence: no
-write of that room can still land. The staged pipeline lives in
-:mod:`kvd.sides.staged_send`.
+write of that room can still land. The direct writes live in :mod:`kvd.sides.direct_send`,
+the staged pipeline in :mod:`kvd.sides.staged_send`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import structlog
 
-from kvd.core.inline import pack_ops
 from kvd.core.layout import LayoutError
 from kvd.core.planner import (
     PlanError,
-    check_ops_within,
-    expand_pages_to_tokens,
     pages_to_tokens,
 )
 from kvd.core.rooms import Deadlines, RoomInput, RoomMachine, RoomState, TransferPath
-from kvd.core.rows import Plan, RowBatch, check_rows_within, join_plans, plan_slice, plan_slice_pages
 from kvd.mem.pools import LocalPool, RemotePool, check_page_indices
 from kvd.sides.context import RoomContext
+from kvd.sides.direct_send import DirectSender
 from kvd.sides.lifecycle import SideBase, room_event
 from kvd.sides.pairing import Pairings
 from kvd.sides.records import Chunk, ReceiverRequest, SenderRoom
 from kvd.sides.staged_send import StagedSender
-from kvd.transfer.base import TransportError, write_plan
 from kvd.wire import engine as we
 from kvd.wire import peer as wp
 
 log = structlog.get_logger("kvd.sender")
-
-#: Chunks of more pages than this plan whole-row writes on page indices (kvd.core.planner).
-SMALL_PAGES = 16
-
-
-@dataclass
-class _InFlight:
-    """A batch being written while the next one is planned."""
-
-    writes: asyncio.Future[list[None]]
-    batch: list[tuple[ReceiverRequest, Plan]]
-    chunks: list[Chunk]
 
 
 class SenderSide(SideBase[SenderRoom]):
@@ -68,6 +50,7 @@ class SenderSide(SideBase[SenderRoom]):
         self._requests: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
         self._pairings = Pairings()
         self.staged_path = StagedSender(ctx, self)
+        self.direct_path = DirectSender(ctx, self)
 
     def handlers(self) -> dict[type, object]:
         """Peer messages this side handles (the daemon routes them here)."""
@@ -236,215 +219,11 @@ class SenderSide(SideBase[SenderRoom]):
                 and sr.machine.state is RoomState.BOOTSTRAPPING:
             self.transition(sr, RoomInput.BOOTSTRAPPED)
         if sr.machine.is_live:
-            if sr.chunks and not self._drain_now(sr) and not sr.draining:
-                self.ctx.spawn(self._drain(sr), f"drain-{sr.room}")
+            if sr.chunks and not self.direct_path.drain_now(sr) and not sr.draining:
+                self.ctx.spawn(self.direct_path.drain(sr), f"drain-{sr.room}")
             self.staged_path.start(sr)
 
-    def _plan_batch(self, sr: SenderRoom, chunks: list[Chunk]) -> list[tuple[ReceiverRequest, Plan]]:
-        """Every chunk's ops, one batch per receiver (a burst of small chunks: one round trip)."""
-        planned: dict[int, tuple[ReceiverRequest, list[Plan]]] = {}
-        for chunk in chunks:
-            for req, ops in self._plan_chunk(sr, chunk):
-                planned.setdefault(id(req), (req, []))[1].append(ops)
-        return [(req, join_plans(parts)) for req, parts in planned.values()]
 
-    def _drain_now(self, sr: SenderRoom) -> bool:
-        """Chunks whose every write goes inline are done here, with no task, lock or await (a
-        tiny room at engine rates, issue 15). Otherwise their planned batch is handed to
-        :meth:`_drain`, which writes it before any later chunk (False: spawn it)."""
-        if sr.lock.locked() or sr.handoff is not None or sr.machine.state.final:
-            return False
-        chunks, sr.chunks = sr.chunks, []
-        try:
-            batch = self._plan_batch(sr, chunks)
-        except PlanError as exc:
-            self.ctx.count_error("plan")
-            self.fail(sr, str(exc))
-            return True
-        if not all(self._fits_inline(sr, req, ops) for req, ops in batch):
-            sr.handoff = (chunks, batch)
-            return False
-        for req, ops in batch:
-            self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
-        self._batch_done(sr, chunks)
-        return True
-
-    def _batch_done(self, sr: SenderRoom, chunks: list[Chunk]) -> None:
-        self.progress(sr)
-        if chunks[-1].is_last:
-            sr.aux = chunks[-1].aux
-            sr.direct_done = True
-            self.maybe_complete(sr)
-
-    async def _drain(self, sr: SenderRoom) -> None:
-        """Write every chunk that is ready (a batch :meth:`_drain_now` handed over first): one
-        batch per receiver, receivers in parallel. The next batch is planned while the last one
-        is still being written (planning a long chunk costs about as much as copying it on one
-        machine), but batches land one after the other, all under the room's lock."""
-        async with sr.lock:
-            sr.draining = True
-            try:
-                await self._drain_locked(sr)
-            finally:
-                sr.draining = False
-
-    async def _drain_locked(self, sr: SenderRoom) -> None:
-        in_flight: _InFlight | None = None
-        while not sr.machine.state.final:
-            if sr.handoff is None and not sr.chunks:
-                if in_flight is None:
-                    return
-                # Wait for the write, or for a chunk to plan while the write goes on.
-                sr.more.clear()
-                more = asyncio.ensure_future(sr.more.wait())
-                try:
-                    await asyncio.wait((in_flight.writes, more), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    more.cancel()
-                if not in_flight.writes.done():
-                    continue
-                landed, in_flight = in_flight, None
-                if not await self._land(sr, landed):
-                    return
-                continue
-            batch: list[tuple[ReceiverRequest, Plan]] | None = None
-            if sr.handoff is not None:
-                (chunks, batch), sr.handoff = sr.handoff, None
-                # Planned before this task held the lock: a receiver that aborted meanwhile
-                # has had its AbortAck (the lock was free), so nothing more may go to it.
-                batch = [(req, ops) for req, ops in batch if not req.aborted]
-            else:
-                chunks, sr.chunks = sr.chunks, []
-            t0 = self.ctx.now()
-            try:
-                if batch is None:
-                    batch = self._plan_batch(sr, chunks)
-            except PlanError as exc:
-                if in_flight is not None:
-                    await self._land(sr, in_flight)
-                self.ctx.count_error("plan")
-                self.fail(sr, str(exc))
-                return
-            log.debug("drain_batch", room=sr.room, chunks=len(chunks), planned=batch is not None,
-                      plan_s=round(self.ctx.now() - t0, 6))
-            if in_flight is not None:  # batches land in order: the last one first
-                landed, in_flight = in_flight, None
-                if not await self._land(sr, landed):
-                    return
-                batch = [(req, ops) for req, ops in batch if not req.aborted]
-            writes = []
-            for req, ops in batch:
-                if self._fits_inline(sr, req, ops):
-                    self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
-                else:
-                    writes.append(self._write(sr, req, ops))
-            if not writes:
-                self._batch_done(sr, chunks)
-                continue
-            in_flight = _InFlight(asyncio.gather(*writes), batch, chunks)
-        if in_flight is not None:  # the room ended meanwhile: its last batch still lands or fails
-            await self._land(sr, in_flight)
-
-    async def _land(self, sr: SenderRoom, in_flight: _InFlight) -> bool:
-        """Wait for a batch's writes; a failure fails the room (its bytes may still be in flight)."""
-        try:
-            await in_flight.writes
-        except TransportError as exc:
-            for req, _ in in_flight.batch:
-                req.unsure = True
-            self.ctx.count_error("transport")
-            self.fail(sr, str(exc))
-            return False
-        if sr.machine.state.final:
-            return False
-        self._batch_done(sr, in_flight.chunks)
-        return True
-
-    async def _write(self, sr: SenderRoom, req: ReceiverRequest, ops: Plan) -> None:
-        t0 = self.ctx.now()
-        result = await write_plan(self.ctx.transport, req.remote.session_id, ops)
-        # debug: where a room's time goes (issue 14: the per-room cost beside the copy itself)
-        log.debug("direct_write", room=sr.room, rank=sr.pool.layout.tp_rank, ops=len(ops), bytes=result.nbytes,
-                  copy_s=round(result.seconds, 6), wall_s=round(self.ctx.now() - t0, 6))
-        self.ctx.observe_batch(result)
-        sr.bytes_done += result.nbytes
-        req.bytes_written += result.nbytes
-        self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=False))
-
-    def _fits_inline(self, sr: SenderRoom, req: ReceiverRequest, ops: Plan) -> bool:
-        """Host to host, and no more bytes than both daemons allow: the bytes go in the status."""
-        limit = min(req.msg.inline_max_bytes, self.ctx.config.inline_limit)
-        # The ops ride along (16 bytes each): they count, so the message stays under the limit.
-        data = ops.total_bytes
-        return (data > 0 and data + 16 * len(ops) <= limit and sr.pool.layout.memory_kind == "host"
-                and req.remote.layout.memory_kind == "host")
-
-    def _write_inline(self, sr: SenderRoom, req: ReceiverRequest, plan: Plan, *, hold: bool) -> None:
-        """Copy the (bounds-checked) source bytes into a status; the last batch's status is the
-        final one, so a one-chunk room costs one message and no transport write."""
-        ops = plan.ops() if isinstance(plan, RowBatch) else plan
-        data = b"".join([ctypes.string_at(src, n) for src, n in zip(ops.src.tolist(), ops.length.tolist(), strict=True)])
-        req.inline_ops, req.inline_data = pack_ops(ops), data
-        sr.bytes_done += len(data)
-        req.bytes_written += len(data)
-        self.ctx.observe_inline(len(data))
-        if not hold:
-            self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=False))
-
-    def _plan_chunk(self, sr: SenderRoom, chunk: Chunk) -> list[tuple[ReceiverRequest, Plan]]:
-        """Write ops of one chunk for every live receiver, bounds-checked on both sides."""
-        local = sr.pool.layout
-        src_count = len(chunk.pages) * local.page_size
-        sr.src_pages_done += len(chunk.pages)
-        out = []
-        for req in sr.requests.values():
-            if req.dummy or req.aborted or req.staged is not None:
-                continue
-            dst_all = req.msg.dst_indices
-            start = req.dst_cursor
-            if req.msg.enable_hisparse:
-                remaining = len(dst_all) - start
-                n = min(src_count, remaining)
-                if remaining <= 0 or (not chunk.is_last and n < src_count):
-                    raise PlanError(f"sender sent more tokens than the receiver's {len(dst_all)}")
-                src = expand_pages_to_tokens(chunk.pages, local.page_size, n)
-                dst = dst_all[start:start + n]
-                req.dst_cursor += n
-            else:
-                if start + len(chunk.pages) > len(dst_all):
-                    raise PlanError(f"sender sent {start + len(chunk.pages)} pages, the receiver asked "
-                                    f"for {len(dst_all)}")
-                dst_pages = dst_all[start:start + len(chunk.pages)]
-                req.dst_cursor += len(chunk.pages)
-                if len(chunk.pages) > SMALL_PAGES and all(
-                        p.sender.page_size == p.receiver.page_size for p in req.planners):
-                    pages_plan = [plan_slice_pages(p, chunk.pages, dst_pages) for p in req.planners]
-                    if chunk.is_last and req.dst_cursor != len(dst_all):
-                        raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
-                                        f"{len(dst_all)} pages unwritten")
-                    ops = join_plans(pages_plan)
-                    self._check_plan(sr, req, ops)
-                    out.append((req, ops))
-                    continue
-                dst = pages_to_tokens(dst_pages, req.remote.layout.page_size)
-                src = pages_to_tokens(chunk.pages, local.page_size)
-            if chunk.is_last and req.dst_cursor != len(dst_all):
-                raise PlanError(f"last chunk leaves {len(dst_all) - req.dst_cursor} of the receiver's "
-                                f"{len(dst_all)} {'tokens' if req.msg.enable_hisparse else 'pages'} unwritten")
-            ops = join_plans(plan_slice(planner, src, dst) for planner in req.planners)
-            self._check_plan(sr, req, ops)
-            out.append((req, ops))
-        return out
-
-    @staticmethod
-    def _check_plan(sr: SenderRoom, req: ReceiverRequest, ops: Plan) -> None:
-        """Every byte read from our pool and written into the receiver's announced one."""
-        if isinstance(ops, RowBatch):  # a strided slice: spans checked, never expanded here
-            check_rows_within(ops, req.remote.regions(), f"write into {req.remote.key}")
-            check_rows_within(ops, sr.pool.regions(), "read from the local pool", side="src")
-        else:
-            check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
-            check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
 
     # --- endings ------------------------------------------------------------------------
     def maybe_complete(self, sr: SenderRoom) -> None:
@@ -457,7 +236,7 @@ class SenderSide(SideBase[SenderRoom]):
         for req in sr.requests.values():
             if not req.aborted and not req.reported:
                 req.reported = True
-                self.ctx.send_peer(req.msg.src, self._status(req, ok=True, final=True, aux=sr.aux))
+                self.ctx.send_peer(req.msg.src, self.status_message(req, ok=True, final=True, aux=sr.aux))
         if any(r.msg.confirms and r.outcome is None and not r.aborted for r in sr.requests.values()):
             return  # written; the receivers' verdicts decide what the engine hears
         self.transition(sr, RoomInput.COMPLETED)
@@ -482,7 +261,7 @@ class SenderSide(SideBase[SenderRoom]):
             for req in sr.requests.values():
                 if not req.reported and not req.aborted:
                     req.reported = True
-                    self.ctx.send_peer(req.msg.src, self._status(req, ok=False, final=True, reason=reason))
+                    self.ctx.send_peer(req.msg.src, self.status_message(req, ok=False, final=True, reason=reason))
             self._finish(sr)
 
     def _finish(self, sr: SenderRoom) -> None:
@@ -500,7 +279,7 @@ class SenderSide(SideBase[SenderRoom]):
             sr.engine_told = True
             self.ctx.tell_engine(sr.pool, room_event(sr, released=True))
 
-    def _status(self, req: ReceiverRequest, *, ok: bool, final: bool, reason: str = "",
+    def status_message(self, req: ReceiverRequest, *, ok: bool, final: bool, reason: str = "",
                 aux: bytes = b"") -> wp.TransferStatus:
         m = req.msg
         inline_ops, inline_data = (req.inline_ops, req.inline_data) if ok else (b"", b"")

@@ -1,4 +1,4 @@
-"""Red team: the sender's synchronous _drain_now plans a batch and hands it to a drain task
+"""Red team: the sender's synchronous drain_now (kvd.sides.direct_send) plans a batch and hands it to a drain task
 (sr.handoff). An AbortTransfer handled just before that chunk (its _abort task spawned, not yet
 run) sets req.aborted, takes the *free* room lock at once, and answers AbortAck(unsure=False),
 "every write of the room has finished or will never be issued": the receiver releases its pages.
