@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefill_tp": args.prefill_tp, "decode_tp": args.decode_tp, "layers": args.layers,
         "kv_heads": 1 if args.mla else args.kv_heads, "head_dim": args.head_dim,
         "page_size": args.page_size, "tokens_per_room": pages_per_room * args.page_size,
-        "rooms": args.rooms, "path": "hisparse" if args.hisparse else "direct",
+        "rooms": args.rooms, "path": "hisparse" if args.hisparse else "staged" if args.staged else "direct",
         "bytes": nbytes, "write_ops": write_ops, "kvd_seconds": round(seconds, 4),
         "kvd_gbps": round(nbytes / seconds / 1e9, 3), "raw_seconds": round(raw_s, 4),
         "raw_gbps": round(nbytes / raw_s / 1e9, 3), "kvd_over_raw": round(raw_s / seconds, 3),
