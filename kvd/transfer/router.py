@@ -69,6 +69,7 @@ class SameNodeTransport:
         self.protocol = network.protocol
         self.devices = network.devices
         self.memcpy_ops = memcpy_ops
+        self.max_fallback_ops = 1 << 16  # a row copy that falls back to the network: at most this many ops
         self.disabled = ""  # why no peer can get a same-node path here ("" = they can)
         self._endpoint: IpcEndpoint | None = None
         try:
@@ -253,6 +254,12 @@ class SameNodeTransport:
                     return result
                 reason = result
             self._fallback(peer_session, path, reason)
+            if len(batch) > self.max_fallback_ops:
+                # A one-pass room expanded to per-token ops over the network would take millions
+                # of ops (and their memory): the room fails now, with the reason, instead.
+                raise TransportError(f"same-node row copy to {peer_session} cannot go in one pass ({reason}); "
+                                     f"{len(batch)} per-slice ops over {self.protocol} refused (set "
+                                     "transport.one_pass = false to stage such rooms)")
         ops = batch.ops()
         result = await self.network.write(peer_session, ops.src, ops.dst, ops.length)
         path.batches["network"] += 1

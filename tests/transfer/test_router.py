@@ -99,3 +99,36 @@ def test_peer_translate_maps_into_opened_regions_or_refuses() -> None:
 def test_no_endpoint_means_network_with_reason() -> None:
     with pytest.raises(cudaipc.TransportError, match="no same-node endpoint"):
         cudaipc.fetch_regions("nobody-here:1")
+
+
+async def test_a_row_copy_falling_back_from_a_same_node_path_is_counted_and_bounded() -> None:
+    """A peer whose path is same-node but whose batch cannot go that way (here: the source is not
+    exported device memory) falls back to the network, counted and logged; a row copy that would
+    expand to more ops than ``max_fallback_ops`` fails with the reason instead (bounded memory)."""
+    from kvd.core.rows import RowBatch, RowCopy
+    from kvd.transfer.base import TransportError
+    from kvd.transfer.router import PeerPath
+
+    fabric = MemcpyFabric()
+    a = SameNodeTransport(MemcpyTransport("a", fabric))
+    b = SameNodeTransport(MemcpyTransport("b", fabric))
+    src, dst = ctypes.create_string_buffer(bytes(range(64))), ctypes.create_string_buffer(b"\xa5" * 64)
+    a.register(ctypes.addressof(src), 64)
+    b.register(ctypes.addressof(dst), 64)
+    a._paths["b"] = PeerPath("cuda_ipc", "pretend: same machine")  # what a GPU host would decide
+
+    def rows(n: int) -> RowBatch:
+        return RowBatch((RowCopy(np.array([ctypes.addressof(src)]), np.array([ctypes.addressof(dst)]),
+                                 np.arange(n), np.arange(n), 8, 8, 0, 0, 4),))
+
+    res = await a.write_rows("b", rows(8))
+    assert res.nbytes == 32 and all(dst.raw[i * 8:i * 8 + 4] == src.raw[i * 8:i * 8 + 4] for i in range(8))
+    assert all(dst.raw[i * 8 + 4:i * 8 + 8] == b"\xa5" * 4 for i in range(8))  # the rest untouched
+    p = a.paths()["b"]
+    assert p["batches"]["network"] == 1 and sum(p["fallbacks"].values()) == 1
+    a.max_fallback_ops = 4
+    with pytest.raises(TransportError, match="one pass"):
+        await a.write_rows("b", rows(8))
+    assert sum(a.paths()["b"]["fallbacks"].values()) == 2 and a.paths()["b"]["batches"]["network"] == 1
+    a.close()
+    b.close()
