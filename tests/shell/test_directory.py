@@ -151,3 +151,59 @@ async def test_cached_topology_and_announces_are_revalidated_after_silence(h):
     h.dir.on_pool_ack(wp.PoolAck(src=P1, pool_key="D#1", ok=True))
     await task
     assert h.dir._cached((P1, "P")) is None  # and the topology is asked again
+
+
+async def test_one_pass_is_relied_on_only_for_our_own_device_memory() -> None:
+    """A sender's ``PoolAck.one_pass`` (it reaches our pool on this machine, GPU to GPU) counts only
+    if this daemon's pool is exported device memory: a host pool, or a lying peer, stages as before."""
+    h = Harness()
+
+    class Pool:
+        key = "D#1"
+        layout = lay(0, tp=1)
+        buffers = [4096, 8192]
+
+    async def accepted(one_pass: bool, device: bool) -> bool:
+        h.dir.device_memory = lambda addresses: device and addresses == Pool.buffers
+        h.dir._announced.clear()
+        task = asyncio.ensure_future(h.dir.announce_pool(P1, Pool(), "P", h.t + 5))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        h.dir.on_pool_ack(wp.PoolAck(src=P1, pool_key="D#1", ok=True, one_pass=one_pass))
+        return (await task).one_pass
+
+    assert await accepted(one_pass=True, device=True)
+    assert not await accepted(one_pass=True, device=False)
+    assert not await accepted(one_pass=False, device=True)
+
+
+def test_the_sender_offers_one_pass_only_on_this_machine_with_gpu_pools() -> None:
+    """The prefill side's answer: one pass needs the decode session reachable here and this
+    engine's pools in exported device memory; otherwise ``one_pass`` stays False."""
+    h = Harness()
+    prefill = lay(0, tp=1)
+
+    class Local:
+        layout = prefill
+        buffers = [1 << 20]
+
+    h.registry.local = {1: Local()}  # type: ignore[attr-defined]
+    h.registry.prefill_layout = lambda engine_id: prefill  # type: ignore[method-assign]
+    h.registry.send_ring_bytes = lambda: 0  # type: ignore[attr-defined]
+    decode = PoolLayout("P", "decode", 1, 0, num_layers=2, total_kv_heads=4, head_dim=8, dtype="bfloat16",
+                        page_size=4, num_pages=16)
+
+    def ack(reach: bool, device: bool) -> bool:
+        h.dir.same_node_peer = lambda session: reach and session == "sess-d"
+        h.dir.device_memory = lambda addresses: device
+        h.sent.clear()
+        h.dir.on_pool_announce(wp.PoolAnnounce(src=D1, pool_key="D#1", layout=decode.to_dict(),
+                                               buffers=[(1 << 30) + b * decode.buffer_bytes
+                                                        for b in range(decode.num_buffers)],
+                                               session_id="sess-d", prefill_engine_id="P"))
+        (_, msg), = h.sent
+        assert isinstance(msg, wp.PoolAck) and msg.ok, msg
+        return msg.one_pass
+
+    assert ack(reach=True, device=True)
+    assert not ack(reach=False, device=True)
+    assert not ack(reach=True, device=False)
