@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import triton
@@ -31,14 +30,13 @@ import triton.language as tl
 
 from .reference import PoolBuffers, check_args, check_rows
 
-__all__ = ["LaunchConfig", "copy_ops_triton", "copy_rows_triton", "gather_triton", "is_interpreted", "launch_config", "scatter_triton",
+__all__ = ["LaunchConfig", "gather_triton", "is_interpreted", "launch_config", "scatter_triton",
            "scatter_writers_triton"]
 
 _UNIT_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 _TABLE_CACHE_SIZE = 256
 _tables: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
 _sm_counts: dict[int, int] = {}
-_copy_hints = True
 
 
 # Triton reads these parameters' annotations itself (tl.constexpr marks compile-time ones); the
@@ -335,173 +333,3 @@ def scatter_writers_triton(staging: torch.Tensor, buffers: Sequence[torch.Tensor
     if len(head_starts) == 0:
         raise ValueError("scatter_writers needs at least one writer")
     _launch(staging, buffers, token_idx, list(head_starts), num_heads, False, config)
-
-
-# --- batched copies (the same-node transport's path for many ops) ------------------------------
-@triton.jit
-def _copy_pieces_kernel(  # type: ignore[no-untyped-def]
-    src_table,  # *i64 [P]: byte address of each piece's source
-    dst_table,  # *i64 [P]: byte address of each piece's destination
-    len_table,  # *i64 [P]: units in each piece (<= PIECE)
-    like,  # *unit: gives the element type
-    PIECE: tl.constexpr,  # most units of one piece (power of two)
-    ALIGN: tl.constexpr,  # bytes every address is a multiple of
-):
-    pid = tl.program_id(0)
-    n = tl.load(len_table + pid)
-    src = tl.load(src_table + pid).to(tl.pointer_type(like.dtype.element_ty))
-    dst = tl.load(dst_table + pid).to(tl.pointer_type(like.dtype.element_ty))
-    if ALIGN > 1:
-        src = tl.multiple_of(src, ALIGN)
-        dst = tl.multiple_of(dst, ALIGN)
-    cols = tl.arange(0, PIECE)
-    mask = cols < n
-    data = tl.load(src + cols, mask=mask, eviction_policy="evict_first")
-    tl.store(dst + cols, data, mask=mask)
-
-
-def copy_ops_triton(src: Sequence[int] | Any, dst: Sequence[int] | Any, length: Sequence[int] | Any,
-                    device: torch.device, piece_bytes: int = 16384) -> int:
-    """Copy ``length[i]`` bytes from device address ``src[i]`` to ``dst[i]`` for every op, in one launch
-    on the current stream (asynchronous). Addresses must be device memory this process can access
-    (its own, or CUDA-IPC-opened). Ops are cut into pieces of at most ``piece_bytes`` so that large
-    and tiny ops alike spread over every SM. Returns the number of pieces launched."""
-    import numpy as np
-
-    s = np.asarray(src, dtype=np.int64)
-    d = np.asarray(dst, dtype=np.int64)
-    n = np.asarray(length, dtype=np.int64)
-    keep = n > 0
-    s, d, n = s[keep], d[keep], n[keep]
-    if n.size == 0:
-        return 0
-    bits = int(np.bitwise_or.reduce(np.concatenate([s, d, n])))
-    align = 16
-    while bits % align:
-        align //= 2
-    unit = min(align, 4)
-    piece = max(unit, min(piece_bytes, triton.next_power_of_2(int(n.max()))))
-    counts = -(-n // piece)
-    op = np.repeat(np.arange(n.size), counts)
-    first = np.cumsum(counts) - counts
-    k = np.arange(op.size) - np.repeat(first, counts)
-    off = k * piece
-    ps, pd = s[op] + off, d[op] + off
-    pn = np.minimum(n[op] - off, piece) // unit
-    table = torch.from_numpy(np.stack([ps, pd, pn])).pin_memory().to(device, non_blocking=True)
-    like = torch.empty(0, dtype=_UNIT_DTYPES[unit], device=device)
-    units = piece // unit
-    global _copy_hints
-    warps = 8 if piece >= 8192 else 4
-    if _copy_hints:
-        try:
-            _copy_pieces_kernel[(op.size,)](table[0], table[1], table[2], like, PIECE=units, ALIGN=align,
-                                            num_warps=warps)
-        except Exception:  # a Triton without alignment hints on scalar pointers: plain accesses
-            _copy_hints = False
-    if not _copy_hints:
-        _copy_pieces_kernel[(op.size,)](table[0], table[1], table[2], like, PIECE=units, ALIGN=1,
-                                        num_warps=warps)
-    table.record_stream(torch.cuda.current_stream(device))
-    return int(op.size)
-
-
-# --- one-pass strided row copies (a head slice straight into a peer's pool) -------------------
-@triton.jit
-def _copy_rows_kernel(  # type: ignore[no-untyped-def]
-    src_table,  # *i64 [B]: byte address of each source buffer
-    dst_table,  # *i64 [B]: byte address of each destination buffer
-    src_rows,  # *i64 [N]: row indices (each PAGE consecutive token rows)
-    dst_rows,  # *i64 [N]
-    like,  # *unit: gives the element type
-    num_rows,  # T = N * PAGE token rows
-    src_stride,  # units between source rows
-    dst_stride,
-    src_offset,  # units into a source row
-    dst_offset,
-    tiles,  # cdiv(T, BLOCK_T)
-    NUM_BUFFERS: tl.constexpr,
-    RUN: tl.constexpr,  # units copied per row
-    BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # next power of two >= RUN
-    ALIGN: tl.constexpr,  # bytes every run start is a multiple of
-    STREAM: tl.constexpr = False,  # streaming stores and evict-first loads (bytes touched once)
-    PAGE: tl.constexpr = 1,  # token rows per index
-):
-    """Consecutive programs take consecutive buffers of one row tile (SGLang's grid order)."""
-    pid = tl.program_id(0)
-    tile = pid // NUM_BUFFERS
-    buf = pid % NUM_BUFFERS
-    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_batch = t < num_rows
-    if PAGE == 1:
-        s_row = tl.load(src_rows + t, mask=in_batch, other=0).to(tl.int64)
-        d_row = tl.load(dst_rows + t, mask=in_batch, other=0).to(tl.int64)
-    else:
-        idx = t // PAGE
-        within = (t % PAGE).to(tl.int64)
-        s_row = tl.load(src_rows + idx, mask=in_batch, other=0).to(tl.int64) * PAGE + within
-        d_row = tl.load(dst_rows + idx, mask=in_batch, other=0).to(tl.int64) * PAGE + within
-    src = tl.load(src_table + buf).to(tl.pointer_type(like.dtype.element_ty))
-    dst = tl.load(dst_table + buf).to(tl.pointer_type(like.dtype.element_ty))
-    cols = tl.arange(0, BLOCK_R)
-    src_ptrs = src + (s_row * src_stride + src_offset)[:, None] + cols[None, :]
-    dst_ptrs = dst + (d_row * dst_stride + dst_offset)[:, None] + cols[None, :]
-    src_ptrs = tl.multiple_of(src_ptrs, [1, ALIGN])
-    dst_ptrs = tl.multiple_of(dst_ptrs, [1, ALIGN])
-    if RUN == BLOCK_R:  # noqa: SIM108 - a compile-time branch, kept plain for the Triton frontend
-        mask = in_batch[:, None]
-    else:
-        mask = in_batch[:, None] & (cols < RUN)[None, :]
-    if STREAM:
-        data = tl.load(src_ptrs, mask=mask, eviction_policy="evict_first")
-        tl.store(dst_ptrs, data, mask=mask, cache_modifier=".cs")
-    else:
-        data = tl.load(src_ptrs, mask=mask)
-        tl.store(dst_ptrs, data, mask=mask)
-
-
-def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_rows: Any, dst_rows: Any,
-                     src_stride: int, dst_stride: int, src_offset: int, dst_offset: int, run: int,
-                     device: torch.device, block_bytes: int = 0, rows_per_index: int = 1) -> None:
-    """For every buffer ``b`` and row ``i``: copy ``run`` bytes from ``src_bases[b] + src_rows[i] *
-    src_stride + src_offset`` to ``dst_bases[b] + dst_rows[i] * dst_stride + dst_offset``, in one
-    launch on the current stream (asynchronous). With ``rows_per_index`` k > 1 each index ``p``
-    stands for the k rows ``p*k .. p*k+k-1`` on both sides (pages). Addresses are device memory this process can
-    reach (its own, CUDA-IPC-opened, or a peer GPU's with peer access); rows are int64 arrays
-    (host: uploaded here; or tensors on ``device``). The caller has checked every span."""
-    import numpy as np
-
-    if len(src_bases) != len(dst_bases):
-        raise ValueError(f"{len(src_bases)} source buffers but {len(dst_bases)} destination buffers")
-    rows = []
-    for r in (src_rows, dst_rows):
-        if isinstance(r, torch.Tensor):
-            rows.append(r.to(device=device, dtype=torch.int64))
-        else:
-            host = torch.from_numpy(np.ascontiguousarray(r, dtype=np.int64))
-            rows.append(host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host)
-    if rows[0].numel() != rows[1].numel():
-        raise ValueError(f"{rows[0].numel()} source rows but {rows[1].numel()} destination rows")
-    num_rows = rows[0].numel() * rows_per_index
-    if num_rows == 0 or not src_bases:
-        return
-    align = _alignment([*src_bases, *dst_bases, src_stride, dst_stride, src_offset, dst_offset, run])
-    unit = min(align, 4)
-    row_units = triton.next_power_of_2(run // unit)
-    # The staging kernels' sweeps (tools/bench_gpu_kernels.py): a batch that may sit in L2 runs
-    # 16 KiB tiles with 8 warps and no hints; a larger one 4 KiB tiles, 4 warps, streaming.
-    large = num_rows * len(src_bases) * run > SMALL_CHUNK_BYTES
-    tokens = max(1, (block_bytes or (4096 if large else 16384)) // (row_units * unit))
-    block_t = max(1, min(triton.next_power_of_2(num_rows), tokens, 1024))
-    tiles = triton.cdiv(num_rows, block_t)
-    like = torch.empty(0, dtype=_UNIT_DTYPES[unit], device=device)
-    _copy_rows_kernel[(tiles * len(src_bases),)](
-        _device_table(list(src_bases), device), _device_table(list(dst_bases), device), rows[0], rows[1], like,
-        num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit, tiles,
-        NUM_BUFFERS=len(src_bases), RUN=run // unit, BLOCK_T=block_t, BLOCK_R=row_units, ALIGN=align,
-        STREAM=large, PAGE=rows_per_index, num_warps=4 if large or block_t * row_units * unit < 8192 else 8,
-    )
-    if device.type == "cuda":
-        for r in rows:
-            r.record_stream(torch.cuda.current_stream(device))

@@ -87,7 +87,6 @@ class SenderSide(SideBase[SenderRoom]):
             raise PlanError(f"room {msg.room} already got its last chunk")
         sr.chunks.append(Chunk(msg.pages, msg.is_last, msg.aux))
         sr.more.set()
-        log.debug("chunk_in", room=msg.room, pages=len(msg.pages), is_last=msg.is_last)
         sr.got_last = msg.is_last
         sr.src_tokens.append(pages_to_tokens(msg.pages, pool.layout.page_size))
         sr.src_token_count += len(msg.pages) * pool.layout.page_size

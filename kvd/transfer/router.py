@@ -17,7 +17,7 @@ A batch on a same-node path whose source or destination is not in opened device 
 warning level), never silent. :meth:`paths` returns all of it for ``kvctl status``.
 
 Copies: up to ``memcpy_ops`` ops, or ops of 1 MiB and more on average, as ``cuMemcpyAsync``
-each; many small ops as one batched Triton kernel (``kvd_kernels.copy_ops_triton``); each batch
+each; many small ops as one batched Triton kernel (``kvd_kernels.copy_kernels.copy_ops_triton``); each batch
 returns once its stream is done.
 """
 
@@ -54,6 +54,13 @@ class PeerPath:
     bytes: dict[str, int] = field(default_factory=lambda: {"same_node": 0, "network": 0})
     seconds: dict[str, float] = field(default_factory=lambda: {"same_node": 0.0, "network": 0.0})
     fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> batches sent over the network
+
+    def count(self, route: str, result: BatchResult) -> BatchResult:
+        """Add one batch that went by ``route`` ("same_node" or "network"); returns it."""
+        self.batches[route] += 1
+        self.bytes[route] += result.nbytes
+        self.seconds[route] += result.seconds
+        return result
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "reason": self.reason, "batches": dict(self.batches), "bytes": dict(self.bytes),
@@ -220,17 +227,10 @@ class SameNodeTransport:
                 loop = asyncio.get_running_loop()
                 result = await loop.run_in_executor(self._pool, self._same_node, peer_session, path, s, d, n)
                 if isinstance(result, BatchResult):
-                    path.batches["same_node"] += 1
-                    path.bytes["same_node"] += result.nbytes
-                    path.seconds["same_node"] += result.seconds
-                    return result
+                    return path.count("same_node", result)
                 reason = result
             self._fallback(peer_session, path, reason)
-        result = await self.network.write(peer_session, src, dst, length)
-        path.batches["network"] += 1
-        path.bytes["network"] += result.nbytes
-        path.seconds["network"] += result.seconds
-        return result
+        return path.count("network", await self.network.write(peer_session, src, dst, length))
 
     async def write_rows(self, peer_session: str, batch: RowBatch) -> BatchResult:
         """Row copies (a strided head slice per buffer): on a same-node path one copy kernel from
@@ -247,11 +247,8 @@ class SameNodeTransport:
                 loop = asyncio.get_running_loop()
                 result = await loop.run_in_executor(self._pool, self._same_node_rows, peer_session, path, batch)
                 if isinstance(result, BatchResult):
-                    path.batches["same_node"] += 1
                     path.batches["one_pass"] += 1
-                    path.bytes["same_node"] += result.nbytes
-                    path.seconds["same_node"] += result.seconds
-                    return result
+                    return path.count("same_node", result)
                 reason = result
             self._fallback(peer_session, path, reason)
             if len(batch) > self.max_fallback_ops:
@@ -261,11 +258,7 @@ class SameNodeTransport:
                                      f"{len(batch)} per-slice ops over {self.protocol} refused (set "
                                      "transport.one_pass = false to stage such rooms)")
         ops = batch.ops()
-        result = await self.network.write(peer_session, ops.src, ops.dst, ops.length)
-        path.batches["network"] += 1
-        path.bytes["network"] += result.nbytes
-        path.seconds["network"] += result.seconds
-        return result
+        return path.count("network", await self.network.write(peer_session, ops.src, ops.dst, ops.length))
 
     def _same_node_rows(self, peer_session: str, path: PeerPath, batch: RowBatch) -> BatchResult | str:
         """The row copies of one batch on the worker: each part's destination spans translated
@@ -288,14 +281,9 @@ class SameNodeTransport:
 
     def _copy_rows(self, parts: list[tuple[RowCopy, np.ndarray]]) -> BatchResult:
         import torch
-        from kvd_kernels.triton_kernels import copy_rows_triton
+        from kvd_kernels.copy_kernels import copy_rows_triton
 
-        c = cuda()
-        device = c.device_of(int(parts[0][0].src_bases[0]))
-        if device is None:
-            raise TransportError(f"source {int(parts[0][0].src_bases[0]):#x} is not device memory")
-        c.use(device)
-        stream = self._stream(device)
+        device, stream = self._source_stream(int(parts[0][0].src_bases[0]))
         t0 = time.perf_counter()
         nbytes = ops = 0
         try:
@@ -327,6 +315,16 @@ class SameNodeTransport:
             return f"CUDA copy failed: {exc}"
 
     # --- copies -------------------------------------------------------------------------------
+    def _source_stream(self, src: int) -> tuple[int, Any]:
+        """The GPU a batch reads from (current on this thread) and this thread's stream on it:
+        copies run on the source device."""
+        c = cuda()
+        device = c.device_of(src)
+        if device is None:
+            raise TransportError(f"source {src:#x} is not device memory")
+        c.use(device)
+        return device, self._stream(device)
+
     def _stream(self, device: int) -> Any:
         import torch
 
@@ -341,11 +339,7 @@ class SameNodeTransport:
         import torch
 
         c = cuda()
-        device = c.device_of(int(src[0]))
-        if device is None:
-            raise TransportError(f"source {int(src[0]):#x} is not device memory")
-        c.use(device)
-        stream = self._stream(device)
+        device, stream = self._source_stream(int(src[0]))
         t0 = time.perf_counter()
         try:
             # Few ops, or large ones (>= 1 MiB on average): one cuMemcpyAsync each runs at copy speed;
@@ -354,7 +348,7 @@ class SameNodeTransport:
                 for s, d, n in zip(src.tolist(), dst.tolist(), length.tolist(), strict=True):
                     c.memcpy_async(d, s, n, stream.cuda_stream)
             else:
-                from kvd_kernels.triton_kernels import copy_ops_triton
+                from kvd_kernels.copy_kernels import copy_ops_triton
 
                 with torch.cuda.device(device), torch.cuda.stream(stream):
                     copy_ops_triton(src, dst, length, torch.device("cuda", device))

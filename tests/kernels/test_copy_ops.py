@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("align", [16, 4, 2, 1])
 def test_copy_ops_moves_exactly_the_ops(align):
     import numpy as np
-    from kvd_kernels.triton_kernels import copy_ops_triton
+    from kvd_kernels.copy_kernels import copy_ops_triton
 
     gen = np.random.default_rng(align)
     src = torch.randint(0, 256, (1 << 22,), dtype=torch.uint8, device="cuda")

@@ -25,7 +25,7 @@ CHECK = textwrap.dedent('''
     import numpy as np
     import torch
     from kvd.core.rows import RowCopy
-    from kvd_kernels.triton_kernels import copy_rows_triton
+    from kvd_kernels.copy_kernels import copy_rows_triton
 
     def one(device, buffers, rows, src_heads, dst_heads, src_off, dst_off, n, head_bytes, seed, page=1):
         gen = np.random.default_rng(seed)

@@ -3,10 +3,14 @@ and the check that a daemon still serves a fresh byte-exact room afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +81,34 @@ class Mallory:
         self._thread.join(5)
         self._out.close()
         self._inbox.close()
+
+
+@dataclass
+class Scene:
+    """Both daemons, the cluster's layouts, a sentinel-filled decode host pool and Mallory."""
+
+    pre: Any
+    dec: Any
+    pl: PoolLayout
+    dl: PoolLayout
+    dh: HostPool
+    m: Mallory
+
+
+@contextlib.contextmanager
+def mallory_scene(daemons, tmp_path: Path) -> Iterator[Scene]:
+    """The red-team set-up: daemons with ``FLAGS``, the decode pool filled with ``SENTINEL``
+    (registered by the test), and Mallory, an authorized peer posing as the prefill side."""
+    pre, dec = daemons("prefill", *FLAGS), daemons("decode", *FLAGS)
+    dl = PoolLayout("D", "decode", 1, 0, **SHAPE)
+    dh = HostPool.create(dl)
+    dh.fill(SENTINEL)
+    m = Mallory(tmp_path, dec)
+    try:
+        yield Scene(pre, dec, PoolLayout("P", "prefill", 1, 0, **SHAPE), dl, dh, m)
+    finally:
+        m.close()
+        dh.close()
 
 
 def _fresh_room_works(pre, dec, pl: PoolLayout, dl: PoolLayout) -> None:

@@ -20,10 +20,8 @@ from pathlib import Path
 import pytest
 
 from kvd import protocol as p
-from kvd.engineclient.hostpool import HostPool
 from kvd.engineclient.replies import RoomFailed
-from kvd.layout import PoolLayout
-from tests.redteam.mallory import FLAGS, SENTINEL, SHAPE, Mallory, _fresh_room_works
+from tests.redteam.mallory import SENTINEL, _fresh_room_works, mallory_scene
 
 pytestmark = pytest.mark.e2e
 
@@ -47,13 +45,8 @@ def _negative_count_ops(buffers: list[int], page_bytes: int, page: int) -> tuple
 
 
 def _attack(daemons, tmp_path: Path, craft) -> None:
-    pre, dec = daemons("prefill", *FLAGS), daemons("decode", *FLAGS)
-    pl = PoolLayout("P", "prefill", 1, 0, **SHAPE)
-    dl = PoolLayout("D", "decode", 1, 0, **SHAPE)
-    dh = HostPool.create(dl)
-    dh.fill(SENTINEL)
-    m = Mallory(tmp_path, dec)
-    try:
+    with mallory_scene(daemons, tmp_path) as s:
+        pre, dec, pl, dl, dh, m = s.pre, s.dec, s.pl, s.dl, s.dh, s.m
         with dec.client() as dc:
             did = dc.register_pool(dl, dh)
             dc.recv(did, 71, m.address, "P", [5, 6])
@@ -72,9 +65,6 @@ def _attack(daemons, tmp_path: Path, craft) -> None:
                 dc.wait(71, timeout=5)
         assert dh.buffer(0).tobytes() == bytes([SENTINEL]) * dl.buffer_bytes
         _fresh_room_works(pre, dec, pl, dl)
-    finally:
-        m.close()
-        dh.close()
 
 
 def test_wrapping_inline_lengths_do_not_crash_the_decode_daemon(daemons, tmp_path: Path) -> None:

@@ -13,23 +13,17 @@ from pathlib import Path
 import pytest
 
 from kvd import protocol as p
-from kvd.engineclient.hostpool import HostPool
 from kvd.engineclient.replies import RoomFailed
 from kvd.layout import PoolLayout
-from tests.redteam.mallory import FLAGS, SENTINEL, SHAPE, Mallory, _fresh_room_works
+from tests.redteam.mallory import SENTINEL, SHAPE, _fresh_room_works, mallory_scene
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("case", ["empty", "tp_mismatch", "unknown_daemon"])
 def test_a_lying_directory_fails_the_room_in_time(daemons, tmp_path: Path, case: str) -> None:
-    pre, dec = daemons("prefill", *FLAGS), daemons("decode", *FLAGS)
-    pl = PoolLayout("P", "prefill", 1, 0, **SHAPE)
-    dl = PoolLayout("D", "decode", 1, 0, **SHAPE)
-    dh = HostPool.create(dl)
-    dh.fill(SENTINEL)
-    m = Mallory(tmp_path, dec)
-    try:
+    with mallory_scene(daemons, tmp_path) as s:
+        pre, dec, pl, dl, dh, m = s.pre, s.dec, s.pl, s.dl, s.dh, s.m
         with dec.client() as dc:
             did = dc.register_pool(dl, dh)
             t0 = time.monotonic()
@@ -57,6 +51,3 @@ def test_a_lying_directory_fails_the_room_in_time(daemons, tmp_path: Path, case:
             assert (dh.buffer(b) == SENTINEL).all()
         assert dec.alive()
         _fresh_room_works(pre, dec, PoolLayout("Q", "prefill", 1, 0, **SHAPE), PoolLayout("E", "decode", 1, 0, **SHAPE))
-    finally:
-        m.close()
-        dh.close()
