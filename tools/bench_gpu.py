@@ -196,7 +196,8 @@ def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
         line = (f"  {name:<36} exact {r['ok']} {r['bytes'] / 2**30:6.2f} GiB {r['seconds']:7.3f} s "
                 f"{r['gbps']:7.1f} GB/s paths {r['paths']} ops {r['write_ops']}")
         if same != "off":
-            line += f" -> {r['gbps'] / d2d:.3f} of D2D"
+            line += (f" -> transfer (KV ready -> engines told, {r['transfer_seconds'] * 1e3:.1f} ms) "
+                     f"{r['transfer_gbps'] / d2d:.3f} of D2D; room with bootstrap {r['gbps'] / d2d:.3f}")
             sn = [p for p in r.get("path_totals", {}).values()]
             if sn:
                 line += (f"; same-node batches {sum(p['batches']['same_node'] for p in sn)} (one pass "

@@ -33,8 +33,11 @@ class Report:
     rank: int
     ok: bool = False
     bytes: int = 0
-    t_start: float = 0.0
-    t_end: float = 0.0
+    # One entry per round (--repeat): the engines' start, prefill's first chunk (every room of
+    # every rank bootstrapped: KV "ready"), and the end (every room of the round ended).
+    t_start: list[float] = field(default_factory=list)
+    t_send: list[float] = field(default_factory=list)
+    t_end: list[float] = field(default_factory=list)
     error: str = ""
     mismatches: list[str] = field(default_factory=list)
 
@@ -54,17 +57,51 @@ def _expected(torch, b: int, heads, src_tokens, head_dim: int, device):
     return ((b * 7919 + h * 104729 + t * 31 + d * 3) & 0x7FFF).to(torch.int16)
 
 
-def _plan(a):
+def _plan(a, rnd: int = 0):
+    """Round ``rnd``'s rooms: every round moves the same pages (new room ids)."""
     pages = a.tokens // a.page_size
     rooms = []
     for i in range(a.rooms):
         src = list(range(i * pages, (i + 1) * pages))
         dst = list(range(a.num_pages - (i + 1) * pages, a.num_pages - i * pages))  # other pages
-        rooms.append((1000 + i, src, dst))
+        rooms.append((1000 + rnd * a.rooms + i, src, dst))
     return rooms
 
 
-def _prefill(q, barrier, sock, rank, a, bootstrap):
+def _until_bootstrapped(c, rooms, timeout: float) -> None:
+    """Poll until the decode side's request for every room reached this rank's daemon.
+
+    SGLang's prefill scheduler holds a request in its bootstrap queue until the sender polls
+    WaitingForInput, and only then computes it, so its KV is never ready before this point.
+    """
+    from kvd.engineclient.replies import KvdUnknownError
+
+    deadline = time.monotonic() + timeout
+    for room in rooms:
+        while True:
+            try:
+                if c.poll(room).state != "bootstrapping":
+                    break
+            except KvdUnknownError:
+                pass  # the decode daemon's request has not arrived yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"room {room} never bootstrapped")
+            time.sleep(0.0002)
+
+
+def _start_spy(a):
+    """py-spy on the prefill daemon for the timed rounds only (after the warm-up): every
+    thread, idle samples included, so the event loop's busy and waiting time both show."""
+    import subprocess
+
+    path, pid = a.spy
+    proc = subprocess.Popen([a.spy_bin, "record", "--pid", str(pid), "--threads", "--idle", "--rate", "500",
+                             "-f", "raw", "-o", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the first round
+    return proc
+
+
+def _prefill(q, barrier, sock, rank, a, bootstrap, send_barrier):
     import torch
 
     from kvd.client import KvdClient
@@ -84,17 +121,27 @@ def _prefill(q, barrier, sock, rank, a, bootstrap):
                 _, src, _ = _plan(a)[0]
                 c.send(pid, WARMUP_ROOM, src[:max(1, a.warmup_tokens // a.page_size)], True, aux=b"aux")
                 c.wait(WARMUP_ROOM, timeout=a.timeout)
-            barrier.wait()
-            rep.t_start = time.time()
             chunk = max(1, a.chunk_tokens // a.page_size)
-            for room, src, _ in _plan(a):
-                for i in range(0, len(src), chunk):
-                    last = i + chunk >= len(src)
-                    c.send(pid, room, src[i:i + chunk], last, aux=b"aux" if last else b"")
-            for room, _, _ in _plan(a):
-                st = c.wait(room, timeout=a.timeout)
-                rep.bytes += st.bytes_done
-            rep.t_end = time.time()
+            spy = _start_spy(a) if rank == 0 and a.spy else None
+            for rnd in range(a.repeat):
+                barrier.wait()
+                rep.t_start.append(time.time())
+                _until_bootstrapped(c, [room for room, _, _ in _plan(a, rnd)], a.timeout)
+                send_barrier.wait()  # every prefill rank's KV is "ready" at once, as after a forward pass
+                rep.t_send.append(time.time())
+                for room, src, _ in _plan(a, rnd):
+                    for i in range(0, len(src), chunk):
+                        last = i + chunk >= len(src)
+                        c.send(pid, room, src[i:i + chunk], last, aux=b"aux" if last else b"")
+                for room, _, _ in _plan(a, rnd):
+                    st = c.wait(room, timeout=a.timeout)
+                    rep.bytes += st.bytes_done if rnd == 0 else 0
+                rep.t_end.append(time.time())
+            if spy is not None:
+                import signal
+
+                spy.send_signal(signal.SIGINT)  # py-spy writes its profile when interrupted
+                spy.wait(60)
             rep.ok = True
     except Exception as exc:  # reported to the parent, which prints it
         rep.error = f"{type(exc).__name__}: {exc}"
@@ -122,13 +169,14 @@ def _decode(q, barrier, sock, rank, a, bootstrap):
                 c.recv(pid, WARMUP_ROOM, bootstrap, "P", dst[:max(1, a.warmup_tokens // a.page_size)],
                        timeout_s=a.timeout)
                 c.wait(WARMUP_ROOM, timeout=a.timeout)
-            barrier.wait()
-            rep.t_start = time.time()
-            for room, _, dst in _plan(a):
-                c.recv(pid, room, bootstrap, "P", dst, timeout_s=a.timeout)
-            for room, _, _ in _plan(a):
-                c.wait(room, timeout=a.timeout)
-            rep.t_end = time.time()
+            for rnd in range(a.repeat):
+                barrier.wait()
+                rep.t_start.append(time.time())
+                for room, _, dst in _plan(a, rnd):
+                    c.recv(pid, room, bootstrap, "P", dst, timeout_s=a.timeout)
+                for room, _, _ in _plan(a, rnd):
+                    c.wait(room, timeout=a.timeout)
+                rep.t_end.append(time.time())
         touched = torch.zeros(lay.num_tokens, dtype=torch.bool, device="cuda")
         for room, src, dst in _plan(a):
             ps = a.page_size
@@ -222,12 +270,15 @@ def run(a) -> dict:
     flags += a.daemon_flag
     prof = {role: ["--log-profile", str(tmp / f"{role}.prof")] if a.profile else [] for role in ("prefill", "decode")}
     prefill = start_daemon(tmp, "prefill", *flags, *prof["prefill"])
+    a.spy = (a.spy_out, prefill.proc.pid) if a.spy_out else None
     decode = start_daemon(tmp, "decode", *flags, *prof["decode"])
     try:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         barrier = ctx.Barrier(a.prefill_tp + a.decode_tp)
-        procs = [ctx.Process(target=_prefill, args=(q, barrier, prefill.socket_path, r, a, prefill.address))
+        send_barrier = ctx.Barrier(a.prefill_tp)
+        procs = [ctx.Process(target=_prefill, args=(q, barrier, prefill.socket_path, r, a, prefill.address,
+                                                     send_barrier))
                  for r in range(a.prefill_tp)]
         procs += [ctx.Process(target=_decode, args=(q, barrier, decode.socket_path, r, a, prefill.address))
                   for r in range(a.decode_tp)]
@@ -243,14 +294,27 @@ def run(a) -> dict:
     if a.profile:
         _print_profiles(tmp, a.profile)
     peer_paths, totals = _peer_paths(prefill.log())
-    timeline = _timeline({"P": prefill.log(), "D": decode.log()}, min(r.t_start for r in reports)) if a.timeline else []
     dec = [r for r in reports if r.role == "decode"]
     nbytes = sum(r.bytes for r in dec)
-    seconds = max(r.t_end for r in reports) - min(r.t_start for r in reports)
+    rounds = []
+    for rnd in range(a.repeat):
+        end = max(r.t_end[rnd] for r in reports)
+        rounds.append({"seconds": end - min(r.t_start[rnd] for r in reports),
+                       # KV ready at prefill (every room bootstrapped) -> every engine told the room ended.
+                       "transfer_seconds": end - max(r.t_send[rnd] for r in reports if r.role == "prefill"),
+                       "send_at_ms": (max(r.t_send[rnd] for r in reports if r.role == "prefill")
+                                      - min(r.t_start[rnd] for r in reports)) * 1e3})
+    # The median round (by transfer time) stands for the run; every round is printed.
+    mid = sorted(rounds, key=lambda x: x["transfer_seconds"])[(len(rounds) - 1) // 2]
+    seconds, xfer = mid["seconds"], mid["transfer_seconds"]
+    timeline = (_timeline({"P": prefill.log(), "D": decode.log()}, min(r.t_start[0] for r in reports))
+                if a.timeline else [])
     kern = {"gather_s": pstat["staging"]["kernel_seconds"].get("gather", 0.0),
             "scatter_s": dstat["staging"]["kernel_seconds"].get("scatter", 0.0)}
     return {"ok": all(r.ok for r in reports), "bytes": nbytes, "seconds": seconds,
-            "gbps": nbytes / seconds / 1e9 if seconds > 0 else 0.0, "paths": dstat["rooms_by_path"],
+            "gbps": nbytes / seconds / 1e9 if seconds > 0 else 0.0, "transfer_seconds": xfer,
+            "transfer_gbps": nbytes / xfer / 1e9 if xfer > 0 else 0.0,
+            "send_at_ms": mid["send_at_ms"], "rounds": rounds, "paths": dstat["rooms_by_path"],
             "write_ops": pstat["write_ops_total"], "errors": {**pstat["errors"], **dstat["errors"]},
             "failures": [(r.role, r.rank, r.error, r.mismatches[:2]) for r in reports if not r.ok],
             "peer_paths": peer_paths, "path_totals": totals, "timeline": timeline, **kern}
@@ -322,6 +386,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=131072, help="tokens per room")
     ap.add_argument("--rooms", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="timed rounds of the same rooms (new room ids); the median round is reported")
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per engine chunk (chunked prefill)")
     ap.add_argument("--staging-pool", default="4GiB")
     ap.add_argument("--staging-chunk-tokens", type=int, default=8192)
@@ -338,6 +404,9 @@ def parser() -> argparse.ArgumentParser:
                     help="run both daemons' event loops under cProfile and print each one's top N functions")
     ap.add_argument("--daemon-flag", action="append", default=[],
                     help="extra flag for both daemons (repeatable), e.g. --daemon-flag=--no-transport-one-pass")
+    ap.add_argument("--spy-out", default="", metavar="FILE",
+                    help="py-spy the prefill daemon during the timed rounds into FILE (raw stacks)")
+    ap.add_argument("--spy-bin", default="py-spy")
     ap.add_argument("--timeline", action="store_true",
                     help="daemons at debug level; print the timed rooms' events in ms from the engines' start")
     ap.add_argument("--same-node", default="cuda_ipc", choices=("cuda_ipc", "off"),
@@ -351,14 +420,20 @@ def main(argv=None) -> int:
     r = run(a)
     print(f"GPU e2e TP {a.prefill_tp}->{a.decode_tp}, {a.layers} layers, {a.kv_heads} kv heads, head_dim "
           f"{a.head_dim}, bf16, {a.rooms} room(s) x {a.tokens} tokens, paths {r['paths']}")
-    print(f"  byte-exact: {r['ok']}  {r['bytes'] / 2**30:.2f} GiB in {r['seconds']:.2f} s = {r['gbps']:.2f} GB/s, "
-          f"{r['write_ops']} write ops, errors {r['errors']}")
+    print(f"  byte-exact: {r['ok']}  {r['bytes'] / 2**30:.2f} GiB; room (bootstrap included) {r['seconds'] * 1e3:.1f} ms "
+          f"= {r['gbps']:.2f} GB/s; transfer (KV ready -> engines told) {r['transfer_seconds'] * 1e3:.1f} ms = "
+          f"{r['transfer_gbps']:.2f} GB/s; {r['write_ops']} write ops, errors {r['errors']}")
     if r["failures"]:
         print("  failures:", r["failures"])
     for line in r["peer_paths"]:
         print("  " + line)
     for peer, p in r["path_totals"].items():
         print(f"  same-node totals to {peer[:24]}: batches {p['batches']}, seconds {p['seconds']}")
+    if len(r["rounds"]) > 1:
+        print("  rounds (transfer ms / room ms): " + ", ".join(
+            f"{x['transfer_seconds'] * 1e3:.1f}/{x['seconds'] * 1e3:.1f}" for x in r["rounds"]) + " (median printed above)")
+    if r["timeline"]:
+        print(f"  (prefill ranks saw every room bootstrapped and sent from {r['send_at_ms']:.2f} ms)")
     for line in r["timeline"][:200]:
         print("  " + line)
     kernel = r["gather_s"] + r["scatter_s"]

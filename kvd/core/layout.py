@@ -14,6 +14,7 @@ Pure: no I/O, no torch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 DTYPE_SIZES: dict[str, int] = {
@@ -41,7 +42,10 @@ _FROM_DICT_KEPT = 1024
 
 @dataclass(frozen=True)
 class PoolLayout:
-    """Shape of one engine rank's KV pool (the same for every rank of an engine but tp_rank)."""
+    """Shape of one engine rank's KV pool (the same for every rank of an engine but tp_rank).
+
+    Frozen, so the derived sizes are computed once per layout (``cached_property``): planners
+    read them for every chunk on the event loop."""
 
     engine_id: str
     role: str
@@ -92,12 +96,12 @@ class PoolLayout:
         return out
 
     # --- head ownership -------------------------------------------------------------
-    @property
+    @cached_property
     def local_heads(self) -> int:
         """KV heads held by one rank (1 under GQA replication and for MLA)."""
         return max(1, self.total_kv_heads // self.tp_size)
 
-    @property
+    @cached_property
     def replication(self) -> int:
         """How many ranks hold a copy of each head (1 unless total heads < TP)."""
         return max(1, self.tp_size // self.total_kv_heads)
@@ -109,37 +113,37 @@ class PoolLayout:
         return range(first, first + self.local_heads)
 
     # --- bytes ----------------------------------------------------------------------
-    @property
+    @cached_property
     def itemsize(self) -> int:
         return DTYPE_SIZES[self.dtype]
 
-    @property
+    @cached_property
     def head_bytes(self) -> int:
         return self.head_dim * self.itemsize
 
-    @property
+    @cached_property
     def token_bytes(self) -> int:
         """Bytes of one token row in one buffer (all local heads)."""
         return self.local_heads * self.head_bytes
 
-    @property
+    @cached_property
     def page_bytes(self) -> int:
         return self.token_bytes * self.page_size
 
-    @property
+    @cached_property
     def buffer_bytes(self) -> int:
         return self.page_bytes * self.num_pages
 
-    @property
+    @cached_property
     def num_buffers(self) -> int:
         """Buffers in the pool: K and V per layer, or one latent buffer per layer for MLA."""
         return self.num_layers * (1 if self.is_mla else 2)
 
-    @property
+    @cached_property
     def pool_bytes(self) -> int:
         return self.buffer_bytes * self.num_buffers
 
-    @property
+    @cached_property
     def num_tokens(self) -> int:
         return self.num_pages * self.page_size
 

@@ -367,8 +367,26 @@ def plan_pair_writes(mapping: TpMapping,
 # --- bounds ---------------------------------------------------------------------------------
 
 
+class RegionIndex:
+    """``(base, length)`` regions prepared once for many range checks: a pool's buffers are
+    checked against on every batch, so the sort and running max are made once per pool."""
+
+    __slots__ = ("bases", "count", "furthest_end", "pairs", "problem")
+
+    def __init__(self, regions: Sequence[tuple[int, int]]) -> None:
+        self.pairs = [(int(b), int(n)) for b, n in regions]  # the small-batch test's form
+        reg = np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2)
+        self.count = int(reg.shape[0])
+        self.problem = ""
+        if self.count and (reg[:, 0].min() < 0 or reg[:, 1].min() < 1):
+            self.problem = f"invalid registered region in {reg.tolist()}"
+        order = np.argsort(reg[:, 0], kind="stable")
+        self.bases = reg[order, 0]
+        self.furthest_end = np.maximum.accumulate(self.bases + reg[order, 1]) if self.count else self.bases
+
+
 def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
-                        regions: Sequence[tuple[int, int]], what: str) -> None:
+                        regions: Sequence[tuple[int, int]] | RegionIndex, what: str) -> None:
     """Refuse any ``[address, address+length)`` not inside a single ``(base, length)`` region.
 
     Vectorised: regions are sorted by base and, for each range, the regions starting at or
@@ -382,22 +400,21 @@ def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
         return
     if size.min() < 1:
         raise PlanError(f"{what}: a write of {int(size.min())} bytes")
-    if addr.size <= SMALL and len(regions) <= SMALL:
+    if addr.size <= SMALL and len(regions.pairs if isinstance(regions, RegionIndex) else regions) <= SMALL:
         # The same test on Python ints: some region with base <= address reaches past the end.
-        regs = [(int(b), int(n)) for b, n in regions]
+        regs = regions.pairs if isinstance(regions, RegionIndex) else [(int(b), int(n)) for b, n in regions]
         if regs and all(b >= 0 and n >= 1 for b, n in regs) and all(
-                any(b <= a and a + z <= b + n for b, n in regs) for a, z in zip(addr.tolist(), size.tolist(), strict=True)):
+                any(b <= a and a + z <= b + n for b, n in regs)
+                for a, z in zip(addr.tolist(), size.tolist(), strict=True)):
             return
-    reg = np.asarray(list(regions), dtype=np.int64).reshape(-1, 2)
-    if reg.shape[0] == 0:
+    if not isinstance(regions, RegionIndex):
+        regions = RegionIndex(regions)
+    if regions.count == 0:
         raise PlanError(f"{what}: {addr.shape[0]} writes but no registered region")
-    if reg[:, 0].min() < 0 or reg[:, 1].min() < 1:
-        raise PlanError(f"{what}: invalid registered region in {reg.tolist()}")
-    order = np.argsort(reg[:, 0], kind="stable")
-    bases = reg[order, 0]
-    furthest_end = np.maximum.accumulate(bases + reg[order, 1])
-    idx = np.searchsorted(bases, addr, side="right") - 1
-    ok = (idx >= 0) & (furthest_end[np.maximum(idx, 0)] >= addr + size)
+    if regions.problem:
+        raise PlanError(f"{what}: {regions.problem}")
+    idx = np.searchsorted(regions.bases, addr, side="right") - 1
+    ok = (idx >= 0) & (regions.furthest_end[np.maximum(idx, 0)] >= addr + size)
     if not ok.all():
         first = int(np.flatnonzero(~ok)[0])
         raise PlanError(f"{what}: {int((~ok).sum())} of {addr.shape[0]} writes fall outside the "
@@ -405,7 +422,7 @@ def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
                         f"+{int(size[first])}))")
 
 
-def check_ops_within(ops: WriteOps, regions: Sequence[tuple[int, int]], what: str,
+def check_ops_within(ops: WriteOps, regions: Sequence[tuple[int, int]] | RegionIndex, what: str,
                      *, side: str = "dst") -> None:
     """Refuse ops whose ``side`` ("dst", or "src") range leaves the registered regions."""
     if side not in ("src", "dst"):

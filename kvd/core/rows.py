@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvd.core.planner import DirectPlanner, PlanError, WriteOps, check_ranges_within, coalesce
+from kvd.core.planner import DirectPlanner, PlanError, RegionIndex, WriteOps, check_ranges_within, coalesce
 
 __all__ = ["Plan", "RowBatch", "RowCopy", "check_rows_within", "join_plans", "plan_slice", "plan_slice_pages"]
 
@@ -108,7 +108,8 @@ class RowBatch:
         return WriteOps.concat(p.ops() for p in self.parts)
 
 
-def check_rows_within(batch: RowBatch, regions: Sequence[tuple[int, int]], what: str, *, side: str = "dst") -> None:
+def check_rows_within(batch: RowBatch, regions: Sequence[tuple[int, int]] | RegionIndex, what: str, *,
+                      side: str = "dst") -> None:
     """Refuse a batch any of whose buffer spans on ``side`` leaves the registered regions."""
     if side not in ("src", "dst"):
         raise ValueError(f"side must be 'src' or 'dst', got {side!r}")

@@ -7,12 +7,13 @@ moves; the daemon owns the dictionaries, this module owns what a pool *is*.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from kvd.core.layout import PoolLayout
-from kvd.core.planner import SMALL, PlanError, check_ops_within, check_token_indices
+from kvd.core.planner import SMALL, PlanError, RegionIndex, check_ops_within, check_token_indices
 from kvd.mem.memory import OpenedPool
 
 
@@ -51,6 +52,11 @@ class LocalPool:
     def regions(self) -> list[tuple[int, int]]:
         return [(b, self.layout.buffer_bytes) for b in self.opened.buffers]
 
+    @cached_property
+    def region_index(self) -> RegionIndex:
+        """:meth:`regions`, prepared once for the per-batch bounds checks."""
+        return RegionIndex(self.regions())
+
     def check_pages(self, pages: np.ndarray, what: str) -> None:
         check_page_indices(pages, self.layout.num_pages, what)
 
@@ -70,6 +76,11 @@ class RemotePool:
 
     def regions(self) -> list[tuple[int, int]]:
         return [(b, self.layout.buffer_bytes) for b in self.buffers]
+
+    @cached_property
+    def region_index(self) -> RegionIndex:
+        """:meth:`regions`, prepared once (an announce that changes the buffers makes a new record)."""
+        return RegionIndex(self.regions())
 
     def check_tokens(self, tokens: np.ndarray, what: str) -> None:
         check_token_indices(tokens, self.layout, what)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import structlog
 
 from kvd.core.inline import pack_ops
@@ -30,6 +32,9 @@ log = structlog.get_logger("kvd.sender")
 
 #: Chunks of more pages than this plan on page indices (kvd.core.planner, kvd.core.rows).
 SMALL_PAGES = 16
+#: Batches of one room written at once: the next one is queued on the device while the last
+#: one copies, so the copy engine never waits for the event loop between batches.
+MAX_BATCHES_IN_FLIGHT = 2
 
 
 class DirectHooks(Protocol):
@@ -42,9 +47,15 @@ class DirectHooks(Protocol):
                        aux: bytes = b"") -> wp.TransferStatus: ...
 
 
+def _done_future() -> asyncio.Future[list[None]]:
+    done: asyncio.Future[list[None]] = asyncio.get_running_loop().create_future()
+    done.set_result([])
+    return done
+
+
 @dataclass
 class _InFlight:
-    """A batch being written while the next one is planned."""
+    """A batch being written while the next one is planned (or written too)."""
 
     writes: asyncio.Future[list[None]]
     batch: list[tuple[ReceiverRequest, Plan]]
@@ -60,6 +71,13 @@ class DirectSender:
 
     def _plan_batch(self, sr: SenderRoom, chunks: list[Chunk]) -> list[tuple[ReceiverRequest, Plan]]:
         """Every chunk's ops, one batch per receiver (a burst of small chunks: one round trip)."""
+        if len(chunks) > 1 and not any(r.msg.enable_hisparse for r in sr.requests.values()):
+            # Whole pages continue one another on both sides: the chunks of a burst plan as one
+            # (one plan and one bounds check per batch, not per chunk: the event loop is what a
+            # prefill daemon serving several ranks runs out of). HiSparse keeps its per-chunk
+            # token checks.
+            chunks = [Chunk(np.concatenate([np.asarray(c.pages, dtype=np.int64) for c in chunks]),
+                            chunks[-1].is_last, chunks[-1].aux)]
         planned: dict[int, tuple[ReceiverRequest, list[Plan]]] = {}
         for chunk in chunks:
             for req, ops in self._plan_chunk(sr, chunk):
@@ -107,61 +125,73 @@ class DirectSender:
                 sr.draining = False
 
     async def _drain_locked(self, sr: SenderRoom) -> None:
-        in_flight: _InFlight | None = None
-        while not sr.machine.state.final:
-            if sr.handoff is None and not sr.chunks:
-                if in_flight is None:
-                    return
-                # Wait for the write, or for a chunk to plan while the write goes on.
-                sr.more.clear()
-                more = asyncio.ensure_future(sr.more.wait())
-                try:
-                    await asyncio.wait((in_flight.writes, more), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    more.cancel()
-                if not in_flight.writes.done():
+        in_flight: deque[_InFlight] = deque()
+        try:
+            while not sr.machine.state.final:
+                if sr.handoff is None and not sr.chunks:
+                    if not in_flight:
+                        return
+                    # Wait for the oldest write, or for a chunk to plan while the writes go on.
+                    sr.more.clear()
+                    more = asyncio.ensure_future(sr.more.wait())
+                    try:
+                        await asyncio.wait((in_flight[0].writes, more), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        more.cancel()
+                    if in_flight[0].writes.done() and not await self._land(sr, in_flight.popleft()):
+                        return
                     continue
-                landed, in_flight = in_flight, None
-                if not await self._land(sr, landed):
-                    return
-                continue
-            batch: list[tuple[ReceiverRequest, Plan]] | None = None
-            if sr.handoff is not None:
-                (chunks, batch), sr.handoff = sr.handoff, None
-                # Planned before this task held the lock: a receiver that aborted meanwhile
-                # has had its AbortAck (the lock was free), so nothing more may go to it.
-                batch = [(req, ops) for req, ops in batch if not req.aborted]
-            else:
-                chunks, sr.chunks = sr.chunks, []
-            t0 = self.ctx.now()
-            try:
-                if batch is None:
-                    batch = self._plan_batch(sr, chunks)
-            except PlanError as exc:
-                if in_flight is not None:
-                    await self._land(sr, in_flight)
-                self.ctx.count_error("plan")
-                self.side.fail(sr, str(exc))
-                return
-            log.debug("drain_batch", room=sr.room, chunks=len(chunks), planned=batch is not None,
-                      plan_s=round(self.ctx.now() - t0, 6))
-            if in_flight is not None:  # batches land in order: the last one first
-                landed, in_flight = in_flight, None
-                if not await self._land(sr, landed):
-                    return
-                batch = [(req, ops) for req, ops in batch if not req.aborted]
-            writes = []
-            for req, ops in batch:
-                if self._fits_inline(sr, req, ops):
-                    self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
+                batch: list[tuple[ReceiverRequest, Plan]] | None = None
+                if sr.handoff is not None:
+                    (chunks, batch), sr.handoff = sr.handoff, None
                 else:
-                    writes.append(self._write(sr, req, ops))
-            if not writes:
-                self._batch_done(sr, chunks)
-                continue
-            in_flight = _InFlight(asyncio.gather(*writes), batch, chunks)
-        if in_flight is not None:  # the room ended meanwhile: its last batch still lands or fails
-            await self._land(sr, in_flight)
+                    chunks, sr.chunks = sr.chunks, []
+                t0 = self.ctx.now()
+                try:
+                    if batch is None:
+                        batch = self._plan_batch(sr, chunks)
+                except PlanError as exc:
+                    self.ctx.count_error("plan")
+                    self.side.fail(sr, str(exc))
+                    return
+                log.debug("drain_batch", room=sr.room, chunks=len(chunks), plan_s=round(self.ctx.now() - t0, 6),
+                          in_flight=len(in_flight))
+                while len(in_flight) >= MAX_BATCHES_IN_FLIGHT:  # batches land in order: oldest first
+                    if not await self._land(sr, in_flight.popleft()):
+                        return
+                # Planned before the last batches landed (or, handed over, before this task held
+                # the lock): a receiver that aborted meanwhile gets nothing more.
+                batch = [(req, ops) for req, ops in batch if not req.aborted]
+                writes = []
+                for req, ops in batch:
+                    if self._fits_inline(sr, req, ops):
+                        self._write_inline(sr, req, ops, hold=chunks[-1].is_last)
+                    else:
+                        writes.append(self._write(sr, req, ops))
+                if not writes:
+                    if in_flight:  # progress and completion stay in batch order
+                        in_flight.append(_InFlight(_done_future(), batch, chunks))
+                    else:
+                        self._batch_done(sr, chunks)
+                    continue
+                in_flight.append(_InFlight(asyncio.gather(*writes), batch, chunks))
+                # Let the writes reach the transport now (a copy queued behind the one running),
+                # not after the next batch is planned.
+                await asyncio.sleep(0)
+        finally:
+            # The room ended or a batch failed: the lock (the fence) is let go only once no
+            # write of this room can still land.
+            await self._settle(in_flight)
+
+    async def _settle(self, in_flight: deque[_InFlight]) -> None:
+        """Wait for every batch still in flight; one that fails leaves its receivers unsure."""
+        while in_flight:
+            landed = in_flight.popleft()
+            try:
+                await landed.writes
+            except TransportError:
+                for req, _ in landed.batch:
+                    req.unsure = True
 
     async def _land(self, sr: SenderRoom, in_flight: _InFlight) -> bool:
         """Wait for a batch's writes; a failure fails the room (its bytes may still be in flight)."""
@@ -182,8 +212,11 @@ class DirectSender:
         t0 = self.ctx.now()
         result = await write_plan(self.ctx.transport, req.remote.session_id, ops)
         # debug: where a room's time goes (issue 14: the per-room cost beside the copy itself)
+        now = self.ctx.now()
         log.debug("direct_write", room=sr.room, rank=sr.pool.layout.tp_rank, ops=len(ops), bytes=result.nbytes,
-                  copy_s=round(result.seconds, 6), wall_s=round(self.ctx.now() - t0, 6))
+                  copy_s=round(result.seconds, 6), wall_s=round(now - t0, 6),
+                  queued_s=round(result.started - t0, 6) if result.started else None,
+                  back_s=round(now - result.ended, 6) if result.ended else None)
         self.ctx.observe_batch(result)
         sr.bytes_done += result.nbytes
         req.bytes_written += result.nbytes
@@ -258,8 +291,8 @@ class DirectSender:
     def _check_plan(sr: SenderRoom, req: ReceiverRequest, ops: Plan) -> None:
         """Every byte read from our pool and written into the receiver's announced one."""
         if isinstance(ops, RowBatch):  # a strided slice: spans checked, never expanded here
-            check_rows_within(ops, req.remote.regions(), f"write into {req.remote.key}")
-            check_rows_within(ops, sr.pool.regions(), "read from the local pool", side="src")
+            check_rows_within(ops, req.remote.region_index, f"write into {req.remote.key}")
+            check_rows_within(ops, sr.pool.region_index, "read from the local pool", side="src")
         else:
-            check_ops_within(ops, req.remote.regions(), f"write into {req.remote.key}")
-            check_ops_within(ops, sr.pool.regions(), "read from the local pool", side="src")
+            check_ops_within(ops, req.remote.region_index, f"write into {req.remote.key}")
+            check_ops_within(ops, sr.pool.region_index, "read from the local pool", side="src")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvd.core.planner import DirectPlanner, HeadSlice
+from kvd.core.planner import DirectPlanner, HeadSlice, pages_to_tokens
 from kvd.core.ring import RingSlot
 from kvd.core.rooms import CompletionTracker, RoomMachine, TransferPath
 from kvd.core.rows import Plan
@@ -98,18 +98,26 @@ class SenderRoom:
     # Set when a chunk arrives: a drain waiting on a write plans it meanwhile.
     more: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False  # a drain holds the lock and looks for chunks before it lets go
-    src_tokens: list[np.ndarray] = field(default_factory=list)  # room tokens so far (staged path)
+    # The engine's pages so far; expanded to tokens only when the staged path asks (a direct
+    # room never pays for the expansion on the event loop).
+    src_pages: list[np.ndarray] = field(default_factory=list)
     src_token_count: int = 0
+    _src_tokens: np.ndarray | None = None
 
     @property
     def bytes_total(self) -> int:
         return self.bytes_done  # a sender learns the total only when its last chunk is written
 
     def tokens_upto(self, end: int) -> np.ndarray:
-        """The room's first ``end`` source tokens (the engine's chunks, concatenated once)."""
-        if len(self.src_tokens) > 1:
-            self.src_tokens = [np.concatenate(self.src_tokens)]
-        return self.src_tokens[0][:end]
+        """The room's first ``end`` source tokens (the engine's chunks, expanded once per chunk
+        that arrived since the last call)."""
+        have = 0 if self._src_tokens is None else self._src_tokens.shape[0]
+        if have < self.src_token_count:
+            if len(self.src_pages) > 1:
+                self.src_pages = [np.concatenate(self.src_pages)]
+            self._src_tokens = pages_to_tokens(self.src_pages[0], self.pool.layout.page_size)
+        assert self._src_tokens is not None
+        return self._src_tokens[:end]
 
     def staged(self) -> list[tuple[ReceiverRequest, StagedSend]]:
         return [(r, r.staged) for r in self.requests.values() if r.staged is not None]

@@ -19,7 +19,6 @@ import structlog
 from kvd.core.layout import LayoutError
 from kvd.core.planner import (
     PlanError,
-    pages_to_tokens,
 )
 from kvd.core.rooms import Deadlines, RoomInput, RoomMachine, RoomState, TransferPath
 from kvd.mem.pools import LocalPool, RemotePool, check_page_indices
@@ -88,7 +87,7 @@ class SenderSide(SideBase[SenderRoom]):
         sr.chunks.append(Chunk(msg.pages, msg.is_last, msg.aux))
         sr.more.set()
         sr.got_last = msg.is_last
-        sr.src_tokens.append(pages_to_tokens(msg.pages, pool.layout.page_size))
+        sr.src_pages.append(msg.pages)
         sr.src_token_count += len(msg.pages) * pool.layout.page_size
         for _, st in sr.staged():
             st.wake.set()

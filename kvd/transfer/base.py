@@ -29,6 +29,10 @@ class BatchResult:
     nbytes: int
     ops: int
     seconds: float
+    # time.monotonic() when the transport's worker took the batch and when it was done with it
+    # (0: not measured): the queueing and hand-back around ``seconds`` (issue 14's timeline).
+    started: float = 0.0
+    ended: float = 0.0
 
 
 class Transport(Protocol):

@@ -315,13 +315,27 @@ class IpcPeer:
 
 
 
-def inside(regions: list[tuple[int, int]], addrs: np.ndarray, length: np.ndarray) -> bool:
+@dataclass(frozen=True, eq=False)
+class SortedRegions:
+    """Non-overlapping ``(start, length)`` regions as arrays, made once per change of the list
+    (a batch's check then costs one search, not a rebuild on the event loop)."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def of(cls, regions: list[tuple[int, int]]) -> SortedRegions:
+        starts = np.asarray([a for a, _ in regions], dtype=np.int64)
+        return cls(starts, starts + np.asarray([n for _, n in regions], dtype=np.int64))
+
+
+def inside(regions: list[tuple[int, int]] | SortedRegions, addrs: np.ndarray, length: np.ndarray) -> bool:
     """Whether every op ``[addr, addr+len)`` lies inside one of the sorted ``(start, length)`` regions."""
-    if not regions:
+    if not isinstance(regions, SortedRegions):
+        regions = SortedRegions.of(regions)
+    if regions.starts.size == 0:
         return False
-    starts = np.asarray([a for a, _ in regions], dtype=np.int64)
-    ends = starts + np.asarray([n for _, n in regions], dtype=np.int64)
-    k = np.searchsorted(starts, addrs, side="right") - 1
+    k = np.searchsorted(regions.starts, addrs, side="right") - 1
     if (k < 0).any():
         return False
-    return bool((addrs + length <= ends[k]).all())
+    return bool((addrs + length <= regions.ends[k]).all())

@@ -28,7 +28,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,15 @@ import structlog
 
 from kvd.core.rows import RowBatch, RowCopy
 from kvd.transfer.base import BatchResult, RowWriter, Transport, TransportError
-from kvd.transfer.cudaipc import ExportedRegion, IpcEndpoint, IpcPeer, cuda, endpoint_reachable, inside
+from kvd.transfer.cudaipc import (
+    ExportedRegion,
+    IpcEndpoint,
+    IpcPeer,
+    SortedRegions,
+    cuda,
+    endpoint_reachable,
+    inside,
+)
 
 __all__ = ["PeerPath", "SameNodeTransport", "with_endpoint"]
 
@@ -87,7 +95,8 @@ class SameNodeTransport:
         except (TransportError, ImportError, OSError) as exc:
             self.disabled = str(exc)
         self._registered: dict[int, int] = {}
-        self._device_regions: list[tuple[int, int]] = []  # sorted (addr, length), exported device memory
+        # Exported device memory: sorted (addr, length), replaced (never mutated) on each change.
+        self._device_regions = SortedRegions.of([])
         self._devices: set[int] = set()  # the GPUs our exported regions are on
         self._not_exported: dict[int, str] = {}
         self._peers: dict[str, IpcPeer] = {}
@@ -106,7 +115,7 @@ class SameNodeTransport:
         exported = self._endpoint.add(addr, length)
         with self._lock:
             if isinstance(exported, ExportedRegion):
-                self._device_regions = sorted({*self._device_regions, (addr, length)})
+                self._device_regions = SortedRegions.of(sorted({*self._device_list(), (addr, length)}))
                 self._devices.add(exported.device)
             else:
                 self._not_exported[addr] = exported
@@ -116,13 +125,17 @@ class SameNodeTransport:
     def regions(self) -> list[tuple[int, int]]:
         return sorted(self._registered.items())
 
+    def _device_list(self) -> list[tuple[int, int]]:
+        r = self._device_regions
+        return list(zip(r.starts.tolist(), (r.ends - r.starts).tolist(), strict=True))
+
     def unregister(self, addr: int) -> None:
         self._registered.pop(addr, None)
         self.network.unregister(addr)
         if self._endpoint is not None:
             self._endpoint.remove(addr)
         with self._lock:
-            self._device_regions = [r for r in self._device_regions if r[0] != addr]
+            self._device_regions = SortedRegions.of([r for r in self._device_list() if r[0] != addr])
             self._not_exported.pop(addr, None)
 
     # --- routing ------------------------------------------------------------------------------
@@ -264,6 +277,7 @@ class SameNodeTransport:
         """The row copies of one batch on the worker: each part's destination spans translated
         into our mapping of the peer's pool (whole spans, so every row lands inside), then one
         kernel per part, one stream sync for the batch."""
+        started = time.monotonic()
         mapped: list[tuple[RowCopy, np.ndarray]] = []
         try:
             for part in batch.parts:
@@ -275,7 +289,7 @@ class SameNodeTransport:
         except TransportError as exc:
             raise TransportError(f"same-node write to {peer_session} refused: {exc}") from exc
         try:
-            return self._copy_rows(mapped)
+            return replace(self._copy_rows(mapped), started=started, ended=time.monotonic())
         except TransportError as exc:
             return f"CUDA row copy failed: {exc}"
 
@@ -303,6 +317,7 @@ class SameNodeTransport:
                    length: np.ndarray) -> BatchResult | str:
         """One worker-thread hop per batch: fence check, address translation, copy. A str is the
         reason the batch must go over the network instead; a revoked peer raises."""
+        started = time.monotonic()
         try:
             mapped = self._destinations(peer_session, path, dst, length)
         except TransportError as exc:
@@ -310,7 +325,7 @@ class SameNodeTransport:
         if mapped is None:
             return f"destination outside the device memory {peer_session} exported (host pool?)"
         try:
-            return self._copy(src, mapped, length)
+            return replace(self._copy(src, mapped, length), started=started, ended=time.monotonic())
         except TransportError as exc:
             return f"CUDA copy failed: {exc}"
 
