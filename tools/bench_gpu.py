@@ -172,7 +172,7 @@ E2E = [  # name, prefill TP, decode TP, kv heads, same_node, staged
 ]
 
 
-def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
+def e2e_section(tokens: int, which: str, timeout: float = 240.0, repeat: int = 3) -> list[str]:
     from tools import gpu_e2e
 
     d2d = d2d_gbps(4 << 30)
@@ -183,7 +183,7 @@ def e2e_section(tokens: int, which: str, timeout: float = 240.0) -> list[str]:
             continue
         a = gpu_e2e.parser().parse_args(["--prefill-tp", str(ptp), "--decode-tp", str(dtp), "--kv-heads", str(heads),
                                          "--tokens", str(tokens), "--same-node", same, "--timeout", str(timeout),
-                                         "--warmup-tokens", "8192"]
+                                         "--warmup-tokens", "8192", "--repeat", str(repeat)]
                                         + (["--chunk-tokens", "131072"] if "one 128k chunk" in name else [])
                                         + (["--daemon-flag=--no-transport-one-pass"] if "one pass off" in name else [])
                                         + ([] if staged else ["--no-staging"]))
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--e2e", default="", help="comma-separated substrings of the end-to-end cases to run")
     ap.add_argument("--e2e-timeout", type=float, default=240.0, help="seconds each end-to-end case may take")
+    ap.add_argument("--e2e-repeat", type=int, default=3, help="timed rounds per end-to-end case (the median is printed)")
     ap.add_argument("--kernel-rep", type=int, default=25, help="ms of graph replays per kernel timing")
     ap.add_argument("--skip-raw", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         out += raw_section(a.raw_bytes)
         print("\n".join(out), flush=True)
     if not a.skip_e2e:
-        out += e2e_section(a.tokens, a.e2e, a.e2e_timeout)
+        out += e2e_section(a.tokens, a.e2e, a.e2e_timeout, a.e2e_repeat)
     print("\n=== summary (ratios within this run) ===")
     print("\n".join(out), flush=True)
     if not a.skip_kernels:

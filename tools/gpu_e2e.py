@@ -95,7 +95,7 @@ def _start_spy(a):
     import subprocess
 
     path, pid = a.spy
-    proc = subprocess.Popen([a.spy_bin, "record", "--pid", str(pid), "--threads", "--idle", "--rate", "500",
+    proc = subprocess.Popen([a.spy_bin, "record", "--pid", str(pid), "--threads", "--idle", "--rate", "200",
                              "-f", "raw", "-o", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the first round
     return proc

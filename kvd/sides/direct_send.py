@@ -214,7 +214,7 @@ class DirectSender:
         # debug: where a room's time goes (issue 14: the per-room cost beside the copy itself)
         now = self.ctx.now()
         log.debug("direct_write", room=sr.room, rank=sr.pool.layout.tp_rank, ops=len(ops), bytes=result.nbytes,
-                  copy_s=round(result.seconds, 6), wall_s=round(now - t0, 6),
+                  copy_s=round(result.seconds, 6), device_s=round(result.device_seconds, 6), wall_s=round(now - t0, 6),
                   queued_s=round(result.started - t0, 6) if result.started else None,
                   back_s=round(now - result.ended, 6) if result.ended else None)
         self.ctx.observe_batch(result)

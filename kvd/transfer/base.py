@@ -33,6 +33,7 @@ class BatchResult:
     # (0: not measured): the queueing and hand-back around ``seconds`` (issue 14's timeline).
     started: float = 0.0
     ended: float = 0.0
+    device_seconds: float = 0.0  # the copy's own time on the device (CUDA events; 0: not measured)
 
 
 class Transport(Protocol):

@@ -302,16 +302,20 @@ class SameNodeTransport:
         nbytes = ops = 0
         try:
             with torch.cuda.device(device), torch.cuda.stream(stream):
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record(stream)
                 for part, dst_bases in parts:
                     copy_rows_triton(part.src_bases.tolist(), dst_bases.tolist(), part.src_rows, part.dst_rows,
                                      part.src_stride, part.dst_stride, part.src_offset, part.dst_offset, part.run,
                                      torch.device("cuda", device), rows_per_index=part.rows_per_index)
                     nbytes += part.total_bytes
                     ops += len(part)
+                end.record(stream)
             stream.synchronize()
+            device_s = begin.elapsed_time(end) / 1e3
         except Exception as exc:  # torch / Triton errors
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
-        return BatchResult(nbytes, ops, time.perf_counter() - t0)
+        return BatchResult(nbytes, ops, time.perf_counter() - t0, device_seconds=device_s)
 
     def _same_node(self, peer_session: str, path: PeerPath, src: np.ndarray, dst: np.ndarray,
                    length: np.ndarray) -> BatchResult | str:
