@@ -71,13 +71,13 @@ class DirectSender:
 
     def _plan_batch(self, sr: SenderRoom, chunks: list[Chunk]) -> list[tuple[ReceiverRequest, Plan]]:
         """Every chunk's ops, one batch per receiver (a burst of small chunks: one round trip)."""
-        if len(chunks) > 1 and not any(r.msg.enable_hisparse for r in sr.requests.values()):
-            # Whole pages continue one another on both sides: the chunks of a burst plan as one
-            # (one plan and one bounds check per batch, not per chunk: the event loop is what a
-            # prefill daemon serving several ranks runs out of). HiSparse keeps its per-chunk
-            # token checks.
+        if len(chunks) > 1:
+            # The chunks of a burst continue one another on both sides: they plan as one (one
+            # plan and one bounds check per batch, not per chunk: the event loop is what a
+            # prefill daemon serving several ranks runs out of).
             chunks = [Chunk(np.concatenate([np.asarray(c.pages, dtype=np.int64) for c in chunks]),
-                            chunks[-1].is_last, chunks[-1].aux)]
+                            chunks[-1].is_last, chunks[-1].aux,
+                            lead_pages=sum(len(c.pages) for c in chunks[:-1]))]
         planned: dict[int, tuple[ReceiverRequest, list[Plan]]] = {}
         for chunk in chunks:
             for req, ops in self._plan_chunk(sr, chunk):
@@ -256,7 +256,9 @@ class DirectSender:
             if req.msg.enable_hisparse:
                 remaining = len(dst_all) - start
                 n = min(src_count, remaining)
-                if remaining <= 0 or (not chunk.is_last and n < src_count):
+                # Only the final chunk may end short: every earlier one fits whole (and leaves room).
+                if remaining <= 0 or (not chunk.is_last and n < src_count) \
+                        or chunk.lead_pages * local.page_size >= remaining:
                     raise PlanError(f"sender sent more tokens than the receiver's {len(dst_all)}")
                 src = expand_pages_to_tokens(chunk.pages, local.page_size, n)
                 dst = dst_all[start:start + n]

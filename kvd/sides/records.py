@@ -74,6 +74,9 @@ class Chunk:
     pages: np.ndarray
     is_last: bool
     aux: bytes
+    # Chunks planned as one (a burst): pages of the chunks before the final one, whose every
+    # token must fit the receiver even where the final chunk may end short (HiSparse).
+    lead_pages: int = 0
 
 
 @dataclass

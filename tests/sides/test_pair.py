@@ -243,6 +243,47 @@ async def test_hisparse_writes_token_indices_into_the_host_pool(cluster):
     assert t.decode_events()[0].state == "success"
 
 
+@pytest.mark.parametrize("prefill_tp", [1, 2])
+async def test_a_burst_of_chunks_plans_as_one_and_the_last_may_end_short(cluster, prefill_tp):
+    """Chunks that arrive while a batch is in flight are planned as one batch (HiSparse too):
+    the room ends three tokens into its last page, and every byte still lands where it should."""
+    t = Transfer(cluster, prefill_tp, 1, hisparse=True, pages=10)
+    t.dst_index = t.dst_index[:-3]
+    t.prefill.transport.hold()  # the first batch stays in flight: the rest queue up behind it
+    t.recv()
+    await cluster.settle()
+    t.send(chunks=5)
+    await cluster.settle()
+    t.prefill.transport.release()
+    await cluster.settle()
+    src = pages_to_tokens(t.src_pages, t.page_size)[:len(t.dst_index)]
+    problems = [p for pool, arrays in t.dst
+                for p in verify_decode(arrays, pool.layout, src, t.dst_index, SEED, CANARY)]
+    assert problems == []
+    assert t.decode_events()[0].state == "success"
+
+
+async def test_a_burst_whose_earlier_chunks_overflow_a_hisparse_room_fails_it(cluster):
+    """Only the room's last chunk may end short: a burst planned as one still refuses earlier
+    chunks that do not fit (the room fails with the reason; nothing lands outside its tokens)."""
+    t = Transfer(cluster, 1, 1, hisparse=True, pages=10)
+    t.dst_index = t.dst_index[:t.page_size * 2 + 1]  # room for two pages and a token
+    t.prefill.transport.hold()
+    t.recv()
+    await cluster.settle()
+    t.send(chunks=5)  # two pages per chunk
+    await cluster.settle()
+    t.prefill.transport.release()
+    await cluster.settle()
+    event = t.decode_events()[0]
+    assert event is not None and event.state == "failed"
+    none = np.zeros(0, dtype=np.int64)  # the room's tokens may be partly written; the rest hold the canary
+    problems = [p for pool, arrays in t.dst
+                for p in verify_decode(arrays, pool.layout, none, none, SEED, CANARY, ignore_tokens=t.dst_index)]
+    assert problems == []
+    assert "more tokens" in event.reason
+
+
 async def test_a_sender_rank_reporting_twice_fails_the_room_not_the_side(cluster):
     t = Transfer(cluster, 2, 1)
     t.recv()
