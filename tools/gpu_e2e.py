@@ -33,11 +33,13 @@ class Report:
     rank: int
     ok: bool = False
     bytes: int = 0
+    t_start: float = 0.0  # one timed span (tools/gpu_two.py)
+    t_end: float = 0.0
     # One entry per round (--repeat): the engines' start, prefill's first chunk (every room of
     # every rank bootstrapped: KV "ready"), and the end (every room of the round ended).
-    t_start: list[float] = field(default_factory=list)
-    t_send: list[float] = field(default_factory=list)
-    t_end: list[float] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)
+    sends: list[float] = field(default_factory=list)
+    ends: list[float] = field(default_factory=list)
     error: str = ""
     mismatches: list[str] = field(default_factory=list)
 
@@ -125,10 +127,10 @@ def _prefill(q, barrier, sock, rank, a, bootstrap, send_barrier):
             spy = _start_spy(a) if rank == 0 and a.spy else None
             for rnd in range(a.repeat):
                 barrier.wait()
-                rep.t_start.append(time.time())
+                rep.starts.append(time.time())
                 _until_bootstrapped(c, [room for room, _, _ in _plan(a, rnd)], a.timeout)
                 send_barrier.wait()  # every prefill rank's KV is "ready" at once, as after a forward pass
-                rep.t_send.append(time.time())
+                rep.sends.append(time.time())
                 for room, src, _ in _plan(a, rnd):
                     for i in range(0, len(src), chunk):
                         last = i + chunk >= len(src)
@@ -136,7 +138,7 @@ def _prefill(q, barrier, sock, rank, a, bootstrap, send_barrier):
                 for room, _, _ in _plan(a, rnd):
                     st = c.wait(room, timeout=a.timeout)
                     rep.bytes += st.bytes_done if rnd == 0 else 0
-                rep.t_end.append(time.time())
+                rep.ends.append(time.time())
             if spy is not None:
                 import signal
 
@@ -171,12 +173,12 @@ def _decode(q, barrier, sock, rank, a, bootstrap):
                 c.wait(WARMUP_ROOM, timeout=a.timeout)
             for rnd in range(a.repeat):
                 barrier.wait()
-                rep.t_start.append(time.time())
+                rep.starts.append(time.time())
                 for room, _, dst in _plan(a, rnd):
                     c.recv(pid, room, bootstrap, "P", dst, timeout_s=a.timeout)
                 for room, _, _ in _plan(a, rnd):
                     c.wait(room, timeout=a.timeout)
-                rep.t_end.append(time.time())
+                rep.ends.append(time.time())
         touched = torch.zeros(lay.num_tokens, dtype=torch.bool, device="cuda")
         for room, src, dst in _plan(a):
             ps = a.page_size
@@ -297,18 +299,21 @@ def run(a) -> dict:
     dec = [r for r in reports if r.role == "decode"]
     nbytes = sum(r.bytes for r in dec)
     rounds = []
-    for rnd in range(a.repeat):
-        end = max(r.t_end[rnd] for r in reports)
-        rounds.append({"seconds": end - min(r.t_start[rnd] for r in reports),
+    # A rank that failed (its error is reported) has fewer rounds: only complete rounds count.
+    done = min([len(r.ends) for r in reports] + [len(r.sends) for r in reports if r.role == "prefill"])
+    for rnd in range(done):
+        end = max(r.ends[rnd] for r in reports)
+        rounds.append({"seconds": end - min(r.starts[rnd] for r in reports),
                        # KV ready at prefill (every room bootstrapped) -> every engine told the room ended.
-                       "transfer_seconds": end - max(r.t_send[rnd] for r in reports if r.role == "prefill"),
-                       "send_at_ms": (max(r.t_send[rnd] for r in reports if r.role == "prefill")
-                                      - min(r.t_start[rnd] for r in reports)) * 1e3})
+                       "transfer_seconds": end - max(r.sends[rnd] for r in reports if r.role == "prefill"),
+                       "send_at_ms": (max(r.sends[rnd] for r in reports if r.role == "prefill")
+                                      - min(r.starts[rnd] for r in reports)) * 1e3})
     # The median round (by transfer time) stands for the run; every round is printed.
-    mid = sorted(rounds, key=lambda x: x["transfer_seconds"])[(len(rounds) - 1) // 2]
+    mid = sorted(rounds, key=lambda x: x["transfer_seconds"])[(len(rounds) - 1) // 2] if rounds else \
+        {"seconds": 0.0, "transfer_seconds": 0.0, "send_at_ms": 0.0}
     seconds, xfer = mid["seconds"], mid["transfer_seconds"]
-    timeline = (_timeline({"P": prefill.log(), "D": decode.log()}, min(r.t_start[0] for r in reports))
-                if a.timeline else [])
+    timeline = (_timeline({"P": prefill.log(), "D": decode.log()}, min(r.starts[0] for r in reports))
+                if a.timeline and all(r.starts for r in reports) else [])
     kern = {"gather_s": pstat["staging"]["kernel_seconds"].get("gather", 0.0),
             "scatter_s": dstat["staging"]["kernel_seconds"].get("scatter", 0.0)}
     return {"ok": all(r.ok for r in reports), "bytes": nbytes, "seconds": seconds,
