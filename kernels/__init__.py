@@ -18,9 +18,10 @@ from collections.abc import Sequence
 import torch
 
 from .reference import PoolBuffers, check_rows, gather_reference, scatter_reference, staging_block_bytes
+from .upload import upload_indices
 
 __all__ = ["PoolBuffers", "check_rows", "gather", "gather_reference", "scatter", "scatter_reference", "scatter_writers",
-           "staging_block_bytes"]
+           "staging_block_bytes", "upload_indices"]
 
 
 def _want_triton(tensor: torch.Tensor, use_triton: bool | None) -> bool:

@@ -17,10 +17,21 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import _UNIT_DTYPES, SMALL_CHUNK_BYTES, _alignment, _device_table
+from .upload import upload_indices
 
 __all__ = ["copy_ops_triton", "copy_rows_triton"]
 
 _copy_hints = True
+_likes: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _like(unit: int, device: torch.device) -> torch.Tensor:
+    """An empty tensor whose dtype tells a kernel its access unit (one per unit and device)."""
+    key = (unit, str(device))
+    like = _likes.get(key)
+    if like is None:
+        like = _likes[key] = torch.empty(0, dtype=_UNIT_DTYPES[unit], device=device)
+    return like
 
 
 # --- batched copies (the same-node transport's path for many ops) ------------------------------
@@ -74,8 +85,8 @@ def copy_ops_triton(src: Sequence[int] | Any, dst: Sequence[int] | Any, length: 
     off = k * piece
     ps, pd = s[op] + off, d[op] + off
     pn = np.minimum(n[op] - off, piece) // unit
-    table = torch.from_numpy(np.stack([ps, pd, pn])).pin_memory().to(device, non_blocking=True)
-    like = torch.empty(0, dtype=_UNIT_DTYPES[unit], device=device)
+    table = upload_indices([np.stack([ps, pd, pn])], device)[0].view(3, -1)
+    like = _like(unit, device)
     units = piece // unit
     global _copy_hints
     warps = 8 if piece >= 8192 else 4
@@ -156,17 +167,12 @@ def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_row
     stands for the k rows ``p*k .. p*k+k-1`` on both sides (pages). Addresses are device memory this process can
     reach (its own, CUDA-IPC-opened, or a peer GPU's with peer access); rows are int64 arrays
     (host: uploaded here; or tensors on ``device``). The caller has checked every span."""
-    import numpy as np
-
     if len(src_bases) != len(dst_bases):
         raise ValueError(f"{len(src_bases)} source buffers but {len(dst_bases)} destination buffers")
-    rows = []
-    for r in (src_rows, dst_rows):
-        if isinstance(r, torch.Tensor):
-            rows.append(r.to(device=device, dtype=torch.int64))
-        else:
-            host = torch.from_numpy(np.ascontiguousarray(r, dtype=np.int64))
-            rows.append(host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host)
+    if isinstance(src_rows, torch.Tensor) or isinstance(dst_rows, torch.Tensor):
+        rows = [torch.as_tensor(r).to(device=device, dtype=torch.int64) for r in (src_rows, dst_rows)]
+    else:
+        rows = upload_indices([src_rows, dst_rows], device)
     if rows[0].numel() != rows[1].numel():
         raise ValueError(f"{rows[0].numel()} source rows but {rows[1].numel()} destination rows")
     num_rows = rows[0].numel() * rows_per_index
@@ -181,7 +187,7 @@ def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_row
     tokens = max(1, (block_bytes or (4096 if large else 16384)) // (row_units * unit))
     block_t = max(1, min(triton.next_power_of_2(num_rows), tokens, 1024))
     tiles = triton.cdiv(num_rows, block_t)
-    like = torch.empty(0, dtype=_UNIT_DTYPES[unit], device=device)
+    like = _like(unit, device)
     _copy_rows_kernel[(tiles * len(src_bases),)](
         _device_table(list(src_bases), device), _device_table(list(dst_bases), device), rows[0], rows[1], like,
         num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit, tiles,

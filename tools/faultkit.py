@@ -321,8 +321,10 @@ class Engine:
             self.conn.send(what)
 
     def kill(self) -> None:
-        if self.proc.is_alive():
-            os.kill(self.proc.pid, signal.SIGKILL)
+        # It may exit between the check and the kill (a slow "exit" on a loaded machine).
+        with contextlib.suppress(ProcessLookupError):
+            if self.proc.is_alive():
+                os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join(5)
 
     def close(self) -> None:

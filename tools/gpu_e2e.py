@@ -93,11 +93,13 @@ def _until_bootstrapped(c, rooms, timeout: float) -> None:
 
 def _start_spy(a):
     """py-spy on the prefill daemon for the timed rounds only (after the warm-up): every
-    thread, idle samples included, so the event loop's busy and waiting time both show."""
+    thread, idle samples included, so the event loop's busy and waiting time both show (or,
+    with ``--spy-gil``, only the thread holding the GIL: who keeps the others waiting)."""
     import subprocess
 
     path, pid = a.spy
-    proc = subprocess.Popen([a.spy_bin, "record", "--pid", str(pid), "--threads", "--idle", "--rate", "200",
+    mode = ["--gil"] if a.spy_gil else ["--idle"]
+    proc = subprocess.Popen([a.spy_bin, "record", "--pid", str(pid), "--threads", *mode, "--rate", "200",
                              "-f", "raw", "-o", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the first round
     return proc
@@ -412,6 +414,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--spy-out", default="", metavar="FILE",
                     help="py-spy the prefill daemon during the timed rounds into FILE (raw stacks)")
     ap.add_argument("--spy-bin", default="py-spy")
+    ap.add_argument("--spy-gil", action="store_true", help="sample only the thread holding the GIL")
     ap.add_argument("--timeline", action="store_true",
                     help="daemons at debug level; print the timed rooms' events in ms from the engines' start")
     ap.add_argument("--same-node", default="cuda_ipc", choices=("cuda_ipc", "off"),

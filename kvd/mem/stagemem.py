@@ -133,11 +133,8 @@ class KernelRunner:
 
     @staticmethod
     def _index(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
-        idx = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
-        if device.type != "cuda":
-            return idx
-        # Pinned + non_blocking: an async copy ordered on the current (our) stream.
-        return idx.pin_memory().to(device, non_blocking=True)
+        # An async copy ordered on the current (our) stream, through a reused pinned buffer.
+        return kvd_kernels.upload_indices([tokens], device)[0]
 
     def _run(self, kind: str, device: torch.device, fn: Any) -> None:
         t0 = time.perf_counter()

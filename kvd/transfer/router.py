@@ -302,7 +302,7 @@ class SameNodeTransport:
         nbytes = ops = 0
         try:
             with torch.cuda.device(device), torch.cuda.stream(stream):
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin, end = self._timing_events(device)
                 begin.record(stream)
                 for part, dst_bases in parts:
                     copy_rows_triton(part.src_bases.tolist(), dst_bases.tolist(), part.src_rows, part.dst_rows,
@@ -343,6 +343,19 @@ class SameNodeTransport:
             raise TransportError(f"source {src:#x} is not device memory")
         c.use(device)
         return device, self._stream(device)
+
+    def _timing_events(self, device: int) -> tuple[Any, Any]:
+        """This thread's pair of CUDA timing events on ``device`` (reused: each batch syncs
+        before the next)."""
+        import torch
+
+        per_device = getattr(self._local, "events", None)
+        if per_device is None:
+            per_device = self._local.events = {}
+        if device not in per_device:
+            with torch.cuda.device(device):
+                per_device[device] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        return per_device[device]
 
     def _stream(self, device: int) -> Any:
         import torch
