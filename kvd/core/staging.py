@@ -13,7 +13,10 @@ receiver scatters the region into its pool and frees it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from kvd.core.layout import PoolLayout
 from kvd.core.planner import PlanError, TpMapping
@@ -48,16 +51,36 @@ def staged_writers(mapping: TpMapping, receiver_rank: int) -> tuple[StagedWriter
     return tuple(writers)
 
 
-def staging_applies(sender: PoolLayout, receiver: PoolLayout, *, hisparse: bool) -> str:
-    """Why a room cannot take the staged path ('' when it can, both sides willing)."""
+#: A same-TP room whose receiver pages fall into at least this many runs, averaging fewer than
+#: ``FRAGMENTED_PAGES_PER_RUN`` pages, is staged: per-run writes would cost one transport op per
+#: run and buffer (Mooncake TCP: ~50 us each), where staging gathers them into bulk writes.
+FRAGMENTED_MIN_RUNS = 16
+FRAGMENTED_PAGES_PER_RUN = 4
+
+
+def page_runs(pages: Sequence[int] | np.ndarray) -> int:
+    """How many runs of consecutive page indices ``pages`` holds (in order)."""
+    arr = np.asarray(pages, dtype=np.int64).reshape(-1)
+    return 0 if arr.size == 0 else 1 + int((np.diff(arr) != 1).sum())
+
+
+def staging_applies(sender: PoolLayout, receiver: PoolLayout, *, hisparse: bool,
+                    dst_pages: Sequence[int] | np.ndarray | None = None) -> str:
+    """Why a room cannot take the staged path ('' when it can, both sides willing).
+
+    Same TP stages only a fragmented room (``dst_pages``, the receiver's pages, in many short
+    runs): whole rows of contiguous pages are already one bulk write per buffer."""
     if sender.is_mla or receiver.is_mla:
         return "MLA: every receiver takes one sender's whole row (already bulk)"
     if hisparse:
         return "HiSparse writes tokens straight into the host pool"
-    if sender.tp_size == receiver.tp_size:
-        return "same TP: whole rows are contiguous, nothing to gather"
     if sender.page_size != receiver.page_size:
         return "page sizes differ"
+    if sender.tp_size == receiver.tp_size:
+        runs = 0 if dst_pages is None else page_runs(dst_pages)
+        pages = 0 if dst_pages is None else len(dst_pages)
+        if runs < FRAGMENTED_MIN_RUNS or pages >= runs * FRAGMENTED_PAGES_PER_RUN:
+            return "same TP: whole rows of page runs are bulk writes already (pages not fragmented)"
     return ""
 
 
@@ -195,4 +218,4 @@ class ChunkLedger:
 
 
 __all__ = ["ChunkGeometry", "ChunkLedger", "StagedWriter", "StagingError", "block_bytes_per_token",
-           "check_grant", "plan_chunks", "staged_writers", "staging_applies"]
+           "check_grant", "page_runs", "plan_chunks", "staged_writers", "staging_applies"]

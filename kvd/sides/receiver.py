@@ -159,7 +159,8 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             # Every sender is on this machine, GPU to GPU: it writes its head slice straight into
             # our pool (one kernel, one pass), which beats gather + copy + scatter (three).
             return
-        if all(a.staging for a in answers) and not staging_applies(layouts[0], rr.pool.layout, hisparse=rr.hisparse):
+        if all(a.staging for a in answers) and not staging_applies(layouts[0], rr.pool.layout, hisparse=rr.hisparse,
+                                                                   dst_pages=rr.dst_indices):
             rings = [a.send_ring_bytes for a in answers if a.send_ring_bytes > 0]
             rr.staged = self.staged_path.plan(rr, mapping, min(rings) if rings else 0)
 

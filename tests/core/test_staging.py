@@ -3,6 +3,7 @@ receiver's chunk ledger (no sockets, no torch)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from kvd.staging import (
     check_grant,
     plan_chunks,
     staged_writers,
+    page_runs,
     staging_applies,
 )
 
@@ -100,5 +102,13 @@ def test_which_rooms_stage():
 
     assert staging_applies(lay(4), lay(1), hisparse=False) == ""
     assert "same TP" in staging_applies(lay(2), lay(2), hisparse=False)
+    # Same TP stages only a fragmented room: many short runs of receiver pages.
+    assert "same TP" in staging_applies(lay(2), lay(2), hisparse=False, dst_pages=np.arange(64))
+    assert "same TP" in staging_applies(lay(2), lay(2), hisparse=False, dst_pages=np.arange(0, 30, 2))  # 15 runs
+    assert staging_applies(lay(2), lay(2), hisparse=False, dst_pages=np.arange(0, 64, 2)) == ""  # 32 runs of 1
+    runs_of_four = np.concatenate([np.arange(p, p + 4) for p in range(0, 200, 10)])  # 20 runs of 4 pages
+    assert page_runs(runs_of_four) == 20
+    assert "same TP" in staging_applies(lay(2), lay(2), hisparse=False, dst_pages=runs_of_four)
+    assert staging_applies(lay(2), lay(2), hisparse=False, dst_pages=runs_of_four[:-1]) == ""  # 79 pages, 20 runs
     assert "MLA" in staging_applies(lay(2, is_mla=True), lay(1, is_mla=True), hisparse=False)
     assert "HiSparse" in staging_applies(lay(2), lay(1), hisparse=True)

@@ -213,6 +213,30 @@ async def test_staged_room_goes_chunk_by_chunk_and_frees_its_staging(cluster):
     assert t.decode.receivers.paths
 
 
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(1, 1), (2, 2)])
+@pytest.mark.parametrize("fragmented", [True, False])
+async def test_a_fragmented_same_tp_room_is_staged_and_exact(cluster, prefill_tp, decode_tp, fragmented):
+    """Same TP with receiver pages in many one-page runs: per-run writes would be one transport
+    op per page and buffer, so the room is staged (gathered into bulk writes). The same room on
+    contiguous pages stays direct. Every byte and canary checked either way."""
+    from kvd.core.rooms import TransferPath
+
+    t = Transfer(cluster, prefill_tp, decode_tp, staged=True, pages=24)  # random order: ~24 runs
+    if not fragmented:
+        t.src_pages = np.arange(4, 28, dtype=np.int64)
+        t.dst_index = np.arange(8, 32, dtype=np.int64)
+    t.recv()
+    await cluster.settle()
+    rr = next(iter(t.decode.receivers.rooms.values()))
+    assert rr.path is (TransferPath.STAGED if fragmented else TransferPath.DIRECT)
+    assert (rr.staged is not None) == fragmented
+    t.send(chunks=3)
+    await cluster.settle()
+    assert t.verify() == []
+    assert all(ev is not None and ev.state == "success" for ev in t.decode_events())
+    assert t.decode._stage.whole and t.prefill._stage.whole
+
+
 async def test_one_pass_answer_skips_staging_and_writes_row_copies(cluster):
     """Senders that answer one_pass (same node, GPU pools) get a direct request although both
     sides stage: each head slice goes as one row copy per batch (expanded to ops by the
