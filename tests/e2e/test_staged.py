@@ -83,6 +83,16 @@ def test_same_tp_keeps_the_direct_path_with_staging_on(daemons):
     assert set(paths(decode)) == {"direct"}
 
 
+def test_a_fragmented_same_tp_room_is_staged_between_real_daemons(daemons):
+    """Same TP, random pages (many one-page runs): the decode daemon asks for the staged path,
+    which gathers the runs into bulk writes; bytes and canaries checked by every rank."""
+    prefill, decode = staged_pair(daemons)
+    check_reports(run_cluster(prefill, decode, prefill_tp=2, decode_tp=2, kv_heads=4, num_pages=256,
+                              rooms=2, pages_per_room=40, chunk_pages=16, timeout=60))
+    assert set(paths(decode)) == {"staged"}
+    assert not decode.status()["daemon"]["errors"] and not prefill.status()["daemon"]["errors"]
+
+
 def test_staging_from_the_environment(daemons):
     env = {"KVD_STAGING_ENABLED": "1", "KVD_STAGING_POOL_BYTES": "2MiB"}
     prefill = daemons("prefill", "--timeouts-waiting-s", "20", env=env)

@@ -213,15 +213,15 @@ async def test_staged_room_goes_chunk_by_chunk_and_frees_its_staging(cluster):
     assert t.decode.receivers.paths
 
 
-@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(1, 1), (2, 2)])
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "kv_heads"), [(1, 1, 4), (2, 2, 4), (4, 4, 2)])
 @pytest.mark.parametrize("fragmented", [True, False])
-async def test_a_fragmented_same_tp_room_is_staged_and_exact(cluster, prefill_tp, decode_tp, fragmented):
+async def test_a_fragmented_same_tp_room_is_staged_and_exact(cluster, prefill_tp, decode_tp, kv_heads, fragmented):
     """Same TP with receiver pages in many one-page runs: per-run writes would be one transport
     op per page and buffer, so the room is staged (gathered into bulk writes). The same room on
     contiguous pages stays direct. Every byte and canary checked either way."""
     from kvd.core.rooms import TransferPath
 
-    t = Transfer(cluster, prefill_tp, decode_tp, staged=True, pages=24)  # random order: ~24 runs
+    t = Transfer(cluster, prefill_tp, decode_tp, kv_heads=kv_heads, staged=True, pages=24)  # random: ~24 runs
     if not fragmented:
         t.src_pages = np.arange(4, 28, dtype=np.int64)
         t.dst_index = np.arange(8, 32, dtype=np.int64)
