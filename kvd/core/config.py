@@ -195,6 +195,11 @@ def parse_size(value: object) -> int:
 AUTO = -1  # an "auto" size: resolved from other settings (see Config.inline_limit)
 
 
+def _size_or_zero(value: object) -> int:
+    """A byte size, or 0 to turn the feature off."""
+    return 0 if value == 0 or value == "0" else parse_size(value)
+
+
 def _size_zero_or_auto(value: object) -> int:
     """A byte size, 0 to turn the feature off, or "auto" (kept as AUTO)."""
     if value == "auto" or (value == AUTO and not isinstance(value, bool)):
@@ -396,6 +401,11 @@ FIELDS: tuple[Field, ...] = (
           "chunk regions a room may hold at once (reserved ahead of the writes)"),
     Field("staging", "kernel_threads", "staging_kernel_threads", _positive_int,
           "threads that run gather/scatter kernels (CPU reference, or CUDA stream waits)"),
+    Field("staging", "same_tp_run_bytes", "staging_same_tp_run_bytes", _size_or_zero,
+          "stage a same-TP room whose receiver pages fall into 16+ runs averaging under this many "
+          "bytes per buffer (one transport op per run otherwise; 0 = never; never over RDMA)"),
+    Field("staging", "same_tp_min_bytes", "staging_same_tp_min_bytes", parse_size,
+          "... and only a room of at least this many bytes per buffer (short rooms keep their latency)"),
     Field("metrics", "address", "metrics_address", _address,
           "'host:port' to serve Prometheus /metrics on (empty = off)"),
     Field("log", "format", "log_format", _choice("auto", "console", "json"),
@@ -457,6 +467,8 @@ class Config:
     staging_chunk_bytes: int = 64 << 20
     staging_prefetch_chunks: int = 2
     staging_kernel_threads: int = 2
+    staging_same_tp_run_bytes: int = 256 << 10
+    staging_same_tp_min_bytes: int = 1 << 20
     metrics_address: str = ""
     log_format: str = "auto"
     log_level: str = "info"

@@ -51,11 +51,9 @@ def staged_writers(mapping: TpMapping, receiver_rank: int) -> tuple[StagedWriter
     return tuple(writers)
 
 
-#: A same-TP room whose receiver pages fall into at least this many runs, averaging fewer than
-#: ``FRAGMENTED_PAGES_PER_RUN`` pages, is staged: per-run writes would cost one transport op per
-#: run and buffer (Mooncake TCP: ~50 us each), where staging gathers them into bulk writes.
+#: A same-TP room is staged only when its receiver pages fall into at least this many runs
+#: (and the daemon's ``staging.same_tp_*`` limits say the runs are short and the room long).
 FRAGMENTED_MIN_RUNS = 16
-FRAGMENTED_PAGES_PER_RUN = 4
 
 
 def page_runs(pages: Sequence[int] | np.ndarray) -> int:
@@ -65,11 +63,14 @@ def page_runs(pages: Sequence[int] | np.ndarray) -> int:
 
 
 def staging_applies(sender: PoolLayout, receiver: PoolLayout, *, hisparse: bool,
-                    dst_pages: Sequence[int] | np.ndarray | None = None) -> str:
+                    dst_pages: Sequence[int] | np.ndarray | None = None, run_bytes: int = 0,
+                    min_bytes: int = 0) -> str:
     """Why a room cannot take the staged path ('' when it can, both sides willing).
 
-    Same TP stages only a fragmented room (``dst_pages``, the receiver's pages, in many short
-    runs): whole rows of contiguous pages are already one bulk write per buffer."""
+    Same TP stages only a long fragmented room (``dst_pages``, the receiver's pages: at least
+    ``min_bytes`` per buffer, in ``FRAGMENTED_MIN_RUNS`` or more runs of under ``run_bytes``
+    on average; 0: never): per-run writes cost one transport op each, where staging gathers
+    them into bulk writes. Whole rows of long page runs are bulk writes already."""
     if sender.is_mla or receiver.is_mla:
         return "MLA: every receiver takes one sender's whole row (already bulk)"
     if hisparse:
@@ -79,7 +80,8 @@ def staging_applies(sender: PoolLayout, receiver: PoolLayout, *, hisparse: bool,
     if sender.tp_size == receiver.tp_size:
         runs = 0 if dst_pages is None else page_runs(dst_pages)
         pages = 0 if dst_pages is None else len(dst_pages)
-        if runs < FRAGMENTED_MIN_RUNS or pages >= runs * FRAGMENTED_PAGES_PER_RUN:
+        if runs < FRAGMENTED_MIN_RUNS or pages * receiver.page_bytes < min_bytes \
+                or pages * receiver.page_bytes >= runs * run_bytes:
             return "same TP: whole rows of page runs are bulk writes already (pages not fragmented)"
     return ""
 

@@ -159,8 +159,13 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             # Every sender is on this machine, GPU to GPU: it writes its head slice straight into
             # our pool (one kernel, one pass), which beats gather + copy + scatter (three).
             return
-        if all(a.staging for a in answers) and not staging_applies(layouts[0], rr.pool.layout, hisparse=rr.hisparse,
-                                                                   dst_pages=rr.dst_indices):
+        # Same TP is staged only for a long fragmented room, and not over RDMA: its per-op cost
+        # is small enough to write the runs (TCP's, and the in-process transport's, are not).
+        c = self.ctx.config
+        run_bytes = 0 if self.ctx.transport.protocol == "rdma" else c.staging_same_tp_run_bytes
+        if all(a.staging for a in answers) and not staging_applies(
+                layouts[0], rr.pool.layout, hisparse=rr.hisparse, dst_pages=rr.dst_indices,
+                run_bytes=run_bytes, min_bytes=c.staging_same_tp_min_bytes):
             rings = [a.send_ring_bytes for a in answers if a.send_ring_bytes > 0]
             rr.staged = self.staged_path.plan(rr, mapping, min(rings) if rings else 0)
 

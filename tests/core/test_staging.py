@@ -102,13 +102,21 @@ def test_which_rooms_stage():
 
     assert staging_applies(lay(4), lay(1), hisparse=False) == ""
     assert "same TP" in staging_applies(lay(2), lay(2), hisparse=False)
-    # Same TP stages only a fragmented room: many short runs of receiver pages.
-    assert "same TP" in staging_applies(lay(2), lay(2), hisparse=False, dst_pages=np.arange(64))
-    assert "same TP" in staging_applies(lay(2), lay(2), hisparse=False, dst_pages=np.arange(0, 30, 2))  # 15 runs
-    assert staging_applies(lay(2), lay(2), hisparse=False, dst_pages=np.arange(0, 64, 2)) == ""  # 32 runs of 1
+    # Same TP stages only a fragmented room: many runs of receiver pages, short in bytes.
+    page = lay(2).page_bytes  # 4 tokens x 4 heads x 16 x 2 B = 512 B per buffer
+    cut = 4 * page  # runs under 4 pages on average
+
+    def same_tp(pages: np.ndarray, run_bytes: int = cut) -> str:
+        return staging_applies(lay(2), lay(2), hisparse=False, dst_pages=pages, run_bytes=run_bytes)
+
+    assert "same TP" in same_tp(np.arange(64))
+    assert "same TP" in same_tp(np.arange(0, 30, 2))  # 15 runs: too few to matter
+    assert same_tp(np.arange(0, 64, 2)) == ""  # 32 runs of one page
+    assert "same TP" in same_tp(np.arange(0, 64, 2), run_bytes=0)  # 0: never (RDMA)
     runs_of_four = np.concatenate([np.arange(p, p + 4) for p in range(0, 200, 10)])  # 20 runs of 4 pages
     assert page_runs(runs_of_four) == 20
-    assert "same TP" in staging_applies(lay(2), lay(2), hisparse=False, dst_pages=runs_of_four)
-    assert staging_applies(lay(2), lay(2), hisparse=False, dst_pages=runs_of_four[:-1]) == ""  # 79 pages, 20 runs
+    assert "same TP" in same_tp(runs_of_four)
+    assert same_tp(runs_of_four[:-1]) == ""  # 79 pages in 20 runs
+    assert same_tp(runs_of_four, run_bytes=cut + 1) == ""
     assert "MLA" in staging_applies(lay(2, is_mla=True), lay(1, is_mla=True), hisparse=False)
     assert "HiSparse" in staging_applies(lay(2), lay(1), hisparse=True)
