@@ -403,7 +403,7 @@ FIELDS: tuple[Field, ...] = (
           "threads that run gather/scatter kernels (CPU reference, or CUDA stream waits)"),
     Field("staging", "same_tp_run_bytes", "staging_same_tp_run_bytes", _size_or_zero,
           "stage a same-TP room whose receiver pages fall into 16+ runs averaging under this many "
-          "bytes per buffer (one transport op per run otherwise; 0 = never; never over RDMA)"),
+          "bytes per buffer (one transport op per run otherwise; 0 = never, the default; never over RDMA)"),
     Field("staging", "same_tp_min_bytes", "staging_same_tp_min_bytes", parse_size,
           "... and only a room of at least this many bytes per buffer (short rooms keep their latency)"),
     Field("metrics", "address", "metrics_address", _address,
@@ -467,7 +467,7 @@ class Config:
     staging_chunk_bytes: int = 64 << 20
     staging_prefetch_chunks: int = 2
     staging_kernel_threads: int = 2
-    staging_same_tp_run_bytes: int = 256 << 10
+    staging_same_tp_run_bytes: int = 0
     staging_same_tp_min_bytes: int = 1 << 20
     metrics_address: str = ""
     log_format: str = "auto"

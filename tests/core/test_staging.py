@@ -15,9 +15,9 @@ from kvd.staging import (
     ChunkLedger,
     StagingError,
     check_grant,
+    page_runs,
     plan_chunks,
     staged_writers,
-    page_runs,
     staging_applies,
 )
 

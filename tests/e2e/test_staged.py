@@ -85,10 +85,11 @@ def test_same_tp_keeps_the_direct_path_with_staging_on(daemons):
 
 
 def test_a_fragmented_same_tp_room_is_staged_between_real_daemons(daemons):
-    """Same TP, random pages (many one-page runs): the decode daemon asks for the staged path,
-    which gathers the runs into bulk writes; bytes and canaries checked by every rank."""
-    # 40 pages of 256 B per buffer: a long room only by a lowered staging.same_tp_min_bytes.
-    flags = (*STAGED, "--staging-same-tp-min-bytes", "4KiB")
+    """Same TP, random pages (many one-page runs), fragmented-room staging turned on: the decode
+    daemon asks for the staged path, which gathers the runs into bulk writes; bytes and
+    canaries checked by every rank."""
+    # Opted in; 40 pages of 256 B per buffer: a long room only by a lowered same_tp_min_bytes.
+    flags = (*STAGED, "--staging-same-tp-run-bytes", "256KiB", "--staging-same-tp-min-bytes", "4KiB")
     prefill, decode = staged_pair(daemons, flags, flags)
     check_reports(run_cluster(prefill, decode, prefill_tp=2, decode_tp=2, kv_heads=4, num_pages=256,
                               rooms=2, pages_per_room=40, chunk_pages=16, timeout=60))

@@ -221,8 +221,9 @@ async def test_a_fragmented_same_tp_room_is_staged_and_exact(cluster, prefill_tp
     contiguous pages stays direct. Every byte and canary checked either way."""
     from kvd.core.rooms import TransferPath
 
-    # These pools are tiny: any room counts as long (staging.same_tp_min_bytes).
-    cluster.config = dataclasses.replace(cluster.config, staging_same_tp_min_bytes=1)
+    # Opted in (staging.same_tp_run_bytes); these pools are tiny: any room counts as long.
+    cluster.config = dataclasses.replace(cluster.config, staging_same_tp_run_bytes=256 << 10,
+                                         staging_same_tp_min_bytes=1)
     t = Transfer(cluster, prefill_tp, decode_tp, kv_heads=kv_heads, staged=True, pages=24)  # random: ~24 runs
     if not fragmented:
         t.src_pages = np.arange(4, 28, dtype=np.int64)
