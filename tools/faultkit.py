@@ -571,7 +571,10 @@ def _scenario(cl: Cluster, res: Result, fault: str, nrooms: int, pages: int) -> 
     # --- outcomes as the engines saw them
     bound = {"prefill": t_fault + DEADLINE_S + SLACK_S, "decode": t_fault + DEADLINE_S + SLACK_S}
     if stopped is P:
-        bound["prefill"] = max(bound["prefill"], t_resume + SLACK_S)
+        # A write that was in flight when the prefill daemon stopped ends within Mooncake's
+        # transfer timeout (tied to timeouts.transfer_s) after it resumes; only then is the
+        # room's fence done and its engine told.
+        bound["prefill"] = max(bound["prefill"], t_resume + TRANSFER_S + SLACK_S)
     if stopped is D:
         bound["decode"] = max(bound["decode"], t_resume + SLACK_S)
     wait_for = max(bound.values()) - time.time() + FENCE_S + 10
