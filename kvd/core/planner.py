@@ -384,6 +384,13 @@ class RegionIndex:
         self.bases = reg[order, 0]
         self.furthest_end = np.maximum.accumulate(self.bases + reg[order, 1]) if self.count else self.bases
 
+    def covers(self, addr: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Per range, whether ``[addr, addr+size)`` lies inside a single region."""
+        if self.count == 0:
+            return np.zeros(addr.shape, dtype=bool)
+        idx = np.searchsorted(self.bases, addr, side="right") - 1
+        return (idx >= 0) & (self.furthest_end[np.maximum(idx, 0)] >= addr + size)
+
 
 def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
                         regions: Sequence[tuple[int, int]] | RegionIndex, what: str) -> None:
@@ -413,8 +420,7 @@ def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
         raise PlanError(f"{what}: {addr.shape[0]} writes but no registered region")
     if regions.problem:
         raise PlanError(f"{what}: {regions.problem}")
-    idx = np.searchsorted(regions.bases, addr, side="right") - 1
-    ok = (idx >= 0) & (regions.furthest_end[np.maximum(idx, 0)] >= addr + size)
+    ok = regions.covers(addr, size)
     if not ok.all():
         first = int(np.flatnonzero(~ok)[0])
         raise PlanError(f"{what}: {int((~ok).sum())} of {addr.shape[0]} writes fall outside the "

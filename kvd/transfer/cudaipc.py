@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from kvd.core.planner import RegionIndex
 from kvd.transfer.base import TransportError
 from kvd.transfer.cudadriver import Cuda, cuda, open_handle
 
@@ -315,27 +316,10 @@ class IpcPeer:
 
 
 
-@dataclass(frozen=True, eq=False)
-class SortedRegions:
-    """Non-overlapping ``(start, length)`` regions as arrays, made once per change of the list
-    (a batch's check then costs one search, not a rebuild on the event loop)."""
-
-    starts: np.ndarray
-    ends: np.ndarray
-
-    @classmethod
-    def of(cls, regions: list[tuple[int, int]]) -> SortedRegions:
-        starts = np.asarray([a for a, _ in regions], dtype=np.int64)
-        return cls(starts, starts + np.asarray([n for _, n in regions], dtype=np.int64))
-
-
-def inside(regions: list[tuple[int, int]] | SortedRegions, addrs: np.ndarray, length: np.ndarray) -> bool:
-    """Whether every op ``[addr, addr+len)`` lies inside one of the sorted ``(start, length)`` regions."""
-    if not isinstance(regions, SortedRegions):
-        regions = SortedRegions.of(regions)
-    if regions.starts.size == 0:
-        return False
-    k = np.searchsorted(regions.starts, addrs, side="right") - 1
-    if (k < 0).any():
-        return False
-    return bool((addrs + length <= regions.ends[k]).all())
+def inside(regions: list[tuple[int, int]] | RegionIndex, addrs: np.ndarray, length: np.ndarray) -> bool:
+    """Whether every op ``[addr, addr+len)`` lies inside one of the ``(start, length)`` regions
+    (pass a :class:`RegionIndex` made once where the same regions are checked per batch)."""
+    if not isinstance(regions, RegionIndex):
+        regions = RegionIndex(regions)
+    return regions.count > 0 and bool(regions.covers(np.asarray(addrs, dtype=np.int64),
+                                                     np.asarray(length, dtype=np.int64)).all())

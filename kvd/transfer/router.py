@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import structlog
 
+from kvd.core.planner import RegionIndex
 from kvd.core.rows import RowBatch, RowCopy
 from kvd.transfer.base import BatchResult, RowWriter, Transport, TransportError
 from kvd.transfer.cudaipc import (
     ExportedRegion,
     IpcEndpoint,
     IpcPeer,
-    SortedRegions,
     cuda,
     endpoint_reachable,
     inside,
@@ -95,8 +95,8 @@ class SameNodeTransport:
         except (TransportError, ImportError, OSError) as exc:
             self.disabled = str(exc)
         self._registered: dict[int, int] = {}
-        # Exported device memory: sorted (addr, length), replaced (never mutated) on each change.
-        self._device_regions = SortedRegions.of([])
+        # Exported device memory, replaced (never mutated) on each change.
+        self._device_regions = RegionIndex([])
         self._devices: set[int] = set()  # the GPUs our exported regions are on
         self._not_exported: dict[int, str] = {}
         self._peers: dict[str, IpcPeer] = {}
@@ -115,7 +115,7 @@ class SameNodeTransport:
         exported = self._endpoint.add(addr, length)
         with self._lock:
             if isinstance(exported, ExportedRegion):
-                self._device_regions = SortedRegions.of(sorted({*self._device_list(), (addr, length)}))
+                self._device_regions = RegionIndex(sorted({*self._device_regions.pairs, (addr, length)}))
                 self._devices.add(exported.device)
             else:
                 self._not_exported[addr] = exported
@@ -125,9 +125,6 @@ class SameNodeTransport:
     def regions(self) -> list[tuple[int, int]]:
         return sorted(self._registered.items())
 
-    def _device_list(self) -> list[tuple[int, int]]:
-        r = self._device_regions
-        return list(zip(r.starts.tolist(), (r.ends - r.starts).tolist(), strict=True))
 
     def unregister(self, addr: int) -> None:
         self._registered.pop(addr, None)
@@ -135,7 +132,7 @@ class SameNodeTransport:
         if self._endpoint is not None:
             self._endpoint.remove(addr)
         with self._lock:
-            self._device_regions = SortedRegions.of([r for r in self._device_list() if r[0] != addr])
+            self._device_regions = RegionIndex([r for r in self._device_regions.pairs if r[0] != addr])
             self._not_exported.pop(addr, None)
 
     # --- routing ------------------------------------------------------------------------------
@@ -344,28 +341,27 @@ class SameNodeTransport:
         c.use(device)
         return device, self._stream(device)
 
-    def _timing_events(self, device: int) -> tuple[Any, Any]:
-        """This thread's pair of CUDA timing events on ``device`` (reused: each batch syncs
-        before the next)."""
+    def _per_thread(self, name: str, device: int, make: Callable[[], Any]) -> Any:
+        """This thread's ``name`` object on ``device``, made once (each worker thread keeps its
+        own stream and timing events; a batch syncs before the thread's next one)."""
         import torch
 
-        per_device = getattr(self._local, "events", None)
-        if per_device is None:
-            per_device = self._local.events = {}
-        if device not in per_device:
+        cache = self._local.__dict__.setdefault(name, {})
+        if device not in cache:
             with torch.cuda.device(device):
-                per_device[device] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        return per_device[device]
+                cache[device] = make()
+        return cache[device]
+
+    def _timing_events(self, device: int) -> tuple[Any, Any]:
+        import torch
+
+        return self._per_thread("events", device, lambda: (torch.cuda.Event(enable_timing=True),
+                                                            torch.cuda.Event(enable_timing=True)))
 
     def _stream(self, device: int) -> Any:
         import torch
 
-        streams = getattr(self._local, "streams", None)
-        if streams is None:
-            streams = self._local.streams = {}
-        if device not in streams:
-            streams[device] = torch.cuda.Stream(device=device)
-        return streams[device]
+        return self._per_thread("streams", device, lambda: torch.cuda.Stream(device=device))
 
     def _copy(self, src: np.ndarray, dst: np.ndarray, length: np.ndarray) -> BatchResult:
         import torch
