@@ -186,7 +186,9 @@ def _send_rooms(client: KvdClient, pool_id: int, rooms: Sequence[RoomPlan], chun
         chunks = _chunks(r.src_pages, chunk_pages)
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
-            client.send(pool_id, r.room, chunk, is_last=last, aux=f"aux-{r.room}".encode() if last else b"")
+            # As a prefill engine would: no round trip per chunk (a refusal fails the room).
+            client.send(pool_id, r.room, chunk, is_last=last, aux=f"aux-{r.room}".encode() if last else b"",
+                        wait=False)
 
 
 def run_decode_rank(socket_path: str, layout: PoolLayout, rooms: Sequence[RoomPlan], bootstrap_addr: str,

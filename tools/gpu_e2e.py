@@ -136,7 +136,8 @@ def _prefill(q, barrier, sock, rank, a, bootstrap, send_barrier):
                 for room, src, _ in _plan(a, rnd):
                     for i in range(0, len(src), chunk):
                         last = i + chunk >= len(src)
-                        c.send(pid, room, src[i:i + chunk], last, aux=b"aux" if last else b"")
+                        c.send(pid, room, src[i:i + chunk], last, aux=b"aux" if last else b"",
+                               wait=a.blocking_sends)
                 for room, _, _ in _plan(a, rnd):
                     st = c.wait(room, timeout=a.timeout)
                     rep.bytes += st.bytes_done if rnd == 0 else 0
@@ -396,6 +397,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeat", type=int, default=1,
                     help="timed rounds of the same rooms (new room ids); the median round is reported")
     ap.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per engine chunk (chunked prefill)")
+    ap.add_argument("--blocking-sends", action="store_true",
+                    help="each chunk waits for the daemon's reply (default: send(wait=False), no round trip)")
     ap.add_argument("--staging-pool", default="4GiB")
     ap.add_argument("--staging-chunk-tokens", type=int, default=8192)
     ap.add_argument("--staging-chunk-bytes", default="256MiB")

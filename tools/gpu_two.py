@@ -175,7 +175,7 @@ def _prefill_rank(q, barrier, sock, rank, a, bootstrap, device) -> None:
                 t0 = time.time()
                 for i in range(0, len(src), chunk):
                     last = i + chunk >= len(src)
-                    client.send(pid, room, src[i:i + chunk], last, aux=b"aux" if last else b"")
+                    client.send(pid, room, src[i:i + chunk], last, aux=b"aux" if last else b"", wait=False)
                 st = client.wait(room, timeout=a.timeout)
                 if kind == "timed":
                     rep.t_start, rep.t_end, rep.bytes = t0, time.time(), st.bytes_done

@@ -74,8 +74,9 @@ class BackgroundKvdClient:
     def register_pool(self, layout: PoolLayout, memory: dict[str, Any] | HostPool, bootstrap: str = "") -> int:
         return self._call(self._client.register_pool(layout, memory, bootstrap))
 
-    def send(self, pool_id: int, room: int, pages: Pages, is_last: bool, aux: bytes = b"") -> None:
-        self._call(self._client.send(pool_id, room, pages, is_last, aux))
+    def send(self, pool_id: int, room: int, pages: Pages, is_last: bool, aux: bytes = b"", *,
+             wait: bool = True) -> None:
+        self._call(self._client.send(pool_id, room, pages, is_last, aux, wait=wait))
 
     def recv(self, pool_id: int, room: int, bootstrap_addr: str, prefill_engine_id: str, pages: Pages,
              timeout_s: float = 0.0, enable_hisparse: bool = False) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 import threading
 import time
@@ -52,6 +53,9 @@ log = logging.getLogger("kvd.client")
 def _conn_error(path: str, what: str, exc: BaseException | None = None) -> KvdConnectionError:
     return KvdConnectionError(f"kvd at {path}: {what}" + (f": {exc}" if exc else ""), kind="connection")
 
+
+#: Chunks sent with ``wait=False`` whose replies may be outstanding before ``send`` reads some.
+MAX_UNACKED = 256
 
 _UNREACHABLE = "cannot connect (is the daemon running, and may this user open its socket?)"
 
@@ -135,17 +139,30 @@ class KvdClient:
         if self._t.is_push(msg):
             self._t.on_push(msg)  # type: ignore[arg-type]
             return None
+        if self._t.on_late_reply(msg):  # the reply to a chunk sent without waiting
+            return None
         return msg
+
+    def _send_frame(self, msg: Message) -> None:
+        if self._sock is None:
+            raise _conn_error(self.socket_path, "client is closed")
+        try:
+            self._sock.settimeout(self.timeout)
+            self._sock.sendall(p.frame(p.encode(msg)))
+        except OSError as exc:
+            raise self._broken("cannot send", exc) from exc
+
+    def _readable(self) -> bool:
+        """Whether a whole frame is buffered, or bytes wait on the socket (no blocking)."""
+        if self._frames.has_frame():
+            return True
+        if self._sock is None:
+            return False
+        return bool(select.select([self._sock], [], [], 0)[0])
 
     def _request(self, msg: Message, expected: type[T]) -> T:
         with self._lock:
-            if self._sock is None:
-                raise _conn_error(self.socket_path, "client is closed")
-            try:
-                self._sock.settimeout(self.timeout)
-                self._sock.sendall(p.frame(p.encode(msg)))
-            except OSError as exc:
-                raise self._broken("cannot send", exc) from exc
+            self._send_frame(msg)
             deadline = time.monotonic() + self.timeout
             req_id: int = msg.req_id  # type: ignore[attr-defined]
             what = f"reply to {type(msg).__name__} #{req_id}"
@@ -178,10 +195,26 @@ class KvdClient:
             raise KvdRegistrationError(str(exc), kind="registration") from None
         return self._request(*self._t.register(layout, mem, bootstrap)).pool_id
 
-    def send(self, pool_id: int, room: int, pages: Pages, is_last: bool, aux: bytes = b"") -> None:
-        """Prefill: these pages of ``room`` are computed; ``aux`` rides with the last chunk."""
+    def send(self, pool_id: int, room: int, pages: Pages, is_last: bool, aux: bytes = b"", *,
+             wait: bool = True) -> None:
+        """Prefill: these pages of ``room`` are computed; ``aux`` rides with the last chunk.
+
+        ``wait=False`` returns once the chunk is on the socket, without the daemon's round trip
+        (a prefill engine's chunks then reach the daemon together and are planned as one
+        burst); a chunk the daemon refuses then fails the room: ``wait()``/``pushed()`` report
+        it with the daemon's reason. At most :data:`MAX_UNACKED` chunks go unanswered."""
         with self._lock:
-            self._request(*self._t.send(pool_id, room, pages, is_last, aux))
+            msg, expected = self._t.send(pool_id, room, pages, is_last, aux)
+            if wait:
+                self._request(msg, expected)
+                return
+            self._send_frame(msg)
+            self._t.expect_later(msg)  # type: ignore[arg-type]
+            # Take the replies already here; past the limit, wait for some (back-pressure).
+            while self._t.unacked:
+                if self._t.unacked < MAX_UNACKED and not self._readable():
+                    break
+                self._pump(time.monotonic() + self.timeout, "reply to a chunk sent without waiting")
 
     def recv(self, pool_id: int, room: int, bootstrap_addr: str, prefill_engine_id: str,
              pages: Pages, timeout_s: float = 0.0, enable_hisparse: bool = False) -> None:
@@ -301,6 +334,10 @@ class AsyncKvdClient:
                 self._t.on_push(msg)  # type: ignore[arg-type]
                 self._events.notify_all()
             return
+        if self._t.on_late_reply(msg):  # a chunk sent without waiting: a refusal fails its room
+            async with self._events:
+                self._events.notify_all()
+            return
         fut = self._pending.pop(getattr(msg, "req_id", -1), None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
@@ -361,8 +398,20 @@ class AsyncKvdClient:
                 raise KvdRegistrationError(str(exc), kind="registration") from None
         return (await self._request(*self._t.register(layout, mem, bootstrap))).pool_id
 
-    async def send(self, pool_id: int, room: int, pages: Pages, is_last: bool, aux: bytes = b"") -> None:
-        await self._request(*self._t.send(pool_id, room, pages, is_last, aux))
+    async def send(self, pool_id: int, room: int, pages: Pages, is_last: bool, aux: bytes = b"", *,
+                   wait: bool = True) -> None:
+        msg, expected = self._t.send(pool_id, room, pages, is_last, aux)
+        if wait:
+            await self._request(msg, expected)
+            return
+        if self._writer is None or self._error is not None:
+            raise self._error or _conn_error(self.socket_path, "client is closed")
+        self._t.expect_later(msg)  # type: ignore[arg-type]
+        try:
+            self._writer.write(p.frame(p.encode(msg)))
+            await self._writer.drain()
+        except OSError as exc:
+            raise _conn_error(self.socket_path, "cannot send", exc) from exc
 
     async def recv(self, pool_id: int, room: int, bootstrap_addr: str, prefill_engine_id: str,
                    pages: Pages, timeout_s: float = 0.0, enable_hisparse: bool = False) -> None:

@@ -137,6 +137,9 @@ class ReplyTracker:
         self._stash: dict[int, RoomStatus] = {}
         self._sending: set[int] = set()
         self._sent_pages: dict[int, int] = {}  # pages sent so far per prefill room in flight
+        # Chunks sent without waiting for their reply (``send(wait=False)``): req_id -> room.
+        self._unacked: dict[int, int] = {}
+        self._refused: dict[int, str] = {}  # room -> why the daemon refused one of its chunks
         self.max_released = max_released
 
     def next_req_id(self) -> int:
@@ -167,6 +170,8 @@ class ReplyTracker:
         old = self._stash.pop(ev.room, None)
         if old is not None and old.released and not new.released:
             new = replace(new, released=True)
+        if ev.room in self._refused:  # a refused chunk failed the room here: it stays failed
+            new = replace(new, state="failed", reason=self._refused[ev.room])
         self._stash[ev.room] = new  # re-insert: dict order is then oldest-first
         if len(self._stash) > 2 * self.max_released:
             released = [room for room, st in self._stash.items() if st.released]
@@ -189,6 +194,7 @@ class ReplyTracker:
         chunk does, so a failure pushed between chunks still reaches ``wait()``."""
         if not sending or room not in self._sending:
             self._stash.pop(room, None)
+            self._refused.pop(room, None)
         if sending and not is_last:
             self._sending.add(room)
         else:
@@ -209,6 +215,30 @@ class ReplyTracker:
         """Drop what is known of a room (the engine is done with it)."""
         self._stash.pop(room, None)
         self._sending.discard(room)
+        self._refused.pop(room, None)
+
+    # --- chunks sent without waiting for their reply ------------------------------------------
+    def expect_later(self, msg: p.SendChunk) -> None:
+        """``msg`` went out with no one waiting for its reply (:meth:`on_late_reply` takes it)."""
+        self._unacked[msg.req_id] = msg.room
+
+    @property
+    def unacked(self) -> int:
+        """Replies to chunks sent without waiting that have not arrived yet."""
+        return len(self._unacked)
+
+    def on_late_reply(self, msg: Message) -> bool:
+        """Take the reply to a chunk sent without waiting (False: not one). A refusal fails the
+        room here, as a pushed failure would: ``wait()`` raises RoomFailed with the daemon's
+        reason, and the engine aborts the room as it does for any failed room."""
+        room = self._unacked.pop(getattr(msg, "req_id", -1), None)
+        if room is None:
+            return False
+        if isinstance(msg, ErrorReply):
+            reason = f"kvd refused a chunk [{msg.kind}]: {msg.message}"
+            self._refused[room] = reason
+            self.on_push(RoomEvent(req_id=0, room=room, state="failed", reason=reason))
+        return True
 
     @staticmethod
     def check_final(status: RoomStatus) -> RoomStatus:

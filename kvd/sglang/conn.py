@@ -13,6 +13,7 @@ the completion accounting. KVPoll maps one to one onto kvd's room states.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -311,8 +312,10 @@ class KvdKVSender(_Room, BaseKVSender):
         if self._t0 is None:
             self._t0 = time.perf_counter()
         self.has_sent = True
-        if self._daemon_call("send", self.kv_mgr.client.send, self.kv_mgr.pool_id, self.bootstrap_room,
-                             pages, is_last, aux):
+        # Not waiting for the daemon's reply: the scheduler goes on at once, and a refused chunk
+        # fails the room at the next poll (the client stashes the refusal as a pushed failure).
+        if self._daemon_call("send", functools.partial(self.kv_mgr.client.send, wait=False), self.kv_mgr.pool_id,
+                             self.bootstrap_room, pages, is_last, aux):
             self.state = max(self.state, KVPoll.Transferring)
             self.last_sent = is_last
 

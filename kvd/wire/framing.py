@@ -40,6 +40,13 @@ class FrameBuffer:
         """Bytes of a frame that has started arriving (0: between frames)."""
         return len(self._buf)
 
+    def has_frame(self) -> bool:
+        """Whether a whole frame (or an oversized prefix, which :meth:`next_payload` refuses) is in."""
+        if len(self._buf) < _LEN.size:
+            return False
+        (size,) = _LEN.unpack_from(self._buf)
+        return size > self._max or len(self._buf) >= _LEN.size + size
+
     def next_payload(self) -> bytes | None:
         """The next whole payload, or None until more bytes arrive; ProtocolError on a frame
         over the limit, raised as soon as its length prefix is in."""

@@ -39,7 +39,7 @@ LAYOUT = PoolLayout(engine_id="eng", role="prefill", tp_size=2, tp_rank=1, num_l
                     total_kv_heads=4, head_dim=8, dtype="bfloat16", page_size=4, num_pages=3)
 
 # room numbers script the fake daemon's behaviour
-OK_ROOM, FAIL_ROOM, SILENT_ROOM, EARLY_ROOM = 11, 12, 13, 14
+OK_ROOM, FAIL_ROOM, SILENT_ROOM, EARLY_ROOM, REFUSED_ROOM = 11, 12, 13, 14, 15
 
 
 # --- pure ReplyTracker ---------------------------------------------------------------------------
@@ -104,6 +104,27 @@ def test_start_room_clears_previous_use_but_not_between_chunks() -> None:
     assert t.final(8) is None
 
 
+def test_a_refused_chunk_sent_without_waiting_fails_its_room_for_good() -> None:
+    t = ReplyTracker()
+    first, _ = t.send(1, 7, [0], is_last=False, aux=b"")
+    last, _ = t.send(1, 7, [1], is_last=True, aux=b"")
+    for m in (first, last):
+        t.expect_later(m)
+    assert t.unacked == 2
+    assert t.on_late_reply(p.Ok(req_id=first.req_id)) and t.final(7) is None
+    assert not t.on_late_reply(p.Ok(req_id=999))  # not a chunk sent without waiting
+    assert t.on_late_reply(p.ErrorReply(req_id=last.req_id, kind="bad_request", message="page 9 out of range",
+                                        room=7))
+    assert t.unacked == 0
+    st = t.final(7)
+    assert st is not None and st.state == "failed" and "page 9 out of range" in st.reason
+    t.on_push(ev(7, "success", released=True))  # nothing the daemon says later un-fails it
+    st = t.final(7)
+    assert st is not None and st.state == "failed" and st.released and "bad_request" in st.reason
+    t.send(1, 7, [0], is_last=True, aux=b"")  # a new use of the room id starts clean
+    assert t.final(7) is None
+
+
 def test_stash_is_bounded_but_keeps_rooms_in_flight() -> None:
     t = ReplyTracker(max_released=4)
     t.on_push(ev(1000, "failed"))  # final but not released: must survive pruning
@@ -162,6 +183,9 @@ class FakeKvd(ThreadedEngineServer):
                 return [p.ErrorReply(req_id=rid, kind="registration", message="cannot register VMM memory")]
             return [p.PoolRegistered(req_id=rid, pool_id=7)]
         if isinstance(msg, p.SendChunk):
+            if msg.room == REFUSED_ROOM:
+                return [p.ErrorReply(req_id=rid, kind="bad_request", message="pages outside the pool",
+                                     room=msg.room)]
             out: list[Any] = [p.Ok(req_id=rid)]
             if msg.is_last:
                 out.append(ev(msg.room, "success", released=True))
@@ -244,6 +268,37 @@ async def test_register_send_and_wait_success(client: Any, fake: FakeKvd) -> Non
     sent = [m for m in fake.received if isinstance(m, p.SendChunk)]
     assert [m.req_id for m in fake.received] == [1, 2, 3]
     assert sent[1].aux == b"aux-5" and sent[1].is_last and sent[0].pages.tolist() == [0, 1]
+
+
+async def test_chunks_sent_without_waiting(client: Any, fake: FakeKvd) -> None:
+    """wait=False: the chunks go out back to back, their replies are taken later, and the
+    room's end still reaches wait()."""
+    for i in range(5):
+        await call(client, "send", 7, 5, [i], is_last=i == 4, aux=b"a" if i == 4 else b"", wait=False)
+    st = await call(client, "wait", 5, timeout=2)
+    assert st.state == "success"
+    sent = [m for m in fake.received if isinstance(m, p.SendChunk)]
+    assert [m.pages.tolist() for m in sent] == [[0], [1], [2], [3], [4]]
+    assert [m.page_offset for m in sent] == [0, 1, 2, 3, 4]
+    assert await call(client, "poll", 5)  # the connection is in step: the next reply is its own
+
+
+async def test_a_refused_chunk_sent_without_waiting_fails_the_room(client: Any) -> None:
+    await call(client, "send", 7, REFUSED_ROOM, [0], is_last=True, wait=False)
+    with pytest.raises(RoomFailed, match="pages outside the pool"):
+        await call(client, "wait", REFUSED_ROOM, timeout=2)
+
+
+def test_chunks_without_waiting_are_bounded(fake: FakeKvd) -> None:
+    """Thousands of chunks without waiting: the client reads replies as it goes (at most
+    MAX_UNACKED outstanding), so neither side's buffers fill up and nothing deadlocks."""
+    from kvd.engineclient.client import MAX_UNACKED
+
+    with KvdClient(fake.path, timeout=5) as c:
+        for i in range(3000):
+            c.send(7, 40, [i], is_last=i == 2999, wait=False)
+            assert c._t.unacked <= MAX_UNACKED
+        assert c.wait(40, timeout=5).state == "success"
 
 
 async def test_recv_success_carries_aux(client: Any, fake: FakeKvd) -> None:

@@ -88,7 +88,7 @@ class RecordingClient:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.events: dict[int, Any] = {}
 
-    def send(self, pool_id: int, room: int, pages: Any, is_last: bool, aux: bytes = b"") -> None:
+    def send(self, pool_id: int, room: int, pages: Any, is_last: bool, aux: bytes = b"", *, wait: bool = True) -> None:
         self.calls.append(("send", (room, [int(p) for p in pages], is_last, aux)))
 
     def recv(self, *args: Any) -> None:
