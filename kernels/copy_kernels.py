@@ -10,6 +10,7 @@ own, CUDA-IPC-opened, or a peer GPU's with peer access); callers check every ran
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ import triton.language as tl
 from .triton_kernels import _UNIT_DTYPES, SMALL_CHUNK_BYTES, _alignment, _device_table
 from .upload import upload_indices
 
-__all__ = ["copy_ops_triton", "copy_rows_triton"]
+__all__ = ["copy_ops_triton", "copy_rows_key", "copy_rows_triton"]
 
 _copy_hints = True
 _likes: dict[tuple[int, str], torch.Tensor] = {}
@@ -158,6 +159,53 @@ def _copy_rows_kernel(  # type: ignore[no-untyped-def]
         tl.store(dst_ptrs, data, mask=mask)
 
 
+@dataclass(frozen=True)
+class _RowsLaunch:
+    """How :func:`copy_rows_triton` launches one row copy: tile shape and constants."""
+
+    align: int
+    unit: int
+    row_units: int
+    large: bool
+    block_t: int
+    tiles: int
+    num_warps: int
+    ints: tuple[int, ...]  # the kernel's integer arguments
+
+    @classmethod
+    def of(cls, src_bases: Sequence[int], dst_bases: Sequence[int], num_rows: int, src_stride: int,
+           dst_stride: int, src_offset: int, dst_offset: int, run: int, rows_per_index: int,
+           block_bytes: int = 0) -> _RowsLaunch:
+        align = _alignment([*src_bases, *dst_bases, src_stride, dst_stride, src_offset, dst_offset, run])
+        unit = min(align, 4)
+        row_units = triton.next_power_of_2(run // unit)
+        # The staging kernels' sweeps (tools/bench_gpu_kernels.py): a batch that may sit in L2 runs
+        # 16 KiB tiles with 8 warps and no hints; a larger one 4 KiB tiles, 4 warps, streaming.
+        large = num_rows * len(src_bases) * run > SMALL_CHUNK_BYTES
+        tokens = max(1, (block_bytes or (4096 if large else 16384)) // (row_units * unit))
+        block_t = max(1, min(triton.next_power_of_2(num_rows), tokens, 1024))
+        tiles = triton.cdiv(num_rows, block_t)
+        warps = 4 if large or block_t * row_units * unit < 8192 else 8
+        ints = (num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit, tiles)
+        return cls(align, unit, row_units, large, block_t, tiles, warps, ints)
+
+    def key(self, num_buffers: int, run: int, rows_per_index: int) -> tuple[int, ...]:
+        """What a compiled kernel is specialised on: the constants, and for each integer
+        argument what Triton specialises it by (equal to 1, divisible by 16, 32 or 64 bits)."""
+        return (num_buffers, run // self.unit, self.block_t, self.row_units, self.align, self.large, rows_per_index,
+                self.num_warps, *(v == 1 for v in self.ints), *(v % 16 == 0 for v in self.ints),
+                *(v >= 1 << 31 for v in self.ints))
+
+
+def copy_rows_key(src_bases: Sequence[int], dst_bases: Sequence[int], num_rows: int, src_stride: int,
+                  dst_stride: int, src_offset: int, dst_offset: int, run: int, rows_per_index: int = 1) -> tuple[int, ...]:
+    """The compile key of a :func:`copy_rows_triton` call (``num_rows`` token rows): two calls
+    with one key run the same compiled kernel, so a caller that must not wait for a compile (an
+    event loop) launches only keys it has launched before."""
+    return _RowsLaunch.of(src_bases, dst_bases, num_rows, src_stride, dst_stride, src_offset, dst_offset, run,
+                          rows_per_index).key(len(src_bases), run, rows_per_index)
+
+
 def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_rows: Any, dst_rows: Any,
                      src_stride: int, dst_stride: int, src_offset: int, dst_offset: int, run: int,
                      device: torch.device, block_bytes: int = 0, rows_per_index: int = 1) -> None:
@@ -178,21 +226,14 @@ def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_row
     num_rows = rows[0].numel() * rows_per_index
     if num_rows == 0 or not src_bases:
         return
-    align = _alignment([*src_bases, *dst_bases, src_stride, dst_stride, src_offset, dst_offset, run])
-    unit = min(align, 4)
-    row_units = triton.next_power_of_2(run // unit)
-    # The staging kernels' sweeps (tools/bench_gpu_kernels.py): a batch that may sit in L2 runs
-    # 16 KiB tiles with 8 warps and no hints; a larger one 4 KiB tiles, 4 warps, streaming.
-    large = num_rows * len(src_bases) * run > SMALL_CHUNK_BYTES
-    tokens = max(1, (block_bytes or (4096 if large else 16384)) // (row_units * unit))
-    block_t = max(1, min(triton.next_power_of_2(num_rows), tokens, 1024))
-    tiles = triton.cdiv(num_rows, block_t)
-    like = _like(unit, device)
-    _copy_rows_kernel[(tiles * len(src_bases),)](
-        _device_table(list(src_bases), device), _device_table(list(dst_bases), device), rows[0], rows[1], like,
-        num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit, tiles,
-        NUM_BUFFERS=len(src_bases), RUN=run // unit, BLOCK_T=block_t, BLOCK_R=row_units, ALIGN=align,
-        STREAM=large, PAGE=rows_per_index, num_warps=4 if large or block_t * row_units * unit < 8192 else 8,
+    cfg = _RowsLaunch.of(src_bases, dst_bases, num_rows, src_stride, dst_stride, src_offset, dst_offset, run,
+                         rows_per_index, block_bytes)
+    unit = cfg.unit
+    _copy_rows_kernel[(cfg.tiles * len(src_bases),)](
+        _device_table(list(src_bases), device), _device_table(list(dst_bases), device), rows[0], rows[1],
+        _like(unit, device), num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit,
+        cfg.tiles, NUM_BUFFERS=len(src_bases), RUN=run // unit, BLOCK_T=cfg.block_t, BLOCK_R=cfg.row_units,
+        ALIGN=cfg.align, STREAM=cfg.large, PAGE=rows_per_index, num_warps=cfg.num_warps,
     )
     if device.type == "cuda":
         for r in rows:

@@ -218,7 +218,9 @@ def _device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
     key = (str(device), tuple(values))
     table = _tables.get(key)
     if table is None:
-        table = torch.tensor(list(values), dtype=torch.int64).to(device)
+        # From pageable memory: staged by the driver at once, with no wait for work already on
+        # the stream (an event loop that launches must never wait for an earlier copy).
+        table = torch.tensor(list(values), dtype=torch.int64).to(device, non_blocking=True)
         _tables[key] = table
         if len(_tables) > _TABLE_CACHE_SIZE:
             _tables.popitem(last=False)

@@ -146,6 +146,9 @@ FIELDS: tuple[Field, ...] = (
     Field("transport", "one_pass", "one_pass", _bool,
           "same node, GPU pools, different TP: write each head slice straight into the decode pool "
           "(one copy kernel) instead of staging (gather, copy, scatter)"),
+    Field("transport", "launch", "copy_launch", _choice("loop", "worker"),
+          "same-node copies: 'loop' (launched by the event loop, a thread only waits for the device) "
+          "or 'worker' (a copy thread launches and waits)"),
     Field("transfer", "workers", "workers", _positive_int,
           "threads issuing Mooncake writes"),
     Field("transfer", "queues", "queues", _positive_int,
@@ -229,6 +232,7 @@ class Config:
     devices: str = ""
     same_node: str = "cuda_ipc"
     one_pass: bool = True
+    copy_launch: str = "loop"
     workers: int = 4
     queues: int = 4
     max_batch_ops: int = 1024

@@ -315,7 +315,7 @@ class Daemon:
         if c.same_node != "off":  # peers on this machine: CUDA IPC copies (kvd.transfer.router)
             from kvd.transfer.router import SameNodeTransport, with_endpoint
 
-            same_node = await loop.run_in_executor(None, SameNodeTransport, main, c.workers)
+            same_node = await loop.run_in_executor(None, SameNodeTransport, main, c.workers, 16, c.copy_launch)
             main = same_node
             sessions = with_endpoint(open_session)  # receive sessions answer same-node peers too
             if c.one_pass:  # head slices straight into a same-node decode pool (PoolAck.one_pass)

@@ -19,6 +19,14 @@ warning level), never silent. :meth:`paths` returns all of it for ``kvctl status
 Copies: up to ``memcpy_ops`` ops, or ops of 1 MiB and more on average, as ``cuMemcpyAsync``
 each; many small ops as one batched Triton kernel (``kvd_kernels.copy_kernels.copy_ops_triton``); each batch
 returns once its stream is done.
+
+Who launches (``launch``): with ``"loop"`` (the default) the event loop itself launches a batch's
+copies (asynchronous: microseconds) on its own stream, and a waiter thread only blocks on the
+batch's end event. A copy thread that launches needs the GIL a dozen times per batch while the
+loop holds it, and on the GPU host each hand-over cost milliseconds (a batch's ``device_s`` of
+5-15 ms for 0.3 ms of copying, ``tools/gpu_e2e.py --timeline``). A Triton kernel shape never
+launched before still goes through a copy thread once (its compile must not stop the loop);
+``"worker"`` sends every batch there.
 """
 
 from __future__ import annotations
@@ -78,8 +86,12 @@ class PeerPath:
 class SameNodeTransport:
     """:class:`~kvd.transfer.base.Transport` that routes each peer to CUDA IPC copies or the network."""
 
-    def __init__(self, network: Transport, workers: int = 4, memcpy_ops: int = 16) -> None:
+    def __init__(self, network: Transport, workers: int = 4, memcpy_ops: int = 16, launch: str = "loop") -> None:
+        if launch not in ("loop", "worker"):
+            raise ValueError(f"launch must be 'loop' or 'worker', got {launch!r}")
         self.network = network
+        self.launch = launch
+        self._compiled: set[tuple[int, ...]] = set()  # row-copy kernel shapes launched once already
         self.session_id = network.session_id
         self.protocol = network.protocol
         self.devices = network.devices
@@ -103,6 +115,8 @@ class SameNodeTransport:
         self._paths: dict[str, PeerPath] = {}
         self._deciding: dict[str, asyncio.Future[PeerPath]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="kvd-samenode")
+        # Threads that only wait for a batch launched by the loop (never queued behind a copy).
+        self._waiters = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kvd-samenode-wait")
         self._local = threading.local()
         self._lock = threading.Lock()
 
@@ -234,8 +248,12 @@ class SameNodeTransport:
             if not inside(self._device_regions, s, n):
                 reason = "source outside this daemon's exported device memory (host memory?)"
             else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._pool, self._same_node, peer_session, path, s, d, n)
+                if self.launch == "loop" and self._memcpy_batch(n):
+                    result = await self._on_loop(peer_session, path, lambda: self._launch_memcpy(
+                        peer_session, path, s, d, n))
+                else:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(self._pool, self._same_node, peer_session, path, s, d, n)
                 if isinstance(result, BatchResult):
                     return path.count("same_node", result)
                 reason = result
@@ -254,8 +272,16 @@ class SameNodeTransport:
             if not all(inside(self._device_regions, *part.spans("src")) for part in batch.parts):
                 reason = "row copy source outside this daemon's exported device memory (host memory?)"
             else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._pool, self._same_node_rows, peer_session, path, batch)
+                keys = [(cuda().device_of(int(part.src_bases[0])) or 0, *_row_kernel_key(part)) for part in batch.parts]
+                if self.launch == "loop" and all(k in self._compiled for k in keys):
+                    result = await self._on_loop(peer_session, path, lambda: self._launch_rows(
+                        peer_session, path, batch))
+                else:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(self._pool, self._same_node_rows, peer_session, path,
+                                                        batch)
+                    if isinstance(result, BatchResult):
+                        self._compiled.update(keys)
                 if isinstance(result, BatchResult):
                     path.batches["one_pass"] += 1
                     return path.count("same_node", result)
@@ -269,6 +295,81 @@ class SameNodeTransport:
                                      "transport.one_pass = false to stage such rooms)")
         ops = batch.ops()
         return path.count("network", await self.network.write(peer_session, ops.src, ops.dst, ops.length))
+
+    # --- launched by the event loop ---------------------------------------------------------------
+    async def _on_loop(self, peer_session: str, path: PeerPath,
+                       launch: Callable[[], tuple[int, int, Any, Any] | str]) -> BatchResult | str:
+        """Launch a batch here (no GIL hand-over to a copy thread), then wait for its end event
+        on a waiter thread: the loop goes on meanwhile."""
+        started = time.monotonic()
+        t0 = time.perf_counter()
+        try:
+            launched = launch()
+        except TransportError as exc:
+            raise TransportError(f"same-node write to {peer_session} refused: {exc}") from exc
+        except Exception as exc:  # torch / Triton / driver errors: the batch goes over the network
+            return f"CUDA copy failed: {type(exc).__name__}: {exc}"
+        if isinstance(launched, str):
+            return launched
+        nbytes, ops, begin, end = launched
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._waiters, end.synchronize)
+            device_s = begin.elapsed_time(end) / 1e3
+        except Exception as exc:  # a failed kernel surfaces at the sync: the bytes are unsure
+            raise TransportError(f"same-node copy to {peer_session} failed on the device: {exc}") from exc
+        return BatchResult(nbytes, ops, time.perf_counter() - t0, device_seconds=device_s, started=started,
+                           ended=time.monotonic())
+
+    def _loop_events(self, device: int, stream: Any) -> tuple[Any, Any]:
+        import torch
+
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record(stream)
+        return begin, end
+
+    def _launch_rows(self, peer_session: str, path: PeerPath, batch: RowBatch) -> tuple[int, int, Any, Any] | str:
+        """The row copies of a batch, launched on the loop's stream (indices uploaded from
+        pageable memory: no wait on an earlier batch still copying on the same stream)."""
+        import torch
+        from kvd_kernels.copy_kernels import copy_rows_triton
+
+        mapped = []
+        for part in batch.parts:
+            starts, lengths = part.spans("dst")
+            ours = self._destinations(peer_session, path, starts, lengths)
+            if ours is None:
+                return f"destination outside the device memory {peer_session} exported (host pool?)"
+            mapped.append((part, part.dst_bases + (ours - starts)))
+        device, stream = self._source_stream(int(batch.parts[0].src_bases[0]))
+        dev = torch.device("cuda", device)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            begin, end = self._loop_events(device, stream)
+            for part, dst_bases in mapped:
+                n = int(part.src_rows.shape[0])
+                both = np.concatenate((part.src_rows, part.dst_rows)).astype(np.int64, copy=False)
+                rows = torch.from_numpy(both).to(dev, non_blocking=True)  # pageable: staged, no stream wait
+                copy_rows_triton(part.src_bases.tolist(), dst_bases.tolist(), rows[:n], rows[n:], part.src_stride,
+                                 part.dst_stride, part.src_offset, part.dst_offset, part.run, dev,
+                                 rows_per_index=part.rows_per_index)
+            end.record(stream)
+        return batch.total_bytes, len(batch), begin, end
+
+    def _memcpy_batch(self, length: np.ndarray) -> bool:
+        """Whether a batch of ops goes as one cuMemcpyAsync per op (no kernel to compile)."""
+        return len(length) <= self.memcpy_ops or int(length.sum()) >= len(length) << 20
+
+    def _launch_memcpy(self, peer_session: str, path: PeerPath, src: np.ndarray, dst: np.ndarray,
+                       length: np.ndarray) -> tuple[int, int, Any, Any] | str:
+        mapped = self._destinations(peer_session, path, dst, length)
+        if mapped is None:
+            return f"destination outside the device memory {peer_session} exported (host pool?)"
+        c = cuda()
+        device, stream = self._source_stream(int(src[0]))
+        begin, end = self._loop_events(device, stream)
+        for s, d, n in zip(src.tolist(), mapped.tolist(), length.tolist(), strict=True):
+            c.memcpy_async(d, s, n, stream.cuda_stream)
+        end.record(stream)
+        return int(length.sum()), len(src), begin, end
 
     def _same_node_rows(self, peer_session: str, path: PeerPath, batch: RowBatch) -> BatchResult | str:
         """The row copies of one batch on the worker: each part's destination spans translated
@@ -372,7 +473,7 @@ class SameNodeTransport:
         try:
             # Few ops, or large ones (>= 1 MiB on average): one cuMemcpyAsync each runs at copy speed;
             # many small ops: one batched kernel launch.
-            if len(src) <= self.memcpy_ops or int(length.sum()) >= len(src) << 20:
+            if self._memcpy_batch(length):
                 for s, d, n in zip(src.tolist(), dst.tolist(), length.tolist(), strict=True):
                     c.memcpy_async(d, s, n, stream.cuda_stream)
             else:
@@ -393,8 +494,21 @@ class SameNodeTransport:
         if self._endpoint is not None:
             self._endpoint.close()
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._waiters.shutdown(wait=True, cancel_futures=False)
         self._peers.clear()
         self.network.close()
+
+
+def _row_kernel_key(part: RowCopy) -> tuple[int, ...]:
+    """The compile key of a part's row-copy launch (``kvd_kernels.copy_kernels.copy_rows_key``),
+    and the parity of its index count: both paths upload the source and destination rows as one
+    array, so the destination rows' alignment (which Triton specialises pointers on) follows it."""
+    from kvd_kernels.copy_kernels import copy_rows_key
+
+    return (*copy_rows_key(part.src_bases.tolist(), part.dst_bases.tolist(),
+                           int(part.src_rows.shape[0]) * part.rows_per_index, part.src_stride, part.dst_stride,
+                           part.src_offset, part.dst_offset, part.run, part.rows_per_index),
+            int(part.src_rows.shape[0]) % 2)
 
 
 def with_endpoint(open_session: Callable[[], Transport]) -> Callable[[], Transport]:
