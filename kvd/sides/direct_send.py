@@ -117,12 +117,12 @@ class DirectSender:
         batch per receiver, receivers in parallel. The next batch is planned while the last one
         is still being written (planning a long chunk costs about as much as copying it on one
         machine), but batches land one after the other, all under the room's lock."""
-        async with sr.lock:
-            sr.draining = True
-            try:
+        sr.draining = True  # (set by the spawner too: chunks that come before this runs are its)
+        try:
+            async with sr.lock:
                 await self._drain_locked(sr)
-            finally:
-                sr.draining = False
+        finally:
+            sr.draining = False
 
     async def _drain_locked(self, sr: SenderRoom) -> None:
         in_flight: deque[_InFlight] = deque()

@@ -100,7 +100,7 @@ class SenderRoom:
     handoff: tuple[list[Chunk], list[tuple[ReceiverRequest, Plan]]] | None = None
     # Set when a chunk arrives: a drain waiting on a write plans it meanwhile.
     more: asyncio.Event = field(default_factory=asyncio.Event)
-    draining: bool = False  # a drain holds the lock and looks for chunks before it lets go
+    draining: bool = False  # a drain task is spawned or running: it takes every chunk that comes
     # The engine's pages so far; expanded to tokens only when the staged path asks (a direct
     # room never pays for the expansion on the event loop).
     src_pages: list[np.ndarray] = field(default_factory=list)

@@ -217,7 +217,10 @@ class SenderSide(SideBase[SenderRoom]):
                 and sr.machine.state is RoomState.BOOTSTRAPPING:
             self.transition(sr, RoomInput.BOOTSTRAPPED)
         if sr.machine.is_live:
-            if sr.chunks and not self.direct_path.drain_now(sr) and not sr.draining:
+            # One drain task per room: chunks that arrive before it runs (a burst the engine sent
+            # without waiting) are planned by it as one batch, not by one task each.
+            if sr.chunks and not sr.draining and not self.direct_path.drain_now(sr):
+                sr.draining = True
                 self.ctx.spawn(self.direct_path.drain(sr), f"drain-{sr.room}")
             self.staged_path.start(sr)
 

@@ -8,6 +8,7 @@ everywhere else) and on the events the engines get.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -288,6 +289,27 @@ async def test_a_burst_of_chunks_plans_as_one_and_the_last_may_end_short(cluster
                 for p in verify_decode(arrays, pool.layout, src, t.dst_index, SEED, CANARY)]
     assert problems == []
     assert t.decode_events()[0].state == "success"
+
+
+async def test_a_burst_of_chunks_is_drained_by_one_task(cluster):
+    """Chunks an engine sent without waiting arrive together: the first starts the room's drain
+    task and the rest are that task's (planned as one batch), not one task each."""
+    t = Transfer(cluster, 1, 1, pages=10)
+    t.recv()
+    await cluster.settle()
+    spawned: list[str] = []
+    spawn = t.prefill.spawn
+
+    def counting_spawn(coro: Any, name: str) -> Any:
+        spawned.append(name)
+        return spawn(coro, name)
+
+    t.prefill.spawn = counting_spawn  # type: ignore[method-assign]
+    t.send(chunks=5)
+    await cluster.settle()
+    assert t.verify() == []
+    assert t.decode_events()[0].state == "success"
+    assert spawned.count("drain-1") == 1, spawned
 
 
 async def test_a_burst_whose_earlier_chunks_overflow_a_hisparse_room_fails_it(cluster):
