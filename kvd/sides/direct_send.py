@@ -75,9 +75,12 @@ class DirectSender:
             # The chunks of a burst continue one another on both sides: they plan as one (one
             # plan and one bounds check per batch, not per chunk: the event loop is what a
             # prefill daemon serving several ranks runs out of).
+            # Lead pages: those before the burst's last non-empty chunk (an engine may end a room
+            # with an empty chunk: the chunk before it is then the one that may end short).
+            last_pages = next((i for i in range(len(chunks) - 1, -1, -1) if len(chunks[i].pages)), 0)
             chunks = [Chunk(np.concatenate([np.asarray(c.pages, dtype=np.int64) for c in chunks]),
                             chunks[-1].is_last, chunks[-1].aux,
-                            lead_pages=sum(len(c.pages) for c in chunks[:-1]))]
+                            lead_pages=sum(len(c.pages) for c in chunks[:last_pages]))]
         planned: dict[int, tuple[ReceiverRequest, list[Plan]]] = {}
         for chunk in chunks:
             for req, ops in self._plan_chunk(sr, chunk):
@@ -253,11 +256,17 @@ class DirectSender:
                 continue
             dst_all = req.msg.dst_indices
             start = req.dst_cursor
-            if req.msg.enable_hisparse:
+            if req.msg.enable_hisparse and src_count == 0:
+                # An empty chunk (an engine may end a room with one): nothing to write; the
+                # last-chunk check below still holds the room to its token count.
+                src = dst = np.zeros(0, dtype=np.int64)
+            elif req.msg.enable_hisparse:
                 remaining = len(dst_all) - start
                 n = min(src_count, remaining)
-                # Only the final chunk may end short: every earlier one fits whole (and leaves room).
-                if remaining <= 0 or (not chunk.is_last and n < src_count) \
+                # Only the room's final page may end short: every page before it in the chunk
+                # fits whole. That page may close a chunk that is not marked last (an engine may
+                # end a room with an empty chunk); any chunk with pages after it finds no room.
+                if remaining <= 0 or (len(chunk.pages) - 1) * local.page_size >= remaining \
                         or chunk.lead_pages * local.page_size >= remaining:
                     raise PlanError(f"sender sent more tokens than the receiver's {len(dst_all)}")
                 src = expand_pages_to_tokens(chunk.pages, local.page_size, n)

@@ -495,3 +495,36 @@ async def test_an_abort_after_the_sender_forgot_the_room_still_hears_unsure(clus
     ev = t.decode_events()[0]
     assert ev is not None and ev.state == "failed" and ev.released
     assert t.decode.revoked == [t.prefill.address], "released on the sender's word alone"
+
+
+@pytest.mark.parametrize("chunks", [[2, 1, 0], [3, 0], [0, 3], [1, 0, 2]])
+@pytest.mark.parametrize("stepwise", [False, True])
+@pytest.mark.parametrize("hisparse", [True, False])
+async def test_a_room_may_end_with_an_empty_chunk(cluster, chunks, stepwise, hisparse):
+    """An engine may report a room's last chunk with no pages (SGLang does, when the last page
+    went with the chunk before): the room ends there, exact. A HiSparse room, which ends two
+    tokens into its last page, failed with "sender sent more tokens" (the page before the empty
+    chunk was held to fit whole) or "token length must be a positive integer, got 0"."""
+    t = Transfer(cluster, 2, 1, hisparse=hisparse, pages=3)
+    if hisparse:
+        t.dst_index = t.dst_index[:-2]
+    t.recv()
+    await cluster.settle()
+    offset = 0
+    for i, n in enumerate(chunks):
+        last = i == len(chunks) - 1
+        for pool, _ in t.src:
+            t.prefill.senders.on_chunk(pool, we.SendChunk(
+                req_id=1, pool_id=pool.pool_id, room=1, pages=t.src_pages[offset:offset + n], is_last=last,
+                aux=b"first-token" if last else b"", page_offset=offset))
+        offset += n
+        if stepwise:  # each chunk written before the next one arrives
+            await cluster.settle()
+    await cluster.settle()
+    event = t.decode_events()[0]
+    assert event is not None and event.state == "success", event
+    src = pages_to_tokens(t.src_pages, t.page_size)[:len(t.dst_index)] if hisparse else None
+    problems = [p for pool, arrays in t.dst
+                for p in verify_decode(arrays, pool.layout, src, t.dst_index, SEED, CANARY)] if hisparse \
+        else t.verify()
+    assert problems == []
