@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -186,9 +187,10 @@ def _send_rooms(client: KvdClient, pool_id: int, rooms: Sequence[RoomPlan], chun
         chunks = _chunks(r.src_pages, chunk_pages)
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
-            # As a prefill engine would: no round trip per chunk (a refusal fails the room).
+            # As a prefill engine would: no round trip per chunk (a refusal fails the room);
+            # FAKE_ENGINE_BLOCKING_SENDS=1 waits for each reply instead (to compare the two).
             client.send(pool_id, r.room, chunk, is_last=last, aux=f"aux-{r.room}".encode() if last else b"",
-                        wait=False)
+                        wait=os.environ.get("FAKE_ENGINE_BLOCKING_SENDS") is not None)
 
 
 def run_decode_rank(socket_path: str, layout: PoolLayout, rooms: Sequence[RoomPlan], bootstrap_addr: str,
