@@ -135,6 +135,32 @@ def test_indices_outside_the_pool_unknown_pool_and_room(pair, pools):
     good_room(pre_d, dec_d, pools, room=2)
 
 
+def test_a_refused_chunk_sent_without_waiting_fails_the_room_for_both_engines(pair, pools):
+    """send(wait=False) of a chunk with pages outside the pool: the engine hears the refusal as a
+    failed room (with the daemon's reason), aborts it as for any failure, the decode room is
+    released with its canary intact, and the next room goes through."""
+    pre_d, dec_d = pair
+    (pl,), (dl,) = layouts()
+    with pre_d.client() as pc, dec_d.client() as dc:
+        pid = pc.register_pool(pl, pools(pl).memory, bootstrap=pre_d.address)
+        dh = pools(dl, fill=0xAB)
+        did = dc.register_pool(dl, dh.memory)
+        dc.recv(did, 6, pre_d.address, "P", [1, 2])
+        pc.send(pid, 6, [1], False, wait=False)
+        pc.send(pid, 6, [2, pl.num_pages + 5], True, aux=b"x", wait=False)  # refused by the daemon
+        with pytest.raises(RoomFailed, match="outside"):
+            pc.wait(6, timeout=20)
+        pc.abort(pid, 6)
+        with pytest.raises(RoomFailed):
+            dc.wait(6, timeout=20)
+        dc.wait_released(6, timeout=20)
+        for b in range(dl.num_buffers):  # page 1 may hold the accepted chunk; no other page changed
+            buf = dh.buffer(b).reshape(-1).view(np.uint8)
+            assert (buf[:dl.page_bytes] == 0xAB).all() and (buf[2 * dl.page_bytes:] == 0xAB).all()
+    assert errors(pre_d)["bad_request"] >= 1
+    good_room(pre_d, dec_d, pools, room=7)
+
+
 def test_sender_pages_beyond_receiver_request_fail_the_room(pair, pools):
     pre_d, dec_d = pair
     (pl,), (dl,) = layouts()
