@@ -223,13 +223,13 @@ class SameNodeTransport:
                         reason=reason)
 
     def _destinations(self, peer_session: str, path: PeerPath, dst: np.ndarray,
-                      length: np.ndarray) -> np.ndarray | None:
+                      length: np.ndarray, refresh: bool = True) -> np.ndarray | None:
         if path.path == "local":
             return dst if inside(self._device_regions, dst, length) else None
         peer = self._peers[peer_session]
         peer.check()  # raises once the peer revoked this session: the batch fails, it never lands
         mapped = peer.translate(dst, length)
-        if mapped is None:  # a region registered after we looked: read the peer's list again
+        if mapped is None and refresh:  # a region registered after we looked: read the peer's list again
             try:
                 peer.refresh()
             except TransportError:
@@ -248,10 +248,11 @@ class SameNodeTransport:
             if not inside(self._device_regions, s, n):
                 reason = "source outside this daemon's exported device memory (host memory?)"
             else:
+                result: BatchResult | str | None = None
                 if self.launch == "loop" and self._memcpy_batch(n):
                     result = await self._on_loop(peer_session, path, lambda: self._launch_memcpy(
                         peer_session, path, s, d, n))
-                else:
+                if result is None:  # a copy thread launches (and opens new peer regions first)
                     loop = asyncio.get_running_loop()
                     result = await loop.run_in_executor(self._pool, self._same_node, peer_session, path, s, d, n)
                 if isinstance(result, BatchResult):
@@ -273,19 +274,20 @@ class SameNodeTransport:
                 reason = "row copy source outside this daemon's exported device memory (host memory?)"
             else:
                 keys = [(cuda().device_of(int(part.src_bases[0])) or 0, *_row_kernel_key(part)) for part in batch.parts]
+                rows_result: BatchResult | str | None = None
                 if self.launch == "loop" and all(k in self._compiled for k in keys):
-                    result = await self._on_loop(peer_session, path, lambda: self._launch_rows(
+                    rows_result = await self._on_loop(peer_session, path, lambda: self._launch_rows(
                         peer_session, path, batch))
-                else:
+                if rows_result is None:  # a copy thread launches (a compile, or new peer regions)
                     loop = asyncio.get_running_loop()
-                    result = await loop.run_in_executor(self._pool, self._same_node_rows, peer_session, path,
-                                                        batch)
-                    if isinstance(result, BatchResult):
+                    rows_result = await loop.run_in_executor(self._pool, self._same_node_rows, peer_session,
+                                                             path, batch)
+                    if isinstance(rows_result, BatchResult):
                         self._compiled.update(keys)
-                if isinstance(result, BatchResult):
+                if isinstance(rows_result, BatchResult):
                     path.batches["one_pass"] += 1
-                    return path.count("same_node", result)
-                reason = result
+                    return path.count("same_node", rows_result)
+                reason = rows_result
             self._fallback(peer_session, path, reason)
             if len(batch) > self.max_fallback_ops:
                 # A one-pass room expanded to per-token ops over the network would take millions
@@ -298,9 +300,10 @@ class SameNodeTransport:
 
     # --- launched by the event loop ---------------------------------------------------------------
     async def _on_loop(self, peer_session: str, path: PeerPath,
-                       launch: Callable[[], tuple[int, int, Any, Any] | str]) -> BatchResult | str:
+                       launch: Callable[[], tuple[int, int, Any, Any] | str | None]) -> BatchResult | str | None:
         """Launch a batch here (no GIL hand-over to a copy thread), then wait for its end event
-        on a waiter thread: the loop goes on meanwhile."""
+        on a waiter thread: the loop goes on meanwhile. None: the batch needs a copy thread (a
+        destination in a peer region not opened yet: opening it may take milliseconds)."""
         started = time.monotonic()
         t0 = time.perf_counter()
         try:
@@ -309,7 +312,7 @@ class SameNodeTransport:
             raise TransportError(f"same-node write to {peer_session} refused: {exc}") from exc
         except Exception as exc:  # torch / Triton / driver errors: the batch goes over the network
             return f"CUDA copy failed: {type(exc).__name__}: {exc}"
-        if isinstance(launched, str):
+        if launched is None or isinstance(launched, str):
             return launched
         nbytes, ops, begin, end = launched
         try:
@@ -327,7 +330,8 @@ class SameNodeTransport:
         begin.record(stream)
         return begin, end
 
-    def _launch_rows(self, peer_session: str, path: PeerPath, batch: RowBatch) -> tuple[int, int, Any, Any] | str:
+    def _launch_rows(self, peer_session: str, path: PeerPath,
+                     batch: RowBatch) -> tuple[int, int, Any, Any] | str | None:
         """The row copies of a batch, launched on the loop's stream (indices uploaded from
         pageable memory: no wait on an earlier batch still copying on the same stream)."""
         import torch
@@ -336,9 +340,9 @@ class SameNodeTransport:
         mapped = []
         for part in batch.parts:
             starts, lengths = part.spans("dst")
-            ours = self._destinations(peer_session, path, starts, lengths)
+            ours = self._destinations(peer_session, path, starts, lengths, refresh=False)
             if ours is None:
-                return f"destination outside the device memory {peer_session} exported (host pool?)"
+                return None
             mapped.append((part, part.dst_bases + (ours - starts)))
         device, stream = self._source_stream(int(batch.parts[0].src_bases[0]))
         dev = torch.device("cuda", device)
@@ -359,10 +363,10 @@ class SameNodeTransport:
         return len(length) <= self.memcpy_ops or int(length.sum()) >= len(length) << 20
 
     def _launch_memcpy(self, peer_session: str, path: PeerPath, src: np.ndarray, dst: np.ndarray,
-                       length: np.ndarray) -> tuple[int, int, Any, Any] | str:
-        mapped = self._destinations(peer_session, path, dst, length)
+                       length: np.ndarray) -> tuple[int, int, Any, Any] | str | None:
+        mapped = self._destinations(peer_session, path, dst, length, refresh=False)
         if mapped is None:
-            return f"destination outside the device memory {peer_session} exported (host pool?)"
+            return None
         c = cuda()
         device, stream = self._source_stream(int(src[0]))
         begin, end = self._loop_events(device, stream)
