@@ -323,7 +323,10 @@ class SameNodeTransport:
         return BatchResult(nbytes, ops, time.perf_counter() - t0, device_seconds=device_s, started=started,
                            ended=time.monotonic())
 
-    def _loop_events(self, device: int, stream: Any) -> tuple[Any, Any]:
+    @staticmethod
+    def _loop_events(stream: Any) -> tuple[Any, Any]:
+        """A fresh begin/end event pair, begin recorded (batches launched by the loop overlap, so
+        they cannot share a thread's pair)."""
         import torch
 
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -347,7 +350,7 @@ class SameNodeTransport:
         device, stream = self._source_stream(int(batch.parts[0].src_bases[0]))
         dev = torch.device("cuda", device)
         with torch.cuda.device(device), torch.cuda.stream(stream):
-            begin, end = self._loop_events(device, stream)
+            begin, end = self._loop_events(stream)
             for part, dst_bases in mapped:
                 n = int(part.src_rows.shape[0])
                 both = np.concatenate((part.src_rows, part.dst_rows)).astype(np.int64, copy=False)
@@ -369,7 +372,7 @@ class SameNodeTransport:
             return None
         c = cuda()
         device, stream = self._source_stream(int(src[0]))
-        begin, end = self._loop_events(device, stream)
+        begin, end = self._loop_events(stream)
         for s, d, n in zip(src.tolist(), mapped.tolist(), length.tolist(), strict=True):
             c.memcpy_async(d, s, n, stream.cuda_stream)
         end.record(stream)
