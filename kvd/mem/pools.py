@@ -25,7 +25,9 @@ def check_page_indices(pages: np.ndarray, num_pages: int, what: str) -> None:
         values = pages.tolist()
         if min(values) >= 0 and max(values) < num_pages:
             return
-    if int(pages.min()) < 0 or int(pages.max()) >= num_pages:
+    pages = np.asarray(pages, dtype=np.int64)
+    # One pass, not min and max: a negative index, seen unsigned, is larger than any pool.
+    if int(pages.view(np.uint64).max()) >= num_pages:
         bad = pages[(pages < 0) | (pages >= num_pages)][:4].tolist()
         raise PlanError(f"{what}: page indices {bad} outside the pool's {num_pages} pages")
 
