@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from kvd.core.layout import LayoutError, PoolLayout, check_compatible
+from kvd.core.layout import MAX_TP_SIZE, LayoutError, PoolLayout, check_compatible
 
 __all__ = ["HeadSlice", "PlanError", "TpMapping", "check_layouts", "head_range", "map_heads", "map_layouts"]
 
@@ -29,6 +29,8 @@ def _check_tp(total_kv_heads: int, tp: int, side: str) -> None:
     for name, value in (("total_kv_heads", total_kv_heads), (f"{side} tp", tp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PlanError(f"{name} must be a positive integer, got {value!r}")
+    if tp > MAX_TP_SIZE:
+        raise PlanError(f"{side} tp {tp} is over the {MAX_TP_SIZE} supported")
     if total_kv_heads >= tp and total_kv_heads % tp:
         raise PlanError(f"total_kv_heads {total_kv_heads} is not divisible by {side} tp {tp}")
     if total_kv_heads < tp and tp % total_kv_heads:

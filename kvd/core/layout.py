@@ -28,6 +28,10 @@ DTYPE_SIZES: dict[str, int] = {
 }
 
 ROLES = ("prefill", "decode")
+#: Largest TP size a layout may name: the head mapping has a table entry per rank, built on the
+#: event loop and cached (256 of them: ~80 MB at this size); a peer's announce naming 2**40 ranks
+#: must be refused, not worked out.
+MAX_TP_SIZE = 1024
 MEMORY_KINDS = ("host", "gpu")
 
 
@@ -80,6 +84,8 @@ class PoolLayout:
                 out.append(f"{name} must be a positive integer, got {value!r}")
         if out:
             return out
+        if self.tp_size > MAX_TP_SIZE:
+            out.append(f"tp_size {self.tp_size} is over the {MAX_TP_SIZE} supported")
         if not 0 <= self.tp_rank < self.tp_size:
             out.append(f"tp_rank {self.tp_rank} outside [0, {self.tp_size})")
         if self.is_mla and self.total_kv_heads != 1:
