@@ -257,9 +257,16 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                 self.ctx.count_error("bad_peer_message")
                 self.fail(rr, f"sender rank {msg.sender_rank}: {exc if isinstance(exc, PlanError) else repr(exc)}")
                 return
+        if rr.staged is None and msg.bytes_written > link.bytes_owed and not link.dummy:
+            self.ctx.count_error("bad_peer_message")
+            self.fail(rr, f"sender rank {msg.sender_rank} reported {msg.bytes_written} bytes written, more "
+                          f"than the {link.bytes_owed} it owes")
+            return
+        grew = msg.bytes_written > link.bytes_written
         link.bytes_written = max(link.bytes_written, msg.bytes_written)
         if not msg.final:
-            self.progress(rr)
+            if grew:  # only new bytes restart the deadline: a status that moves nothing is no progress
+                self.progress(rr)
             return
         link.final = True
         if not msg.ok:
