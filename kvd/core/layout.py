@@ -32,6 +32,8 @@ ROLES = ("prefill", "decode")
 #: event loop and cached (256 of them: ~80 MB at this size); a peer's announce naming 2**40 ranks
 #: must be refused, not worked out.
 MAX_TP_SIZE = 1024
+#: Longest engine id (a log field and map key everywhere; peers send layouts too).
+MAX_ENGINE_ID = 256
 MEMORY_KINDS = ("host", "gpu")
 
 
@@ -72,6 +74,8 @@ class PoolLayout:
 
     def problems(self) -> list[str]:
         out: list[str] = []
+        if not isinstance(self.engine_id, str) or not self.engine_id or len(self.engine_id) > MAX_ENGINE_ID:
+            out.append(f"engine_id must be a non-empty string of at most {MAX_ENGINE_ID} characters")
         if self.role not in ROLES:
             out.append(f"role must be one of {ROLES}, got {self.role!r}")
         if self.memory_kind not in MEMORY_KINDS:
@@ -187,7 +191,7 @@ class PoolLayout:
 
     def describe(self) -> str:
         kind = "MLA" if self.is_mla else f"{self.total_kv_heads} kv heads"
-        return (f"{self.role} {self.engine_id!s} tp {self.tp_rank}/{self.tp_size}, "
+        return (f"{self.role} {str(self.engine_id)[:80]} tp {self.tp_rank}/{self.tp_size}, "
                 f"{self.num_layers} layers, {kind}, head_dim {self.head_dim}, {self.dtype}, "
                 f"page {self.page_size} x {self.num_pages}, {self.memory_kind}"
                 + (", hisparse" if self.hisparse else ""))

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from kvd.core.config import Config
-from kvd.core.layout import LayoutError, PoolLayout, check_compatible
+from kvd.core.layout import MAX_ENGINE_ID, LayoutError, PoolLayout, check_compatible
 from kvd.mem.pools import LocalPool, RemotePool
 from kvd.shell.pool_registry import PoolRegistry
 from kvd.sides.context import EngineNotReady, LayoutConflict, PoolAccepted, PoolRefused
@@ -37,6 +37,17 @@ log = structlog.get_logger("kvd.directory")
 REQUERY_S = 1.0
 #: Daemons remembered per engine as waiting for it, or as holding an answer to update.
 MAX_ASKERS = 4096
+#: Engines not complete yet whose askers are remembered (past this, an asker is answered but
+#: not remembered: it asks again every REQUERY_S anyway).
+MAX_WATCHED_ENGINES = 4096
+#: Longest engine id or pool key a peer may name (engines' own are held to the same on the socket).
+MAX_NAME = MAX_ENGINE_ID
+
+
+def _name_problem(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME:
+        return f"{what} must be a non-empty string of at most {MAX_NAME} characters, got {str(value)[:80]!r}"
+    return ""
 
 
 def _shape(layout: PoolLayout) -> dict[str, object]:
@@ -108,8 +119,8 @@ class Directory:
         sticky: a withdraw, a re-registration or the announcing daemon's restart heals it."""
         layout = PoolLayout.from_dict(msg.layout)
         engine, rank = layout.engine_id, layout.tp_rank
-        if not isinstance(engine, str) or not engine:
-            raise LayoutError(f"engine_id must be a non-empty string, got {engine!r}")
+        if problem := _name_problem("engine_id", engine):
+            raise LayoutError(problem)
         ranks = self.ranks.setdefault(engine, {})
         if msg.withdraw:
             entry = ranks.get(rank)
@@ -163,15 +174,24 @@ class Directory:
                              conflict=bool(conflict))
 
     def on_engine_query(self, msg: wp.EngineQuery) -> None:
+        if problem := _name_problem("engine_id", msg.engine_id):
+            self._count_error("bad_peer_message")
+            log.warning("engine_query_refused", src=msg.src, error=problem)
+            return
         reply = self.engine_info_reply(msg.engine_id)
         askers = self._told if reply.ready else self._watchers
-        daemons = askers.setdefault(msg.engine_id, set())
-        if len(daemons) < MAX_ASKERS:  # decode daemons of a cluster; a flood of names is not kept
-            daemons.add(msg.src)
+        if msg.engine_id in askers or reply.ready or len(askers) < MAX_WATCHED_ENGINES:
+            daemons = askers.setdefault(msg.engine_id, set())
+            if len(daemons) < MAX_ASKERS:  # decode daemons of a cluster; a flood of names is not kept
+                daemons.add(msg.src)
         self._send(msg.src, reply)
 
     # --- client role ---------------------------------------------------------------------------
     def on_engine_info(self, msg: wp.EngineInfo) -> None:
+        if problem := _name_problem("engine_id", msg.engine_id):
+            self._count_error("bad_peer_message")
+            log.warning("engine_info_refused", src=msg.src, error=problem)
+            return
         if msg.ready and not _topology_adds_up(msg):
             # Rooms waiting on it fail at once with the reason, not at their deadline.
             self._count_error("bad_peer_message")
@@ -187,10 +207,14 @@ class Directory:
         cached before is stale: the engine changed)."""
         self._refused.pop(key, None)
         if msg.ready:
+            if key not in self._info and len(self._info) >= MAX_WATCHED_ENGINES:
+                del self._info[next(iter(self._info))]  # the oldest answer: asked again if needed
             self._info[key] = msg
         else:
             self._info.pop(key, None)
             if msg.conflict:
+                if len(self._refused) >= MAX_WATCHED_ENGINES:
+                    del self._refused[next(iter(self._refused))]
                 self._refused[key] = (msg.error, self._now())
             else:
                 return
@@ -277,6 +301,9 @@ class Directory:
         error = ""
         one_pass = False
         try:
+            if problem := _name_problem("pool_key", msg.pool_key) or _name_problem(
+                    "prefill_engine_id", msg.prefill_engine_id):
+                raise LayoutError(problem)
             layout = PoolLayout.from_dict(msg.layout)
             if len(msg.buffers) != layout.num_buffers:
                 raise LayoutError(f"{len(msg.buffers)} buffers announced, layout has {layout.num_buffers}")
