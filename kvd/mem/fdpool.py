@@ -24,7 +24,7 @@ import stat
 from typing import Any
 
 from kvd.core.layout import PoolLayout
-from kvd.mem.opened import OpenedPool, PoolMemoryError, prefault
+from kvd.mem.opened import OpenedPool, PoolMemoryError, prefault_ranges
 
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
@@ -121,13 +121,16 @@ def open_fd_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
             if b - a < layout.buffer_bytes:
                 raise PoolMemoryError(f"buffers at offsets {a} and {b} overlap")
         sealed = _seal_shrink(fd)
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # Only what the layout names is mapped and touched: a descriptor may be far larger than
+        # the pool (a sparse memfd costs its engine nothing), and prefaulting all of it would
+        # allocate every page in kvd's memory.
+        mapping = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    prefault(base, size)
+    prefault_ranges([(base + o, layout.buffer_bytes) for o in offsets])
     del sealed  # a /dev/shm segment cannot be sealed; a memfd with sealing now is
-    return OpenedPool(buffers=[base + o for o in offsets], regions=[(base, size)], _keep=[mapping])
+    return OpenedPool(buffers=[base + o for o in offsets], regions=[(base, end)], _keep=[mapping])
 
 
 __all__ = ["HUGETLBFS_MAGIC", "ReceivedFd", "TMPFS_MAGIC", "check_fd", "filesystem_type", "open_fd_pool"]

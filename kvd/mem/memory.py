@@ -17,7 +17,7 @@ from typing import Any
 
 from kvd.core.layout import PoolLayout
 from kvd.mem.fdpool import open_fd_pool
-from kvd.mem.opened import OpenedPool, PoolMemoryError, prefault
+from kvd.mem.opened import OpenedPool, PoolMemoryError, prefault, prefault_ranges
 
 SHM_DIR = "/dev/shm"
 
@@ -47,7 +47,7 @@ def open_host_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
         if size < end:
             raise PoolMemoryError(f"segment {path} has {size} bytes but the layout needs {end} "
                                f"({layout.num_buffers} buffers of {layout.buffer_bytes})")
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mapping = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     ordered = sorted(offsets)
@@ -55,8 +55,8 @@ def open_host_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
         if b - a < layout.buffer_bytes:
             raise PoolMemoryError(f"buffers at offsets {a} and {b} overlap")
     base = _address_of(mapping)
-    prefault(base, size)
-    return OpenedPool(buffers=[base + o for o in offsets], regions=[(base, size)], _keep=[mapping])
+    prefault_ranges([(base + o, layout.buffer_bytes) for o in offsets])
+    return OpenedPool(buffers=[base + o for o in offsets], regions=[(base, end)], _keep=[mapping])
 
 
 def open_cuda_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
