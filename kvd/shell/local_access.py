@@ -159,11 +159,10 @@ class LocalAccess:
         if self.is_operator(conn_id):
             return status
         pool_ids = {p[0] for p in owned}
-        ranks = {(p[1], p[2], p[3]) for p in owned}
         daemon = dict(status.get("daemon", {}))
         daemon["pools"] = [p for p in daemon.get("pools", []) if p.get("pool_id") in pool_ids]
-        rooms = [r for r in status.get("rooms", [])
-                 if (r.get("engine_id"), r.get("rank"), r.get("role")) in ranks]
+        # By pool id: an engine names itself, and two users' engines may share a name.
+        rooms = [r for r in status.get("rooms", []) if r.get("pool_id") in pool_ids]
         return {**status, "daemon": daemon, "rooms": rooms, "peers": [],
                 "visibility": f"own pools and rooms (uid {self.creds(conn_id).uid})"}
 

@@ -128,7 +128,7 @@ class SideBase(Generic[R]):
         return None
 
     def snapshot_base(self, rm: R, peer: str, state: str) -> dict[str, Any]:
-        return {"room": rm.room, "role": self.role, "engine_id": rm.pool.layout.engine_id,
+        return {"room": rm.room, "role": self.role, "pool_id": rm.pool.pool_id, "engine_id": rm.pool.layout.engine_id,
                 "rank": rm.pool.layout.tp_rank, "peer": peer, "state": state, "path": rm.path.value,
                 "bytes_done": rm.bytes_done, "bytes_total": rm.bytes_total,
                 "age_s": round(self.ctx.now() - rm.machine.created_at, 3)}
