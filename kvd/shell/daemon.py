@@ -241,6 +241,16 @@ class Daemon:
     def register_pool(self, conn_id: int, msg: we.RegisterPool) -> LocalPool:
         """Open, check and register an engine's pool; a prefill rank is announced to its directory."""
         layout = PoolLayout.from_dict(msg.layout)
+        # An engine id is a name the engine picks: while another user's engine holds ranks of it
+        # here, a rank of it is not anyone else's to take (the directory would route that
+        # engine's rooms, and their ids, to the taker).
+        creds = self.trust.access.creds
+        uid = creds(conn_id).uid
+        holders = {creds(p.conn_id).uid for p in self.registry.local.values()  # a closing pool's engine is gone
+                   if p.layout.engine_id == layout.engine_id and p.layout.role == layout.role and not p.closing}
+        if holders - {uid}:
+            raise RequestError("forbidden", f"{layout.role} engine {layout.engine_id!r} has ranks registered "
+                                            "here by another user")
         if msg.memory.get("kind") == "cuda_ipc" and "torch" not in sys.modules:
             log.warning("torch_import_on_loop", hint="set pools.gpu = true (KVD_POOLS_GPU=1) to import "
                                                      "torch at start-up instead of on this registration")
