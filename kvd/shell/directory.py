@@ -84,6 +84,9 @@ class Directory:
         self.same_node_peer: Callable[[str], bool] = lambda session: False
         self.device_memory: Callable[[list[int]], bool] = lambda addresses: False
         self._changed: dict[tuple[str, str], asyncio.Event] = {}
+        # (directory, engine) -> when it was last asked: rooms waiting on one engine share its
+        # queries (one per REQUERY_S, not one per room).
+        self._queried: dict[tuple[str, str], float] = {}
         self._announced: dict[tuple[str, str, str], asyncio.Future[bool]] = {}
         self._accepted: dict[tuple[str, str], PoolAccepted] = {}
 
@@ -243,7 +246,10 @@ class Directory:
                 self._learn(key, self.engine_info_reply(engine_id))
                 if key in self._info or key in self._refused:
                     continue
-            else:
+            elif self._now() - self._queried.get(key, float("-inf")) >= REQUERY_S * 0.9:
+                if len(self._queried) >= MAX_WATCHED_ENGINES:
+                    self._queried.clear()
+                self._queried[key] = self._now()
                 self._send(bootstrap, wp.EngineQuery(engine_id=engine_id))
             left = None if deadline is None else deadline - self._now()
             if left is not None and left <= 0:
