@@ -137,7 +137,9 @@ class Daemon:
 
     def tell_engine(self, pool: LocalPool, event: we.RoomEvent) -> None:
         self.engines.push(pool.conn_id, event)
-        if event.released:  # a poll after the end gets the final state, not "unknown room"
+        # A poll after the end gets the final state, not "unknown room"; nobody polls for the
+        # rooms of an engine that has gone (they end after it did: keeping them would leak).
+        if event.released and not pool.closing:
             ended = self._ended_rooms.setdefault(pool.conn_id, OrderedDict())
             ended[event.room] = event
             ended.move_to_end(event.room)
