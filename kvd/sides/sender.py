@@ -71,6 +71,11 @@ class SenderSide(SideBase[SenderRoom]):
     # --- inputs -------------------------------------------------------------------------
     def on_chunk(self, pool: LocalPool, msg: we.SendChunk) -> None:
         """The engine produced pages of a room (validated by the caller)."""
+        limit = self.ctx.config.peer_max_message_bytes // 4  # inline bytes take under another quarter
+        if len(msg.aux) > limit:
+            # It rides in the final status: a peer message it does not fit is dropped unseen.
+            raise PlanError(f"room {msg.room}: {len(msg.aux)} bytes of aux, more than the {limit} a "
+                            "status to the decode side may carry (a quarter of peer.max_message_bytes)")
         live = self.rooms.get((pool.pool_id, msg.room))
         if live is None and msg.page_offset > 0:
             raise PlanError(f"room {msg.room} is not in flight (it ended, or its first chunk never "
