@@ -67,6 +67,10 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             raise RoomError(f"room {msg.room} is still in flight on this pool (state "
                             f"{self.rooms[key].machine.state.value}); wait for its release")
         c = self.ctx.config
+        if len(msg.pages) * 8 + 4096 > c.peer_max_message_bytes:
+            # The indices ride in every TransferRequest: a peer message they do not fit is dropped unseen.
+            raise RoomError(f"room {msg.room}: {len(msg.pages)} destination indices do not fit a request to "
+                            f"the prefill side (peer.max_message_bytes {c.peer_max_message_bytes})")
         # An engine's timeout may shorten the room's wait, never lengthen it past the configured
         # maximum (inf, nan, 0 or negative: the configured value).
         waiting = min(msg.timeout_s, c.waiting_timeout_s) if 0 < msg.timeout_s < math.inf else c.waiting_timeout_s
