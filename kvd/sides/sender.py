@@ -103,6 +103,12 @@ class SenderSide(SideBase[SenderRoom]):
         if (msg.transfer_id, msg.sender_rank) in self._ended:
             self.ctx.count_error("stale_message")
             return
+        known = self._requests.get((msg.transfer_id, msg.sender_rank))
+        if known is not None and known[1].msg.src == msg.src:
+            # The same request again (a duplicated message): it started its transfer already;
+            # answering it as a second receiver would fail that transfer.
+            self.ctx.count_error("duplicate_message")
+            return
         pool = self.ctx.pools.prefill_pool(msg.prefill_engine_id, msg.sender_rank)
         remote = self.ctx.pools.remote(msg.pool_key)
         if pool is None or remote is None:
