@@ -253,6 +253,14 @@ class Daemon:
         if holders - {uid}:
             raise RequestError("forbidden", f"{layout.role} engine {layout.engine_id!r} has ranks registered "
                                             "here by another user")
+        # The layout's memory kind decides who copies bytes how (inline writes are plain CPU
+        # copies, from and into "host" pools): it is what the memory handed over is, not what
+        # the engine's layout says (PoolLayout defaults to "host", CUDA IPC pools included).
+        kind = {"fd": "host", "shm": "host", "cuda_ipc": "gpu"}.get(str(msg.memory.get("kind")))
+        if kind is not None and kind != layout.memory_kind:
+            log.warning("pool_memory_kind_corrected", engine=layout.engine_id, rank=layout.tp_rank,
+                        claimed=layout.memory_kind, memory=msg.memory.get("kind"), kind=kind)
+            layout = replace(layout, memory_kind=kind)
         if msg.memory.get("kind") == "cuda_ipc" and "torch" not in sys.modules:
             log.warning("torch_import_on_loop", hint="set pools.gpu = true (KVD_POOLS_GPU=1) to import "
                                                      "torch at start-up instead of on this registration")
