@@ -83,6 +83,12 @@ class SenderSide(SideBase[SenderRoom]):
         if live is not None and msg.page_offset >= 0 and msg.page_offset != live.pages_received:
             raise PlanError(f"room {msg.room}: chunk at page offset {msg.page_offset}, expected "
                             f"{live.pages_received} (a chunk was lost or repeated)")
+        received = (live.pages_received if live is not None else 0) + len(msg.pages)
+        if received > pool.layout.num_pages:
+            # Every page of a room holds other tokens: more pages than the pool has is a bug, and
+            # a room collects its chunks until a receiver asks (memory).
+            raise PlanError(f"room {msg.room}: {received} pages, more than the {pool.layout.num_pages} of "
+                            "its pool")
         sr = self._room(pool, msg.room)
         sr.pages_received += len(msg.pages)
         if sr.machine.state.final:
