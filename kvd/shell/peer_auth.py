@@ -103,8 +103,8 @@ class PeerKey:
 
 
 class KeyRing:
-    """The authorized-keys directory, read at start and rescanned (at most once a second) when
-    an unknown key or address shows up, so adding a node needs no restart."""
+    """The authorized-keys directory, read at start and rescanned (at most once a second) as keys
+    are looked up, so adding a node needs no restart and deleting its key revokes it."""
 
     def __init__(self, directory: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
@@ -170,18 +170,14 @@ class KeyRing:
             self.load()
 
     def get(self, public: bytes) -> PeerKey | None:
-        found = self._by_key.get(public)
-        if found is None:
-            self.rescan()
-            found = self._by_key.get(public)
-        return found
+        # Rescanned on hits too (at most once per RESCAN_S, a stat when nothing changed): a key
+        # deleted from the directory is how an operator revokes a node.
+        self.rescan()
+        return self._by_key.get(public)
 
     def key_for(self, address: str) -> bytes | None:
-        found = self._by_address.get(address)
-        if found is None:
-            self.rescan()
-            found = self._by_address.get(address)
-        return found
+        self.rescan()
+        return self._by_address.get(address)
 
 
 def token_matches(expected: str, offered: object) -> bool:
