@@ -88,6 +88,10 @@ class RoomError(RuntimeError):
     """An input the room's current state does not allow, or bad completion accounting."""
 
 
+class TooManyRooms(RoomError):
+    """A pool already has as many rooms in flight as it may (back-pressure: retry later)."""
+
+
 @dataclass
 class RoomMachine:
     """State, reason and deadline of one room; the only place its state changes."""

@@ -35,7 +35,7 @@ import structlog
 from kvd.core.config import Config
 from kvd.core.layout import LayoutError
 from kvd.core.planner import PlanError
-from kvd.core.rooms import RoomError
+from kvd.core.rooms import RoomError, TooManyRooms
 from kvd.mem.memory import PoolMemoryError
 from kvd.shell.local_access import Credentials, LocalAccess
 from kvd.shell.peer_hub import PeerAddressError, check_peer_address
@@ -298,6 +298,8 @@ class EngineServer:
             kind, text, room = "layout", str(exc), -1
         except (PoolMemoryError, TransportError) as exc:
             kind, text, room = "registration", str(exc), -1
+        except TooManyRooms as exc:  # back-pressure: the engine may retry once rooms end
+            kind, text, room = "busy", str(exc), getattr(msg, "room", -1)
         except (PlanError, RoomError) as exc:
             kind, text, room = "bad_request", str(exc), getattr(msg, "room", -1)
         except Exception as exc:  # a bug must cost one request, not the daemon

@@ -9,9 +9,10 @@ after a failure (:meth:`SideBase.after_fail`) and in which rooms a dead peer tou
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Generic, Protocol, TypeVar
 
-from kvd.core.rooms import RoomError, RoomInput, RoomMachine, RoomState, TransferPath
+from kvd.core.rooms import RoomError, RoomInput, RoomMachine, RoomState, TooManyRooms, TransferPath
 from kvd.mem.pools import LocalPool
 from kvd.sides.context import RoomContext
 from kvd.wire.engine import RoomEvent
@@ -33,6 +34,37 @@ class Room(Protocol):
 
 R = TypeVar("R", bound=Room)
 
+#: Rooms a pool may have in flight beyond its page count. Every room but a zero-page one holds
+#: at least one of its pool's pages, so more rooms than pages is an engine (or peer) that opens
+#: rooms nobody finishes: each costs memory and housekeeping until its deadline.
+ROOMS_OVER_PAGES = 1024
+
+
+class RoomTable(dict[tuple[int, int], R]):
+    """A side's rooms by (pool id, room id), counted per pool so a new room's bound is O(1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_pool: Counter[int] = Counter()
+
+    def __setitem__(self, key: tuple[int, int], value: R) -> None:
+        if key not in self:
+            self.per_pool[key[0]] += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: tuple[int, int]) -> None:
+        super().__delitem__(key)
+        self.per_pool[key[0]] -= 1
+        if self.per_pool[key[0]] <= 0:
+            del self.per_pool[key[0]]
+
+    def check_room_for(self, pool: LocalPool, room: int) -> None:
+        """Refuse a new room of ``pool`` past its bound (:data:`ROOMS_OVER_PAGES`)."""
+        limit = pool.layout.num_pages + ROOMS_OVER_PAGES
+        if (pool.pool_id, room) not in self and self.per_pool[pool.pool_id] >= limit:
+            raise TooManyRooms(f"pool {pool.pool_id} already has {limit} rooms in flight (its {pool.layout.num_pages} "
+                               f"pages + {ROOMS_OVER_PAGES}); finish or abort some first")
+
 
 def room_event(rm: Room, *, req_id: int = 0, released: bool = False, aux: bytes = b"") -> RoomEvent:
     """A room's state as the engine sees it (pushed on final states, or a poll's reply)."""
@@ -47,7 +79,7 @@ class SideBase(Generic[R]):
 
     def __init__(self, ctx: RoomContext) -> None:
         self.ctx = ctx
-        self.rooms: dict[tuple[int, int], R] = {}
+        self.rooms: RoomTable[R] = RoomTable()
 
     # --- state changes ------------------------------------------------------------------
     def transition(self, rm: R, event: RoomInput) -> None:

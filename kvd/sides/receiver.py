@@ -66,6 +66,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         if key in self.rooms:
             raise RoomError(f"room {msg.room} is still in flight on this pool (state "
                             f"{self.rooms[key].machine.state.value}); wait for its release")
+        self.rooms.check_room_for(pool, msg.room)
         c = self.ctx.config
         if len(msg.pages) * 8 + 4096 > c.peer_max_message_bytes:
             # The indices ride in every TransferRequest: a peer message they do not fit is dropped unseen.

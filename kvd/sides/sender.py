@@ -20,7 +20,7 @@ from kvd.core.layout import LayoutError
 from kvd.core.planner import (
     PlanError,
 )
-from kvd.core.rooms import Deadlines, RoomInput, RoomMachine, RoomState, TransferPath
+from kvd.core.rooms import Deadlines, RoomInput, RoomMachine, RoomState, TooManyRooms, TransferPath
 from kvd.mem.pools import LocalPool, RemotePool, check_page_indices
 from kvd.sides.context import RoomContext
 from kvd.sides.direct_send import DirectSender
@@ -63,6 +63,7 @@ class SenderSide(SideBase[SenderRoom]):
     def _room(self, pool: LocalPool, room: int) -> SenderRoom:
         sr = self.rooms.get((pool.pool_id, room))
         if sr is None:
+            self.rooms.check_room_for(pool, room)
             sr = SenderRoom(pool, room, RoomMachine(self._deadlines(), self.ctx.now()))
             self.rooms[sr.key] = sr
             self.ctx.room_changed(self.role, None, sr.machine.state, room=room, pool=pool.key)
@@ -133,7 +134,8 @@ class SenderSide(SideBase[SenderRoom]):
                 raise PlanError(f"receiver {rkey} asked twice for room {msg.room}")
             if sr.expected is not None and len(sr.requests) >= sr.expected:
                 raise PlanError(f"room {msg.room} already has its {sr.expected} receivers")
-        except (PlanError, LayoutError) as exc:
+            self.rooms.check_room_for(pool, msg.room)  # a peer opening rooms nobody sends: bounded too
+        except (PlanError, LayoutError, TooManyRooms) as exc:
             self.ctx.count_error("bad_request")
             self._reply_failed(msg, str(exc))
             return
