@@ -422,7 +422,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         for task in rr.tasks:
             task.cancel()
         if rr.staged is not None:  # no writer can land any more: the regions go back to the pool
-            self.staged_path.release(rr.staged)
+            self.staged_path.release(rr, rr.staged)
         self._tell(rr)
 
     def _tell(self, rr: ReceiverRoom) -> None:

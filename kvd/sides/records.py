@@ -167,6 +167,10 @@ class StagedReceive:
     landed: dict[int, int] = field(default_factory=dict)  # chunk -> bytes peers wrote into it
     scattering: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Until a writer reports its first chunk the room is "unstarted": it holds one region, and
+    # its sender daemons' unstarted rooms share at most half the ring (kvd.sides.staged_recv).
+    started: bool = False
+    unstarted_bytes: int = 0  # ring bytes this room holds while unstarted (counted per peer)
 
 
 @dataclass

@@ -1,14 +1,22 @@
 """The staged receive pipeline: grant chunk regions ahead, count the writers, scatter, free.
 
 The receiver reserves chunk regions of its staging pool as soon as the room is
-bootstrapped (the first ``prefetch_chunks`` at once, before prefill sends anything),
-tells every writer where its block goes (``StagingGrant``), and when every writer of a
-chunk has reported it scatters the region into the pool with one kernel call, frees
-the region and grants the next one. The room succeeds only after its last scatter.
+bootstrapped, tells every writer where its block goes (``StagingGrant``), and when every
+writer of a chunk has reported it scatters the region into the pool with one kernel call,
+frees the region and grants the next one. The room succeeds only after its last scatter.
+
+A stalled peer must not take the ring from the others: until a room's writers report their
+first chunk it holds a single region (``prefetch_chunks`` only once bytes flow), and the
+unstarted rooms of one set of sender daemons hold at most half the ring together. Rooms of a
+prefill daemon that accepts requests and then writes nothing wait on their own share, and
+every other peer's rooms still find space (a granted region is never taken back: its writer
+may still land in it).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from typing import Protocol
 
 import structlog
@@ -38,6 +46,38 @@ class StagedReceiver:
     def __init__(self, ctx: RoomContext, side: ReceiverHooks) -> None:
         self.ctx = ctx
         self.side = side
+        # Ring bytes held by unstarted rooms, per (staging pool, sender daemons).
+        self._unstarted: Counter[tuple[int, tuple[str, ...]]] = Counter()
+        self._unstarted_fell = asyncio.Event()
+
+    @staticmethod
+    def _peers_key(rr: ReceiverRoom, st: StagedReceive) -> tuple[int, tuple[str, ...]]:
+        return id(st.stage), tuple(sorted({rr.senders[w.sender_rank].daemon for w in st.writers
+                                           if w.sender_rank in rr.senders}))
+
+    async def _unstarted_share(self, rr: ReceiverRoom, st: StagedReceive, size: int) -> None:
+        """Wait until the room's sender daemons' unstarted rooms leave room for ``size`` more
+        bytes within half the ring (TimeoutError at the room's deadline)."""
+        key = self._peers_key(rr, st)
+        share = max(size, st.stage.recv_bytes // 2)
+        while self._unstarted[key] + size > share and not rr.machine.state.final:
+            self._unstarted_fell.clear()
+            deadline = rr.machine.deadline
+            await asyncio.wait_for(self._unstarted_fell.wait(),
+                                   max(0.1, deadline - self.ctx.now()) if deadline else None)
+        st.unstarted_bytes += size
+        self._unstarted[key] += size
+
+    def _started(self, rr: ReceiverRoom, st: StagedReceive) -> None:
+        """The room's bytes flow (or it ended): its unstarted share goes back."""
+        st.started = True
+        if st.unstarted_bytes:
+            key = self._peers_key(rr, st)
+            self._unstarted[key] -= st.unstarted_bytes
+            if self._unstarted[key] <= 0:
+                del self._unstarted[key]
+            st.unstarted_bytes = 0
+            self._unstarted_fell.set()
 
     def plan(self, rr: ReceiverRoom, mapping: TpMapping, send_ring_bytes: int = 0) -> StagedReceive | None:
         """Chunk plan of a staged room, or None (per-slice) when staging cannot express it.
@@ -70,12 +110,16 @@ class StagedReceiver:
         ledger = st.ledger
         try:
             while not ledger.all_granted and not rr.machine.state.final:
-                while ledger.outstanding >= self.ctx.config.staging_prefetch_chunks:
+                while ledger.outstanding >= (self.ctx.config.staging_prefetch_chunks if st.started else 1):
                     st.wake.clear()
                     await st.wake.wait()
                     if rr.machine.state.final:
                         return
                 size = ledger.geometry.region_bytes(ledger.next_grant)
+                if not st.started:
+                    await self._unstarted_share(rr, st, size)
+                    if rr.machine.state.final:
+                        return
                 deadline = rr.machine.deadline
                 slot = await st.stage.recv.alloc(size, max(0.1, deadline - self.ctx.now()) if deadline else None)
                 if rr.machine.state.final or rr.released:
@@ -109,6 +153,9 @@ class StagedReceiver:
             self.side.fail(rr, str(exc))
             return
         link.bytes_written += msg.nbytes
+        if not st.started:  # bytes flow: the room may prefetch, and its unstarted share goes back
+            self._started(rr, st)
+            st.wake.set()
         st.landed[msg.chunk] = st.landed.get(msg.chunk, 0) + msg.nbytes
         st.stage.data_bytes += msg.nbytes
         self.side.progress(rr)
@@ -146,8 +193,9 @@ class StagedReceiver:
             st.stage.recv.free(slot.slot_id)
         st.stage.data_bytes -= st.landed.pop(chunk, 0)
 
-    def release(self, st: StagedReceive) -> None:
+    def release(self, rr: ReceiverRoom, st: StagedReceive) -> None:
         """The room is released: no writer can land any more, every region goes back."""
+        self._started(rr, st)
         for chunk in list(st.slots):
             self._free_region(st, chunk)
 
