@@ -35,14 +35,14 @@ def _rss_mib(pid: int) -> int:
 
 def test_rooms_of_engines_that_went_away_are_not_kept(daemons) -> None:
     dec = daemons("decode", *FLAGS)
-    dl = PoolLayout("D", "decode", 1, 0, **SHAPE)
+    dl = PoolLayout("D", "decode", 1, 0, **{**SHAPE, "num_pages": ROOMS})  # a page per room: within its bound
     dh = HostPool.create(dl)
     try:
         def round_() -> None:
             with dec.client(timeout=60) as dc:
                 did = dc.register_pool(dl, dh)
                 for r in range(ROOMS):  # bootstrapping towards a directory that never answers
-                    dc.recv(did, r, "tcp://127.0.0.1:9", "P", [1])
+                    dc.recv(did, r, "tcp://127.0.0.1:9", "P", [r])
 
         for _ in range(WARM):
             round_()
