@@ -65,6 +65,11 @@ class StagedReceiver:
             deadline = rr.machine.deadline
             await asyncio.wait_for(self._unstarted_fell.wait(),
                                    max(0.1, deadline - self.ctx.now()) if deadline else None)
+        if st.started or rr.machine.state.final:
+            # Ended (or released: release() marks it started) while it waited. Python 3.11's
+            # wait_for returns rather than raise when the cancel of a released room's task meets
+            # a wait just granted: a share taken now would never be given back.
+            return
         st.unstarted_bytes += size
         self._unstarted[key] += size
 
