@@ -134,6 +134,8 @@ class KvdClient:
         except _UndecodableFrame as exc:
             if exc.req_id == req_id:
                 raise
+            if self._t.on_undecodable(exc):  # a chunk sent without waiting: its room fails
+                return None
             log.warning("kvd client: skipped a message: %s", exc)
             return None
         if self._t.is_push(msg):
@@ -323,6 +325,10 @@ class AsyncKvdClient:
         try:
             msg = self._t.decode_frame(payload)
         except _UndecodableFrame as exc:
+            if self._t.on_undecodable(exc):  # a chunk sent without waiting: its room fails
+                async with self._events:
+                    self._events.notify_all()
+                return
             fut = self._pending.pop(exc.req_id, None)
             if fut is not None and not fut.done():
                 fut.set_exception(exc)

@@ -240,6 +240,14 @@ class ReplyTracker:
             self.on_push(RoomEvent(req_id=0, room=room, state="failed", reason=reason))
         return True
 
+    def on_undecodable(self, exc: _UndecodableFrame) -> bool:
+        """An undecodable answer to a chunk sent without waiting (False: not one): its outcome is
+        unknown, so the room fails as for a refusal, and the chunk is no longer unanswered."""
+        room = self._unacked.get(exc.req_id) if exc.req_id else None
+        if room is None:
+            return False
+        return self.on_late_reply(ErrorReply(req_id=exc.req_id, kind="protocol", message=str(exc), room=room))
+
     @staticmethod
     def check_final(status: RoomStatus) -> RoomStatus:
         """Return a successful status, raise RoomFailed for a failed one."""

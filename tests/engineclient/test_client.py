@@ -39,7 +39,7 @@ LAYOUT = PoolLayout(engine_id="eng", role="prefill", tp_size=2, tp_rank=1, num_l
                     total_kv_heads=4, head_dim=8, dtype="bfloat16", page_size=4, num_pages=3)
 
 # room numbers script the fake daemon's behaviour
-OK_ROOM, FAIL_ROOM, SILENT_ROOM, EARLY_ROOM, REFUSED_ROOM = 11, 12, 13, 14, 15
+OK_ROOM, FAIL_ROOM, SILENT_ROOM, EARLY_ROOM, REFUSED_ROOM, GARBLED_ROOM = 11, 12, 13, 14, 15, 16
 
 
 # --- pure ReplyTracker ---------------------------------------------------------------------------
@@ -186,6 +186,8 @@ class FakeKvd(ThreadedEngineServer):
             if msg.room == REFUSED_ROOM:
                 return [p.ErrorReply(req_id=rid, kind="bad_request", message="pages outside the pool",
                                      room=msg.room)]
+            if msg.room == GARBLED_ROOM:  # an answer this client cannot decode (a newer daemon)
+                return [msgpack.packb([1, 99, rid])]
             out: list[Any] = [p.Ok(req_id=rid)]
             if msg.is_last:
                 out.append(ev(msg.room, "success", released=True))
@@ -287,6 +289,16 @@ async def test_a_refused_chunk_sent_without_waiting_fails_the_room(client: Any) 
     await call(client, "send", 7, REFUSED_ROOM, [0], is_last=True, wait=False)
     with pytest.raises(RoomFailed, match="pages outside the pool"):
         await call(client, "wait", REFUSED_ROOM, timeout=2)
+
+
+async def test_an_undecodable_answer_to_a_chunk_sent_without_waiting_fails_the_room(client: Any) -> None:
+    """Its outcome is unknown: the room fails (as a refusal would), and the chunk no longer
+    counts as unanswered (256 such and every later send would wait out the timeout)."""
+    await call(client, "send", 7, GARBLED_ROOM, [0], is_last=True, wait=False)
+    with pytest.raises(RoomFailed, match="undecodable"):
+        await call(client, "wait", GARBLED_ROOM, timeout=1)
+    assert client._t.unacked == 0
+    assert (await call(client, "poll", 1)).state == "transferring"  # the connection goes on
 
 
 def test_chunks_without_waiting_are_bounded(fake: FakeKvd) -> None:
