@@ -39,13 +39,16 @@ class BackgroundKvdClient:
             self._stop_loop()
             raise
 
-    def _call(self, coro: Coroutine[Any, Any, R]) -> R:
+    def _call(self, coro: Coroutine[Any, Any, R], limit: float | None = -1.0) -> R:
+        """Run ``coro`` on the loop; a safety net past its own limit (``limit``: the caller's
+        wait, None: none; by default the request timeout)."""
+        limit = self.timeout if limit is not None and limit < 0 else limit
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return fut.result(self.timeout + 5.0)
+            return fut.result(None if limit is None else limit + 5.0)
         except TimeoutError:
             fut.cancel()
-            raise KvdTimeout(f"kvd at {self.socket_path}: no reply within {self.timeout}s",
+            raise KvdTimeout(f"kvd at {self.socket_path}: no reply within {limit}s",
                              kind="timeout") from None
 
     def _stop_loop(self) -> None:
@@ -94,10 +97,10 @@ class BackgroundKvdClient:
         return self._call(self._client.status())
 
     def wait(self, room: int, timeout: float | None = None) -> RoomStatus:
-        return self._call(self._client.wait(room, timeout))
+        return self._call(self._client.wait(room, timeout), timeout)
 
     def wait_released(self, room: int, timeout: float | None = None) -> RoomStatus:
-        return self._call(self._client.wait_released(room, timeout))
+        return self._call(self._client.wait_released(room, timeout), timeout)
 
     # --- the local view (no I/O) ----------------------------------------------------------
     def pushed(self, room: int) -> RoomStatus | None:

@@ -301,6 +301,21 @@ async def test_an_undecodable_answer_to_a_chunk_sent_without_waiting_fails_the_r
     assert (await call(client, "poll", 1)).state == "transferring"  # the connection goes on
 
 
+def test_background_client_wait_keeps_the_callers_time_limit(fake: FakeKvd) -> None:
+    """BackgroundKvdClient.wait(timeout=T) waits T, as the other clients do, not the request
+    timeout + 5 s (an engine waiting a minute on a client built with the default 30 s)."""
+    import time
+
+    from kvd.engineclient.background import BackgroundKvdClient
+
+    with BackgroundKvdClient(fake.path, timeout=0.05) as c:
+        c.recv(7, SILENT_ROOM, "tcp://127.0.0.1:5000", "prefill-0", [1])
+        t0 = time.monotonic()
+        with pytest.raises(KvdTimeout):
+            c.wait(SILENT_ROOM, timeout=5.5)
+        assert time.monotonic() - t0 >= 5.4
+
+
 def test_chunks_without_waiting_are_bounded(fake: FakeKvd) -> None:
     """Thousands of chunks without waiting: the client reads replies as it goes (at most
     MAX_UNACKED outstanding), so neither side's buffers fill up and nothing deadlocks."""
