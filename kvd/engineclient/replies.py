@@ -6,6 +6,7 @@ events in; no sockets, so it is tested without a daemon).
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -138,7 +139,9 @@ class ReplyTracker:
         self._sending: set[int] = set()
         self._sent_pages: dict[int, int] = {}  # pages sent so far per prefill room in flight
         # Chunks sent without waiting for their reply (``send(wait=False)``): req_id -> room.
-        self._unacked: dict[int, int] = {}
+        # (None: a chunk of a room use that ended, forgotten or its id reused: its reply touches nothing)
+        self._unacked: dict[int, int | None] = {}
+        self._unacked_rooms: Counter[int] = Counter()  # room -> its entries in _unacked
         self._refused: dict[int, str] = {}  # room -> why the daemon refused one of its chunks
         self.max_released = max_released
 
@@ -195,6 +198,7 @@ class ReplyTracker:
         if not sending or room not in self._sending:
             self._stash.pop(room, None)
             self._refused.pop(room, None)
+            self._end_use(room)
         if sending and not is_last:
             self._sending.add(room)
         else:
@@ -216,11 +220,21 @@ class ReplyTracker:
         self._stash.pop(room, None)
         self._sending.discard(room)
         self._refused.pop(room, None)
+        self._end_use(room)
+
+    def _end_use(self, room: int) -> None:
+        """The engine is done with this use of ``room``: replies still due to its chunks are
+        taken but touch nothing (not the stash of a forgotten room, not the id's next use)."""
+        if self._unacked_rooms.pop(room, 0):
+            for req_id, r in self._unacked.items():
+                if r == room:
+                    self._unacked[req_id] = None
 
     # --- chunks sent without waiting for their reply ------------------------------------------
     def expect_later(self, msg: p.SendChunk) -> None:
         """``msg`` went out with no one waiting for its reply (:meth:`on_late_reply` takes it)."""
         self._unacked[msg.req_id] = msg.room
+        self._unacked_rooms[msg.room] += 1
 
     @property
     def unacked(self) -> int:
@@ -231,9 +245,15 @@ class ReplyTracker:
         """Take the reply to a chunk sent without waiting (False: not one). A refusal fails the
         room here, as a pushed failure would: ``wait()`` raises RoomFailed with the daemon's
         reason, and the engine aborts the room as it does for any failed room."""
-        room = self._unacked.pop(getattr(msg, "req_id", -1), None)
-        if room is None:
+        req_id = getattr(msg, "req_id", -1)
+        if req_id not in self._unacked:
             return False
+        room = self._unacked.pop(req_id)
+        if room is None:
+            return True
+        self._unacked_rooms[room] -= 1
+        if self._unacked_rooms[room] <= 0:
+            del self._unacked_rooms[room]
         if isinstance(msg, ErrorReply):
             reason = f"kvd refused a chunk [{msg.kind}]: {msg.message}"
             self._refused[room] = reason
@@ -243,10 +263,11 @@ class ReplyTracker:
     def on_undecodable(self, exc: _UndecodableFrame) -> bool:
         """An undecodable answer to a chunk sent without waiting (False: not one): its outcome is
         unknown, so the room fails as for a refusal, and the chunk is no longer unanswered."""
-        room = self._unacked.get(exc.req_id) if exc.req_id else None
-        if room is None:
+        if not exc.req_id or exc.req_id not in self._unacked:
             return False
-        return self.on_late_reply(ErrorReply(req_id=exc.req_id, kind="protocol", message=str(exc), room=room))
+        room = self._unacked[exc.req_id]
+        return self.on_late_reply(ErrorReply(req_id=exc.req_id, kind="protocol", message=str(exc),
+                                             room=-1 if room is None else room))
 
     @staticmethod
     def check_final(status: RoomStatus) -> RoomStatus:

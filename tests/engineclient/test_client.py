@@ -125,6 +125,27 @@ def test_a_refused_chunk_sent_without_waiting_fails_its_room_for_good() -> None:
     assert t.final(7) is None
 
 
+def test_a_late_answer_to_an_ended_use_of_a_room_touches_neither_it_nor_the_next_use() -> None:
+    """A room ended (a pushed failure) while a chunk sent without waiting was on its way; the
+    chunk's refusal ("room already ended") comes after the engine saw the end and went on."""
+    t = ReplyTracker()
+    a, _ = t.send(1, 7, [0], is_last=False, aux=b"")
+    t.expect_later(a)
+    t.on_push(ev(7, "failed", released=True, reason="receiver gave up"))
+    t.forget(7)  # the engine is done with the room
+    assert t.on_late_reply(p.ErrorReply(req_id=a.req_id, kind="bad_request", message="room 7 already ended", room=7))
+    assert t.pushed(7) is None and t.unacked == 0, "a forgotten room is stashed again, never pruned (not released)"
+    b, _ = t.send(1, 8, [0], is_last=True, aux=b"")  # the receiver gave up while b was on its way
+    t.expect_later(b)
+    t.on_push(ev(8, "failed", released=True, reason="receiver gave up"))
+    assert t.final(8) is not None  # wait() returns: the engine reuses room 8 at once
+    c, _ = t.send(1, 8, [0], is_last=True, aux=b"")
+    t.expect_later(c)
+    assert t.on_late_reply(p.ErrorReply(req_id=b.req_id, kind="bad_request", message="room 8 already ended", room=8))
+    assert t.final(8) is None, "the first use's refusal failed the second use of the room id"
+    assert t.on_late_reply(p.Ok(req_id=c.req_id)) and t.unacked == 0
+
+
 def test_stash_is_bounded_but_keeps_rooms_in_flight() -> None:
     t = ReplyTracker(max_released=4)
     t.on_push(ev(1000, "failed"))  # final but not released: must survive pruning
