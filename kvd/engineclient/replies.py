@@ -219,6 +219,7 @@ class ReplyTracker:
         """Drop what is known of a room (the engine is done with it)."""
         self._stash.pop(room, None)
         self._sending.discard(room)
+        self._sent_pages.pop(room, None)
         self._refused.pop(room, None)
         self._end_use(room)
 

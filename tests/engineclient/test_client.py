@@ -146,6 +146,16 @@ def test_a_late_answer_to_an_ended_use_of_a_room_touches_neither_it_nor_the_next
     assert t.on_late_reply(p.Ok(req_id=c.req_id)) and t.unacked == 0
 
 
+def test_forget_drops_the_page_count_of_a_room_that_never_sent_its_last_chunk() -> None:
+    """A prefill room failed or aborted mid-send: the engine forgets it and never sends its last
+    chunk. Its page count must go too, or a long-lived engine keeps one per such room."""
+    t = ReplyTracker()
+    for room in range(1000):
+        t.send(1, room, [0, 1], is_last=False, aux=b"")
+        t.forget(room)
+    assert len(t._sent_pages) == 0
+
+
 def test_stash_is_bounded_but_keeps_rooms_in_flight() -> None:
     t = ReplyTracker(max_released=4)
     t.on_push(ev(1000, "failed"))  # final but not released: must survive pruning
