@@ -252,7 +252,12 @@ class EngineServer:
                         conn.pooled = True
                     conn.queue(frame(reply.encode()))
                 conn.flush()
-                await writer.drain()
+                # Back-pressure on an engine that does not read, but never halfway through one of
+                # its requests: an engine writing a large frame reads nothing until it is sent,
+                # and events pushed meanwhile would leave both sides waiting on the other
+                # (drain() here, sendall() there). Past a frame's worth of unread output: drain.
+                if not frames.pending or writer.transport.get_write_buffer_size() > self.config.socket_max_frame_bytes:
+                    await writer.drain()
         except ProtocolError as exc:  # a broken frame header: the stream cannot be resynchronised
             self.handler.count_error("protocol")
             clog.warning("engine_stream_error", error=str(exc))
