@@ -55,6 +55,16 @@ def _shape(layout: PoolLayout) -> dict[str, object]:
     return {k: v for k, v in layout.to_dict().items() if k != "tp_rank"}
 
 
+class _Abandoned(Exception):
+    """A pool announce whose room was cancelled before the announce was sent."""
+
+
+def _retrieve(fut: asyncio.Future[bool]) -> None:
+    """Mark an announce's failure as seen (waiters may all be gone)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Directory:
     def __init__(self, config: Config, registry: PoolRegistry, receive_session: Callable[[str], Awaitable[str]],
                  send_peer: Callable[[str, Message], None], count_error: Callable[[str], None],
@@ -263,28 +273,38 @@ class Directory:
         """Announce a decode pool to a sender daemon once, naming the receive session meant for
         that daemon alone (revoking it is the write fence); what the sender agreed to."""
         key = (daemon, pool.key, engine_id)
-        fut = self._announced.get(key)
-        if fut is not None and fut.done() and not self.current(daemon, self.config.heartbeat_timeout_s):
-            fut = None  # not heard from lately: it may have restarted and forgotten the pool
-        if fut is None or (fut.done() and fut.exception() is not None):
-            fut = asyncio.get_running_loop().create_future()
-            self._announced[key] = fut
-            stage = self.registry.staging_pool(pool)
+        while True:
+            fut = self._announced.get(key)
+            if fut is not None and fut.done() and not self.current(daemon, self.config.heartbeat_timeout_s):
+                fut = None  # not heard from lately: it may have restarted and forgotten the pool
+            if fut is None or (fut.done() and fut.exception() is not None):
+                fut = asyncio.get_running_loop().create_future()
+                fut.add_done_callback(_retrieve)
+                self._announced[key] = fut
+                stage = self.registry.staging_pool(pool)
+                try:
+                    session = await self._receive_session(daemon)
+                except BaseException as exc:
+                    # Other rooms may wait on this announce: they must not wait for one that is
+                    # never sent (this room cancelled meanwhile: they start it again; an error:
+                    # they fail with it).
+                    self._announced.pop(key, None)
+                    if not fut.done():
+                        fut.set_exception(_Abandoned() if isinstance(exc, asyncio.CancelledError) else exc)
+                    raise
+                self._send(daemon, wp.PoolAnnounce(
+                    pool_key=pool.key, layout=pool.layout.to_dict(), buffers=list(pool.buffers),
+                    session_id=session, prefill_engine_id=engine_id,
+                    staging_base=stage.base if stage else 0, staging_bytes=stage.recv_bytes if stage else 0))
+            timeout = max(0.1, deadline - self._now()) if deadline is not None else None
             try:
-                session = await self._receive_session(daemon)
-            except Exception:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except _Abandoned:
+                continue  # the room that began the announce went away before sending it
+            except TimeoutError:
                 self._announced.pop(key, None)
-                raise
-            self._send(daemon, wp.PoolAnnounce(
-                pool_key=pool.key, layout=pool.layout.to_dict(), buffers=list(pool.buffers),
-                session_id=session, prefill_engine_id=engine_id,
-                staging_base=stage.base if stage else 0, staging_bytes=stage.recv_bytes if stage else 0))
-        timeout = max(0.1, deadline - self._now()) if deadline is not None else None
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            self._announced.pop(key, None)
-            raise TimeoutError(f"prefill daemon {daemon} did not accept pool {pool.key}") from None
+                raise TimeoutError(f"prefill daemon {daemon} did not accept pool {pool.key}") from None
+            break
         return self._agreed(daemon, pool)
 
     def _agreed(self, daemon: str, pool: LocalPool) -> PoolAccepted:
