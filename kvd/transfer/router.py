@@ -340,13 +340,9 @@ class SameNodeTransport:
         import torch
         from kvd_kernels.copy_kernels import copy_rows_triton
 
-        mapped = []
-        for part in batch.parts:
-            starts, lengths = part.spans("dst")
-            ours = self._destinations(peer_session, path, starts, lengths, refresh=False)
-            if ours is None:
-                return None
-            mapped.append((part, part.dst_bases + (ours - starts)))
+        mapped = self._mapped_parts(peer_session, path, batch, refresh=False)
+        if mapped is None:
+            return None
         device, stream = self._source_stream(int(batch.parts[0].src_bases[0]))
         dev = torch.device("cuda", device)
         with torch.cuda.device(device), torch.cuda.stream(stream):
@@ -378,21 +374,30 @@ class SameNodeTransport:
         end.record(stream)
         return int(length.sum()), len(src), begin, end
 
+    def _mapped_parts(self, peer_session: str, path: PeerPath, batch: RowBatch,
+                      refresh: bool = True) -> list[tuple[RowCopy, np.ndarray]] | None:
+        """Each part with its destination bases in our mapping of the peer's pool (whole spans
+        translated, so every row lands inside); None where a span is not in opened memory."""
+        mapped = []
+        for part in batch.parts:
+            starts, lengths = part.spans("dst")
+            ours = self._destinations(peer_session, path, starts, lengths, refresh=refresh)
+            if ours is None:
+                return None
+            mapped.append((part, part.dst_bases + (ours - starts)))
+        return mapped
+
     def _same_node_rows(self, peer_session: str, path: PeerPath, batch: RowBatch) -> BatchResult | str:
         """The row copies of one batch on the worker: each part's destination spans translated
         into our mapping of the peer's pool (whole spans, so every row lands inside), then one
         kernel per part, one stream sync for the batch."""
         started = time.monotonic()
-        mapped: list[tuple[RowCopy, np.ndarray]] = []
         try:
-            for part in batch.parts:
-                starts, lengths = part.spans("dst")
-                ours = self._destinations(peer_session, path, starts, lengths)
-                if ours is None:
-                    return f"destination outside the device memory {peer_session} exported (host pool?)"
-                mapped.append((part, part.dst_bases + (ours - starts)))
+            mapped = self._mapped_parts(peer_session, path, batch)
         except TransportError as exc:
             raise TransportError(f"same-node write to {peer_session} refused: {exc}") from exc
+        if mapped is None:
+            return f"destination outside the device memory {peer_session} exported (host pool?)"
         try:
             return replace(self._copy_rows(mapped), started=started, ended=time.monotonic())
         except TransportError as exc:
