@@ -34,6 +34,8 @@ class StagedSend:
     geometry: ChunkGeometry
     writer: int
     grants: dict[int, int] = field(default_factory=dict)  # chunk -> region offset at the receiver
+    # Every grant taken (written chunks too), so that a duplicated grant is told from a conflicting one.
+    granted: dict[int, int] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     started: bool = False
     done: bool = False
