@@ -40,6 +40,10 @@ from kvd.wire import engine as we
 from kvd.wire import peer as wp
 
 RELEASED_KEPT = 65_536  # transfer ids whose late messages are expected, not counted
+#: Progress statuses a sender rank may send beyond one per destination index of the room. A
+#: sender reports once per written batch, and every batch fills at least one page (or HiSparse
+#: token) of the room: more is a peer keeping the room alive a byte at a time.
+STATUS_SLACK = 16
 
 
 class ReceiverSide(SideBase[ReceiverRoom]):
@@ -271,6 +275,13 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         link.bytes_written = max(link.bytes_written, msg.bytes_written)
         if not msg.final:
             if grew:  # only new bytes restart the deadline: a status that moves nothing is no progress
+                link.progress_statuses += 1
+                if link.progress_statuses > len(rr.dst_indices) + STATUS_SLACK:
+                    self.ctx.count_error("status_flood")
+                    self.fail(rr, f"sender rank {msg.sender_rank} sent {link.progress_statuses} progress "
+                                  f"statuses, more than the room's {len(rr.dst_indices)} destination indices "
+                                  f"+ {STATUS_SLACK} allow")
+                    return
                 self.progress(rr)
             return
         link.final = True

@@ -146,6 +146,7 @@ class SenderLink:
     bytes_written: int = 0
     bytes_owed: int = 0      # what its head slices of every token and buffer come to
     inline_bytes: int = 0    # of those, copied here from its statuses (kvd.core.inline)
+    progress_statuses: int = 0  # non-final statuses that reported new bytes (each restarts the deadline)
     # The bytes of each token row its head slices cover ((start, end), ...); None: the whole row.
     row_ranges: tuple[tuple[int, int], ...] | None = None
 
