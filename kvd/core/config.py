@@ -113,6 +113,9 @@ FIELDS: tuple[Field, ...] = (
           "seconds a connection that holds no pool may stay silent before it is closed"),
     Field("socket", "max_connections", "socket_max_connections", _positive_int,
           "engine connections at once; at the limit the longest-idle one without a pool is closed"),
+    Field("socket", "max_connections_per_uid", "socket_max_connections_per_uid", _positive_int,
+          "engine connections one uid may hold at once (its longest-idle one without a pool makes room), "
+          "so one user cannot take every slot of max_connections"),
     Field("socket", "backlog", "socket_backlog", _positive_int,
           "listen backlog of the Unix socket (connects queued before kvd accepts them)"),
     Field("socket", "allow_uids", "socket_allow_uids", _id_list,
@@ -216,6 +219,7 @@ class Config:
     socket_frame_timeout_s: float = 10.0
     socket_idle_timeout_s: float = 300.0
     socket_max_connections: int = 1024
+    socket_max_connections_per_uid: int = 256
     socket_backlog: int = 1024
     socket_allow_uids: str = ""
     socket_allow_gids: str = ""

@@ -11,7 +11,8 @@ prefix arrives (nothing of it is buffered) and the connection is closed; a reque
 started arriving must arrive in full within ``socket.frame_timeout_s``; a connection that
 holds no pool and stays silent for ``socket.idle_timeout_s`` is closed; at
 ``socket.max_connections`` the longest-idle connection without a pool makes room (none:
-the newcomer gets a ``busy`` error); requests over ``socket.offload_bytes`` are decoded off
+the newcomer gets a ``busy`` error), and so on per uid at ``socket.max_connections_per_uid``
+(one user cannot take every slot; only its own connections make room for it); requests over ``socket.offload_bytes`` are decoded off
 the event loop. The shape of every request is checked here, before the daemon sees it.
 This module never decides what a request does and never blocks the loop.
 """
@@ -129,6 +130,7 @@ def _address(addr: str, what: str) -> None:
 class _Conn:
     writer: asyncio.StreamWriter
     last_active: float
+    uid: int = -1  # SO_PEERCRED's (-1: the kernel said nothing)
     pooled: bool = False  # it registered a pool: an engine, kept however quiet it is
     # Frames (replies and pushed events, in order) written together once per loop pass: one
     # send() for a burst of room events instead of one each (issue 15).
@@ -186,14 +188,17 @@ class EngineServer:
     def connections(self) -> int:
         return len(self._conns)
 
-    def _make_room(self) -> bool:
-        """At the connection limit: close the longest-idle connection without a pool."""
-        idle = [(c.last_active, k) for k, c in self._conns.items() if not c.pooled]
+    def _make_room(self, uid: int | None = None) -> bool:
+        """At a connection limit: close the longest-idle connection without a pool (of ``uid``
+        only, at that uid's limit)."""
+        idle = [(c.last_active, k) for k, c in self._conns.items()
+                if not c.pooled and (uid is None or c.uid == uid)]
         if not idle:
             return False
         _, victim = min(idle)
         self.handler.count_error("engine_conn_evicted")
-        log.warning("engine_connection_evicted", conn=victim, reason="max_connections")
+        log.warning("engine_connection_evicted", conn=victim,
+                    reason="max_connections" if uid is None else "max_connections_per_uid")
         self._conns[victim].writer.close()
         return True
 
@@ -210,6 +215,16 @@ class EngineServer:
         except OSError:
             pid = uid = gid = -1
         clog = log.bind(conn=conn_id, peer_pid=pid, peer_uid=uid, peer_gid=gid)
+        per_uid = self.config.socket_max_connections_per_uid
+        held = sum(1 for c in self._conns.values() if c.uid == uid)
+        if held >= per_uid and not self._make_room(uid):
+            self.handler.count_error("engine_conn_per_uid")
+            clog.warning("engine_connection_refused", reason="max_connections_per_uid", limit=per_uid)
+            writer.write(frame(ErrorReply(req_id=0, kind="busy", message=(
+                f"uid {uid} holds {held} connections (socket.max_connections_per_uid {per_uid}), "
+                "all holding pools")).encode()))
+            writer.close()
+            return
         if len(self._conns) >= self.config.socket_max_connections and not self._make_room():
             self.handler.count_error("busy")
             clog.warning("engine_connection_refused", reason="max_connections", limit=self.config.socket_max_connections)
@@ -228,7 +243,7 @@ class EngineServer:
                 return
             self.access.connected(conn_id, creds)
         clog.info("engine_connected")
-        conn = self._conns[conn_id] = _Conn(writer, time.monotonic())
+        conn = self._conns[conn_id] = _Conn(writer, time.monotonic(), uid)
         frames = FrameBuffer(self.config.socket_max_frame_bytes)
         try:
             while True:

@@ -174,6 +174,48 @@ async def test_the_connection_limit_evicts_an_idle_connection_without_a_pool(ser
     assert isinstance(reply, we.ErrorReply) and reply.kind == "busy"
 
 
+async def test_one_uid_cannot_take_every_connection(server, monkeypatch):
+    """Before: one user's connections could fill socket.max_connections and lock every other
+    user's engines out. Per uid: its own idle connection makes room, else "busy" (counted);
+    another uid still connects. Credentials are faked per accepted connection, in order."""
+    uids = iter([1001, 1001, 1001, 1001, 1002])
+    monkeypatch.setattr("kvd.shell.engine_server._peer_credentials", lambda sock: (1, next(uids), 1))
+    srv, handler, path = await server(socket_max_connections=8, socket_max_connections_per_uid=2)
+    held = [await Conn.open(path) for _ in range(2)]
+    for i, c in enumerate(held):
+        assert isinstance(await c.ask(we.RegisterPool(req_id=i, layout=LAYOUT, memory={"kind": "shm"})),
+                          we.PoolRegistered)
+    idle = await Conn.open(path)  # uid 1001's third: over its limit, nothing of its own to evict
+    reply = await idle.reply()
+    assert isinstance(reply, we.ErrorReply) and reply.kind == "busy" and "max_connections_per_uid" in reply.message
+    assert handler.errors["engine_conn_per_uid"] == 1
+    held[1].close()  # one of its engines goes: the uid connects again
+    await asyncio.sleep(0.1)
+    again = await Conn.open(path)
+    assert isinstance(await again.ask(we.StatusRequest(req_id=9)), we.Ok)
+    other = await Conn.open(path)  # uid 1002
+    assert isinstance(await other.ask(we.StatusRequest(req_id=1)), we.Ok)
+    assert srv.connections() == 3 and handler.errors["engine_conn_per_uid"] == 1
+    for c in (held[0], again, other):
+        c.close()
+
+
+async def test_a_uid_at_its_limit_evicts_its_own_idle_connection_not_anothers(server, monkeypatch):
+    uids = iter([1001, 1002, 1001, 1001])
+    monkeypatch.setattr("kvd.shell.engine_server._peer_credentials", lambda sock: (1, next(uids), 1))
+    srv, handler, path = await server(socket_max_connections=8, socket_max_connections_per_uid=2)
+    mine, theirs = await Conn.open(path), await Conn.open(path)
+    engine = await Conn.open(path)
+    assert isinstance(await engine.ask(we.RegisterPool(req_id=1, layout=LAYOUT, memory={"kind": "shm"})),
+                      we.PoolRegistered)
+    newcomer = await Conn.open(path)
+    assert isinstance(await newcomer.ask(we.StatusRequest(req_id=1)), we.Ok)
+    assert await mine.closed() and handler.errors["engine_conn_evicted"] == 1
+    assert isinstance(await theirs.ask(we.StatusRequest(req_id=2)), we.Ok)
+    for c in (theirs, engine, newcomer):
+        c.close()
+
+
 async def test_a_large_request_is_decoded_off_the_loop(server, monkeypatch):
     _, handler, path = await server(socket_offload_bytes=1024)
     loop_thread: list[bool] = []
