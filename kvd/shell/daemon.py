@@ -253,6 +253,11 @@ class Daemon:
         if holders - {uid}:
             raise RequestError("forbidden", f"{layout.role} engine {layout.engine_id!r} has ranks registered "
                                             "here by another user")
+        if not holders and (refused := self.trust.access.engine_claim_refusal(
+                (layout.engine_id, layout.role), uid, self.now())):
+            # Mid-restart (no rank registered): the name is still its last user's for a while.
+            self.count_error("engine_name_held")
+            raise RequestError("forbidden", refused)
         # The layout's memory kind decides who copies bytes how (inline writes are plain CPU
         # copies, from and into "host" pools): it is what the memory handed over is, not what
         # the engine's layout says (PoolLayout defaults to "host", CUDA IPC pools included).
@@ -284,6 +289,11 @@ class Daemon:
             pool.closing = True
             self.senders.pool_closed(pool)
             self.receivers.pool_closed(pool)
+        uid = self.trust.access.creds(conn_id).uid
+        for engine in {(p.layout.engine_id, p.layout.role) for p in pools}:
+            if not any((p.layout.engine_id, p.layout.role) == engine and not p.closing
+                       for p in self.registry.local.values()):
+                self.trust.access.engine_left(engine, uid, self.now())  # its name is kept a while
         if pools:
             self.spawn(self._reap_pools(), f"reap-pools-{conn_id}")
 

@@ -281,10 +281,10 @@ class EngineServer:
             pass
         finally:
             self._conns.pop(conn_id, None)
+            clog.info("engine_disconnected")
+            self.handler.engine_gone(conn_id)  # before its credentials go: its engines' names keep its uid
             if self.access is not None:
                 self.access.gone(conn_id)
-            clog.info("engine_disconnected")
-            self.handler.engine_gone(conn_id)
             conn.flush()  # what was queued for it (the last replies) goes before the close
             writer.close()
 

@@ -6,7 +6,9 @@ never by what the engine says. An optional allow-list of uids and gids (``socket
 of the socket's mode and group. A connection's pools and rooms belong to it (the daemon checks
 the connection on every call); the status an engine reads shows only the pools and rooms of its
 own uid, unless it is root or kvd's own user (operators, ``kvctl status``). A host pool's
-descriptor handed over on the fd socket is redeemed only by a connection of the same uid.
+descriptor handed over on the fd socket is redeemed only by a connection of the same uid. An
+engine name whose last rank went away stays its uid's for ``socket.engine_name_grace_s`` (an
+engine mid-restart is not another user's to take over).
 
 This module never trusts an id an engine sends and never opens a file on an engine's behalf.
 """
@@ -35,6 +37,8 @@ TICKET_S = 30.0
 #: Descriptors waiting at once, per uid and in all.
 TICKETS_PER_UID = 64
 TICKETS_MAX = 1024
+#: Engine names remembered for their grace period at once (the oldest is forgotten first).
+NAMES_KEPT = 65_536
 
 
 @dataclass(frozen=True)
@@ -74,16 +78,19 @@ def groups_of(creds: Credentials) -> set[int]:
 class LocalAccess:
     """The allow-list, the owner of each connection, and the descriptors waiting for a pool."""
 
-    def __init__(self, allow_uids: str = "", allow_gids: str = "") -> None:
+    def __init__(self, allow_uids: str = "", allow_gids: str = "", name_grace_s: float = 300.0) -> None:
         self.allow_uids = _ids(allow_uids)
         self.allow_gids = _ids(allow_gids)
         self._conns: dict[int, Credentials] = {}
         self._tickets: dict[str, tuple[ReceivedFd, float]] = {}
+        self.name_grace_s = name_grace_s
+        # (engine id, role) -> (uid that held it last, when its last rank went away)
+        self._names: dict[tuple[str, str], tuple[int, float]] = {}
         self.me = os.geteuid()
 
     @classmethod
     def from_config(cls, config: Any) -> LocalAccess:
-        return cls(config.socket_allow_uids, config.socket_allow_gids)
+        return cls(config.socket_allow_uids, config.socket_allow_gids, config.socket_engine_name_grace_s)
 
     # --- connections ----------------------------------------------------------------------------
     def refusal(self, creds: Credentials) -> str:
@@ -109,6 +116,28 @@ class LocalAccess:
         """Root or kvd's own user: sees every pool and room in status."""
         uid = self.creds(conn_id).uid
         return uid in (0, self.me)
+
+    # --- engine names -------------------------------------------------------------------------
+    def engine_left(self, engine: tuple[str, str], uid: int, now: float) -> None:
+        """The last rank of ``engine`` (id, role) went away: the name stays ``uid``'s for the grace."""
+        self._names.pop(engine, None)
+        self._names[engine] = (uid, now)
+        while self._names:  # oldest first: expired ones, and past NAMES_KEPT the oldest anyway
+            oldest = next(iter(self._names))
+            if len(self._names) <= NAMES_KEPT and now - self._names[oldest][1] < self.name_grace_s:
+                break
+            del self._names[oldest]
+
+    def engine_claim_refusal(self, engine: tuple[str, str], uid: int, now: float) -> str:
+        """"" if ``uid`` may register a rank of ``engine`` (no rank of it registered); else why not."""
+        held = self._names.get(engine)
+        if held is None or now - held[1] >= self.name_grace_s:
+            self._names.pop(engine, None)
+            return ""
+        if held[0] == uid:
+            return ""
+        return (f"{engine[1]} engine {engine[0]!r} belonged to another user until "
+                f"{now - held[1]:.0f} s ago (socket.engine_name_grace_s {self.name_grace_s:g})")
 
     # --- handed-over descriptors ------------------------------------------------------------------
     def deposit(self, fd: int, creds: Credentials, now: float) -> str:
