@@ -81,17 +81,15 @@ class PoolRegistry:
         TransportError); the caller announces a prefill rank to its directory."""
         if layout.role == "prefill" and self.prefill_pool(layout.engine_id, layout.tp_rank):
             raise LayoutError(f"prefill rank {layout.engine_id}/{layout.tp_rank} is already registered")
-        if self.config.staging_enabled and layout.is_mla:
-            raise LayoutError("MLA pools cannot use the staging path (staging.enabled is on): MLA "
-                              "sends whole rows and needs no gather; run this engine's daemon with "
-                              "staging.enabled = false (KVD_STAGING_ENABLED=0)")
         opened = open_pool(layout, memory)
         transport = self._transport()
         try:
             for base, length in opened.regions:
                 transport.register(base, length)
             tensors, device = None, ""
-            if self.config.staging_enabled and not layout.hisparse:
+            # MLA rows are whole (no head slices to gather) and HiSparse writes tokens: neither
+            # is ever staged, so neither needs this device's staging pool.
+            if self.config.staging_enabled and not layout.hisparse and not layout.is_mla:
                 from kvd.mem.stagemem import device_of, pool_tensors
 
                 tensors, device = pool_tensors(layout, opened), device_of(opened)

@@ -1,13 +1,12 @@
 """The staged path end to end, byte for byte: real daemons with staging on, real Mooncake TCP,
 fake engine rank processes; chunking of long contexts through a small staging pool; the
-per-slice fallback for a peer without staging; MLA refused; what kvctl shows."""
+per-slice fallback for a peer without staging; MLA beside staging; what kvctl shows."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kvd.client import KvdLayoutError
 from kvd.hostpool import HostPool
 from kvd.layout import PoolLayout
 from tests.support import check_reports, run_cluster
@@ -106,16 +105,20 @@ def test_staging_from_the_environment(daemons):
     assert staging(decode)["pool_bytes"] == 2 << 20
 
 
-def test_mla_with_staging_is_refused_at_registration(daemons):
-    d = daemons("d", *STAGED)
-    layout = PoolLayout("M", "prefill", 2, 0, 2, 1, 32, "bfloat16", 4, 8, is_mla=True)
-    with HostPool.create(layout) as pool, d.client() as c:
-        with pytest.raises(KvdLayoutError, match="MLA pools cannot use the staging path"):
-            c.register_pool(layout, pool)
-        plain = PoolLayout("N", "prefill", 2, 0, 2, 4, 8, "bfloat16", 4, 8)
-        with HostPool.create(plain) as other:
-            assert c.register_pool(plain, other) > 0  # the daemon serves on
-    assert d.status()["daemon"]["staging"]["enabled"] is True
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(1, 1), (2, 4), (4, 1)])
+def test_mla_beside_staging_takes_the_direct_path(daemons, prefill_tp, decode_tp):
+    """Staging is a daemon setting and one node serves MLA and GQA engines at once: an MLA pool
+    registers with staging on, needs no staging memory (whole rows, nothing to gather), and its
+    rooms are byte-exact on the direct path; a GQA engine on the same daemons is still staged."""
+    prefill, decode = staged_pair(daemons)
+    check_reports(run_cluster(prefill, decode, prefill_tp=prefill_tp, decode_tp=decode_tp, mla=True,
+                              timeout=40))
+    assert set(paths(decode)) == {"direct"}, paths(decode)
+    check_reports(run_cluster(prefill, decode, prefill_tp=2, decode_tp=1, kv_heads=4, timeout=40))
+    assert paths(decode).get("staged", 0) > 0, paths(decode)
+    for d in (prefill, decode):
+        assert staging(d)["reserved_bytes"] == 0 and staging(d)["in_use_bytes"] == 0
+        assert not d.status()["daemon"]["errors"], d.status()["daemon"]["errors"]
 
 
 def test_kvctl_shows_staging_use_and_the_staged_path(daemons):
