@@ -141,6 +141,12 @@ FIELDS: tuple[Field, ...] = (
           "peer daemons kept at once (one DEALER socket each); the longest-idle is reclaimed"),
     Field("peer", "idle_s", "peer_idle_s", _positive_float,
           "seconds after which a peer with no rooms and no traffic is forgotten (socket closed)"),
+    Field("peer", "pool_idle_s", "peer_pool_idle_s", _positive_float,
+          "seconds after which a decode pool a peer announced, which no room here uses, is forgotten "
+          "(the peer is told, and announces it again before its next room)"),
+    Field("peer", "max_pools", "peer_max_pools", _positive_int,
+          "decode pools one peer may have announced here at once (past it the longest unused one no "
+          "room uses is forgotten; none: the announce is refused)"),
     Field("pools", "gpu", "pools_gpu", _bool,
           "engines register GPU (CUDA IPC) pools: import torch at start-up, never on the loop"),
     Field("transport", "protocol", "protocol", _choice("tcp", "rdma"),
@@ -235,6 +241,8 @@ class Config:
     peer_max_message_bytes: int = 64 << 20
     peer_max_peers: int = 256
     peer_idle_s: float = 300.0
+    peer_pool_idle_s: float = 600.0
+    peer_max_pools: int = 1024
     pools_gpu: bool = False
     protocol: str = "tcp"
     devices: str = ""

@@ -317,6 +317,8 @@ class Daemon:
         out = snapshot(StatusSources(self.config, self.started, self.registry, self.senders, self.receivers,
                                      self.peers, self.metrics, self.errors, self._transport, self.tasks))
         out["daemon"]["trust"] = self.trust.describe()
+        out["daemon"]["remote_pools"] = len(self.registry.remote_pools)  # peers' pools announced here
+        out["daemon"]["pool_announces"] = self.directory.announces()  # ours, to peers
         return out
 
     def _owned_by_uid(self, conn_id: int) -> list[tuple[int, str, int, str]]:
@@ -372,6 +374,9 @@ class Daemon:
         self.directory.current = self.peers.current
         self.registry.drop_hooks.append(lambda pool: self.directory.withdraw_rank(
             pool.layout, pool.bootstrap or self.address, pool.key) if pool.layout.role == "prefill" else None)
+        self.registry.drop_hooks.append(self.directory.pool_dropped)
+        self.directory.pools_in_use = lambda: {r.msg.pool_key for sr in self.senders.rooms.values()
+                                               for r in sr.requests.values()}
         if c.pools_gpu:
             log.info("gpu_ready", found=await loop.run_in_executor(None, self.registry.preload_gpu))
         await self.peers.start()
@@ -394,7 +399,7 @@ class Daemon:
         other steps still run, and a step failing pass after pass is fatal (TaskOwner.guard).
         The watchdog is pinged only after a pass whose every step succeeded, and only while the
         peer receive loop reports passes too (Watchdog)."""
-        guard, last_beat = self.tasks.guard, float("-inf")
+        guard, last_beat, last_pools = self.tasks.guard, float("-inf"), self.now()
         steps = ("housekeeping.senders", "housekeeping.receivers", "housekeeping.peers", "housekeeping.gauges")
         while True:
             now = self.now()
@@ -406,6 +411,10 @@ class Daemon:
                 last_beat = now
                 with guard(steps[2]):
                     self.peers.heartbeat(self.active_peers(), now)
+            if now - last_pools >= 1.0:  # pools peers announced that no room used for a while
+                last_pools = now
+                with guard(steps[2]):
+                    self.directory.expire_pools(now)
             with guard(steps[3]):
                 self.metrics.set_rooms(room_counts(self.senders, self.receivers))
                 if self.registry.staging:  # pool figures only: no walk over the rooms every 100 ms

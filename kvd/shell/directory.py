@@ -12,6 +12,11 @@ Two roles, one component:
   :meth:`announce_pool` announces a decode pool to a sender daemon once and waits for its
   ``PoolAck``. Failures are types (:class:`EngineNotReady`, :class:`LayoutConflict`,
   :class:`PoolRefused`), never substrings.
+
+Bounded both ways: a decode pool peers announced here is forgotten once no room uses it for
+``peer.pool_idle_s``, or to make room past ``peer.max_pools`` of one peer, and the peer is told
+(``PoolAck.forgotten``); an announce of a pool that is gone here (its engine left), or that the
+sender daemon forgot, is dropped, so the next room announces it again.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ def _name_problem(what: str, value: object) -> str:
 def _shape(layout: PoolLayout) -> dict[str, object]:
     """What every rank of one engine must agree on: the layout but the rank."""
     return {k: v for k, v in layout.to_dict().items() if k != "tp_rank"}
+
+
+class _TooManyPools(LayoutError):
+    """An announce past ``peer.max_pools`` of its peer, every pool of which rooms use."""
 
 
 class _Abandoned(Exception):
@@ -99,6 +108,8 @@ class Directory:
         self._queried: dict[tuple[str, str], float] = {}
         self._announced: dict[tuple[str, str, str], asyncio.Future[bool]] = {}
         self._accepted: dict[tuple[str, str], PoolAccepted] = {}
+        #: Remote pool keys that rooms in flight here write into (never forgotten); the daemon wires it.
+        self.pools_in_use: Callable[[], set[str]] = set
 
     def handlers(self) -> dict[type, Callable[..., None]]:
         return {wp.RankAnnounce: self.on_rank_announce, wp.EngineQuery: self.on_engine_query,
@@ -341,6 +352,9 @@ class Directory:
             check_compatible(sender, layout)
             if msg.staging_base < 0 or msg.staging_bytes < 0:
                 raise LayoutError(f"staging range [{msg.staging_base}, +{msg.staging_bytes}) is invalid")
+            if msg.pool_key not in self.registry.remote_pools:
+                self._make_room_for_pool(msg.src)
+            self.registry.remote_used[msg.pool_key] = self._now()
             self.registry.remote_pools[msg.pool_key] = RemotePool(
                 msg.pool_key, layout, list(msg.buffers), msg.session_id, msg.src,
                 staging_base=msg.staging_base, staging_bytes=msg.staging_bytes)
@@ -350,13 +364,64 @@ class Directory:
                     and p.layout.role == "prefill" for b in p.buffers]
             one_pass = bool(ours) and self.same_node_peer(msg.session_id) and self.device_memory(ours)
         except (LayoutError, ValueError) as exc:
-            self._count_error("layout")
+            self._count_error("peer_pools" if isinstance(exc, _TooManyPools) else "layout")
             error = str(exc)
         staging = not error and self.config.staging_enabled and msg.staging_bytes > 0 and bool(self.registry.staging)
         self._send(msg.src, wp.PoolAck(pool_key=msg.pool_key, ok=not error, error=error, staging=staging,
                                        send_ring_bytes=self.registry.send_ring_bytes(), one_pass=one_pass))
 
+    def _make_room_for_pool(self, peer: str) -> None:
+        """At ``peer.max_pools`` of ``peer``: forget the one it used longest ago that no room
+        uses; raises LayoutError (the announce is refused) when every one is in use."""
+        mine = [k for k, pool in self.registry.remote_pools.items() if pool.daemon == peer]
+        if len(mine) < self.config.peer_max_pools:
+            return
+        in_use = self.pools_in_use()
+        idle = [(self.registry.remote_used.get(k, 0.0), k) for k in mine if k not in in_use]
+        if not idle:
+            raise _TooManyPools(f"{peer} has {len(mine)} decode pools announced here, every one in use "
+                              f"(peer.max_pools {self.config.peer_max_pools})")
+        self._forget_pool(min(idle)[1], f"peer.max_pools {self.config.peer_max_pools}")
+
+    def _forget_pool(self, key: str, reason: str) -> None:
+        """Drop a remote pool no room uses and tell its announcer, which announces it again if it
+        needs it (an announcer of an older release does not: its next room there fails, once)."""
+        pool = self.registry.remote_pools.pop(key, None)
+        self.registry.remote_used.pop(key, None)
+        if pool is not None:
+            log.info("remote_pool_forgotten", pool=key, daemon=pool.daemon, reason=reason)
+            self._send(pool.daemon, wp.PoolAck(pool_key=key, ok=False, forgotten=True,
+                                               error=f"pool {key} forgotten ({reason})"))
+
+    def expire_pools(self, now: float) -> None:
+        """Forget the remote pools no room in flight uses and none was named for ``peer.pool_idle_s``."""
+        idle_s = self.config.peer_pool_idle_s
+        stale = [k for k, used in self.registry.remote_used.items() if now - used >= idle_s]
+        if stale:
+            in_use = self.pools_in_use()
+            for key in stale:
+                if key in in_use:
+                    self.registry.remote_used[key] = now
+                else:
+                    self._forget_pool(key, f"unused for {idle_s:g} s")
+
+    def pool_dropped(self, pool: LocalPool) -> None:
+        """A local pool is gone (its engine left): forget its announces (the key is never reused)."""
+        self._announced = {k: v for k, v in self._announced.items() if k[1] != pool.key}
+        self._accepted = {k: v for k, v in self._accepted.items() if k[1] != pool.key}
+
+    def announces(self) -> int:
+        return len(self._announced)
+
     def on_pool_ack(self, msg: wp.PoolAck) -> None:
+        if msg.forgotten:
+            # The sender daemon forgot an accepted pool: the next room announces it again. An
+            # announce in flight is left alone (it is answered after this notice).
+            for key in [k for k, fut in self._announced.items()
+                        if k[0] == msg.src and k[1] == msg.pool_key and fut.done()]:
+                del self._announced[key]
+            self._accepted.pop((msg.src, msg.pool_key), None)
+            return
         for (daemon, pool_key, _), fut in self._announced.items():
             if daemon == msg.src and pool_key == msg.pool_key and not fut.done():
                 if msg.ok:
@@ -391,6 +456,7 @@ class Directory:
         dropped = [k for k, pool in self.registry.remote_pools.items() if pool.daemon == peer]
         for key in dropped:
             del self.registry.remote_pools[key]
+            self.registry.remote_used.pop(key, None)
         if dropped:
             log.info("remote_pools_forgotten", daemon=peer, pools=len(dropped), reason="restarted")
 

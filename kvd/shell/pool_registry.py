@@ -7,6 +7,7 @@ is unregistered only once no room can still read or write it (:meth:`reap`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,8 @@ class PoolRegistry:
         self._transport = transport
         self.local: dict[int, LocalPool] = {}
         self.remote_pools: dict[str, RemotePool] = {}
+        #: When each remote pool was last announced or looked up (kvd.shell.directory forgets idle ones).
+        self.remote_used: dict[str, float] = {}
         self.staging: dict[str, StagingPool] = {}
         self._kernels: KernelRunner | None = None
         self._next_id = 1
@@ -48,7 +51,10 @@ class PoolRegistry:
         return None
 
     def remote(self, pool_key: str) -> RemotePool | None:
-        return self.remote_pools.get(pool_key)
+        pool = self.remote_pools.get(pool_key)
+        if pool is not None:
+            self.remote_used[pool_key] = time.monotonic()
+        return pool
 
     def prefill_layout(self, engine_id: str) -> PoolLayout | None:
         """Layout of any local rank of a prefill engine (ranks agree on everything but the rank)."""

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, TypeAlias, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 HEADER_VERSION = 1
 
 Map: TypeAlias = dict[str, Any]

@@ -143,6 +143,9 @@ class PoolAck(PeerMessage):
     # The sender daemon reaches this pool on the same machine, GPU to GPU: it can write a
     # strided head slice straight into it in one pass, so the receiver need not stage.
     one_pass: bool = wire(False, since=4)
+    # Not an answer to an announce: the prefill daemon forgot this pool (no room used it for a
+    # while, or the announcer has too many): the receiver announces it again before its next room.
+    forgotten: bool = wire(False, since=5)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

@@ -26,6 +26,12 @@ D1 = "tcp://127.0.0.1:2001"
 class Registry:
     def __init__(self) -> None:
         self.remote_pools: dict[str, RemotePool] = {}
+        self.remote_used: dict[str, float] = {}
+        self.local: dict[int, Any] = {}
+        self.staging: dict[str, Any] = {}
+
+    def send_ring_bytes(self) -> int:
+        return 0
 
     def staging_pool(self, pool: Any) -> None:
         return None
@@ -207,3 +213,87 @@ def test_the_sender_offers_one_pass_only_on_this_machine_with_gpu_pools() -> Non
     assert ack(reach=True, device=True)
     assert not ack(reach=False, device=True)
     assert not ack(reach=True, device=False)
+
+
+def _decode_announce(h: Harness, key: str, src: str = D1) -> wp.PoolAck:
+    decode = PoolLayout("D", "decode", 1, 0, num_layers=2, total_kv_heads=4, head_dim=8, dtype="bfloat16",
+                        page_size=4, num_pages=16)
+    h.sent.clear()
+    h.dir.on_pool_announce(wp.PoolAnnounce(src=src, pool_key=key, layout=decode.to_dict(),
+                                           buffers=[(1 << 30) + b * decode.buffer_bytes
+                                                    for b in range(decode.num_buffers)],
+                                           session_id="sess-d", prefill_engine_id="P"))
+    return [m for _, m in h.sent if isinstance(m, wp.PoolAck)][-1]
+
+
+def test_pools_no_room_uses_are_forgotten_after_their_idle_time_and_the_peer_is_told(h):
+    """Before: a decode engine that restarts registers a new pool each time, and every one it
+    announced stayed here until its daemon restarted (a crash-looping engine leaked slowly)."""
+    h.announce(lay(0, tp=1))
+    in_use: set[str] = set()
+    h.dir.pools_in_use = lambda: in_use
+    assert _decode_announce(h, f"{D1}#a#1").ok and _decode_announce(h, f"{D1}#a#2").ok
+    in_use.add(f"{D1}#a#2")  # a room in flight writes into it
+    h.sent.clear()
+    h.t += h.dir.config.peer_pool_idle_s - 1
+    h.dir.expire_pools(h.t)
+    assert set(h.registry.remote_pools) == {f"{D1}#a#1", f"{D1}#a#2"}
+    h.t += 2
+    h.dir.expire_pools(h.t)
+    assert set(h.registry.remote_pools) == {f"{D1}#a#2"} and set(h.registry.remote_used) == {f"{D1}#a#2"}
+    told = [(a, m) for a, m in h.sent if isinstance(m, wp.PoolAck)]
+    assert len(told) == 1 and told[0][0] == D1 and told[0][1].forgotten and not told[0][1].ok
+    in_use.clear()  # its room ended: its idle time runs from the last sweep that saw it used
+    h.t += h.dir.config.peer_pool_idle_s
+    h.dir.expire_pools(h.t)
+    assert h.registry.remote_pools == {}
+
+
+def test_one_peers_pools_are_bounded_oldest_unused_first(h):
+    h.announce(lay(0, tp=1))
+    h.dir.config = Config(peer_max_pools=3)
+    in_use: set[str] = set()
+    h.dir.pools_in_use = lambda: in_use
+    for i in range(3):
+        h.t += 1
+        assert _decode_announce(h, f"{D1}#a#{i}").ok
+    h.registry.remote_used[f"{D1}#a#0"] = h.t + 1  # named by a request since: the newest
+    in_use.add(f"{D1}#a#1")
+    assert _decode_announce(h, f"{D1}#a#3").ok
+    assert set(h.registry.remote_pools) == {f"{D1}#a#0", f"{D1}#a#1", f"{D1}#a#3"}  # #2 went
+    assert any(isinstance(m, wp.PoolAck) and m.forgotten and m.pool_key == f"{D1}#a#2" for _, m in h.sent)
+    assert _decode_announce(h, f"{P1}#b#0", src=P1).ok, "another peer's pools are not counted"
+    in_use.update(h.registry.remote_pools)
+    refused = _decode_announce(h, f"{D1}#a#4")
+    assert not refused.ok and "peer.max_pools" in refused.error and h.errors["peer_pools"] == 1
+    assert len([k for k, p in h.registry.remote_pools.items() if p.daemon == D1]) == 3
+
+
+async def test_a_forgotten_or_dropped_pool_is_announced_again_by_the_next_room(h):
+    class Pool:
+        key = "D#1"
+        layout = lay(0, tp=1)
+        buffers = [4096]
+
+    async def announce() -> None:
+        task = asyncio.ensure_future(h.dir.announce_pool(P1, Pool(), "P", h.t + 5))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        h.dir.on_pool_ack(wp.PoolAck(src=P1, pool_key="D#1", ok=True))
+        await task
+
+    announces = lambda: [m for _, m in h.sent if isinstance(m, wp.PoolAnnounce)]  # noqa: E731
+    await announce()
+    assert h.dir.pool_accepted_now(P1, Pool(), "P") is not None  # type: ignore[arg-type]
+    h.dir.on_pool_ack(wp.PoolAck(src=P1, pool_key="D#1", ok=False, forgotten=True))
+    assert h.dir.pool_accepted_now(P1, Pool(), "P") is None  # type: ignore[arg-type]
+    await announce()
+    assert len(announces()) == 2 and h.dir.announces() == 1
+    # A notice racing an announce in flight leaves it alone: the announce is answered after it.
+    h.dir.on_pool_ack(wp.PoolAck(src=P1, pool_key="D#1", ok=False, forgotten=True))
+    task = asyncio.ensure_future(h.dir.announce_pool(P1, Pool(), "P", h.t + 5))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    h.dir.on_pool_ack(wp.PoolAck(src=P1, pool_key="D#1", ok=False, forgotten=True))
+    h.dir.on_pool_ack(wp.PoolAck(src=P1, pool_key="D#1", ok=True))
+    await task
+    h.dir.pool_dropped(Pool())  # type: ignore[arg-type]
+    assert h.dir.announces() == 0 and not h.dir._accepted
