@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                          "against raw Mooncake's best of 3 writes into the same buffers")
     ap.add_argument("--staged", action="store_true", help="both daemons stage (hetero TP)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap.add_argument("--daemon-flag", action="append", default=[],
+                    help="extra flag for both daemons (repeatable), e.g. --daemon-flag=--staging-ungathered-max-runs=0")
     args = ap.parse_args(argv)
     pages_per_room = max(1, args.tokens // args.page_size)
     num_pages = pages_per_room * args.rooms
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         flags: tuple[str, ...] = ("--timeouts-waiting-s", "600", "--timeouts-transfer-s", "600")
         if args.staged:
             flags += ("--staging-enabled",)
+        flags += tuple(args.daemon_flag)
         prefill = start_daemon(Path(tmp), "prefill", *flags)
         decode = start_daemon(Path(tmp), "decode", *flags)
         try:

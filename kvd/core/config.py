@@ -32,6 +32,7 @@ from kvd.core.config_values import (
     _port,
     _positive_float,
     _positive_int,
+    _run_count,
     _show,
     _size_or_zero,
     _size_zero_or_auto,
@@ -192,6 +193,10 @@ FIELDS: tuple[Field, ...] = (
           "most bytes per staged chunk region (all writers of the chunk together)"),
     Field("staging", "prefetch_chunks", "staging_prefetch_chunks", _positive_int,
           "chunk regions a room may hold at once (reserved ahead of the writes)"),
+    Field("staging", "ungathered_max_runs", "staging_ungathered_max_runs", _run_count,
+          "a sender whose head slice is its whole row (TP N -> smaller) writes a chunk whose tokens "
+          "lie in at most this many runs straight from its pool, one op per run per buffer, with no "
+          "gather (0 = always gather)"),
     Field("staging", "kernel_threads", "staging_kernel_threads", _positive_int,
           "threads that run gather/scatter kernels (CPU reference, or CUDA stream waits)"),
     Field("staging", "same_tp_run_bytes", "staging_same_tp_run_bytes", _size_or_zero,
@@ -264,6 +269,7 @@ class Config:
     staging_chunk_tokens: int = 8192
     staging_chunk_bytes: int = 64 << 20
     staging_prefetch_chunks: int = 2
+    staging_ungathered_max_runs: int = 4
     staging_kernel_threads: int = 2
     staging_same_tp_run_bytes: int = 0
     staging_same_tp_min_bytes: int = 1 << 20

@@ -65,6 +65,10 @@ def _positive_int(value: object) -> int:
     return _int(value, low=1, high=None, what="a positive integer")
 
 
+def _run_count(value: object) -> int:
+    return _int(value, low=0, high=1024, what="a number of runs 0-1024")
+
+
 def _port(value: object) -> int:
     return _int(value, low=0, high=65535, what="a port number 0-65535 (0 = pick a free port)")
 

@@ -62,6 +62,37 @@ def page_runs(pages: Sequence[int] | np.ndarray) -> int:
     return 0 if arr.size == 0 else 1 + int((np.diff(arr) != 1).sum())
 
 
+#: A writer's block goes straight from its pool (no gather into the send ring) when its head
+#: slice is the whole row and the chunk's tokens lie in at most this many runs (the default of
+#: ``staging.ungathered_max_runs``): each run of each buffer is then one transport op of run x
+#: row bytes (megabytes for a chunk of thousands of tokens), where the gather would copy every
+#: byte once more before the same bulk write.
+UNGATHERED_MAX_RUNS = 4
+
+
+def ungathered_block_ops(tokens: np.ndarray, buffers: Sequence[int], token_bytes: int, dst: int,
+                         max_runs: int = UNGATHERED_MAX_RUNS) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Transport ops ``(src, dst, lengths)`` that write a whole-row writer's block of chunk tokens
+    ``tokens`` straight from its pool buffers (base addresses ``buffers``, rows of ``token_bytes``)
+    to ``dst``, in the layout the gather kernel writes (per buffer a slab of the chunk's rows, in
+    token order); None when the tokens fall in more than ``max_runs`` runs (gather them)."""
+    idx = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if idx.size == 0 or not buffers:
+        return None
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    if breaks.size + 1 > max_runs:
+        return None
+    starts = np.concatenate(([0], breaks)).astype(np.int64)          # run start inside the chunk
+    lengths = np.diff(np.concatenate((starts, [idx.size]))).astype(np.int64)
+    first = idx[starts]                                              # run's first pool row
+    base = np.asarray(buffers, dtype=np.int64)[:, None]
+    slab = np.arange(len(buffers), dtype=np.int64)[:, None] * (idx.size * token_bytes)
+    src = (base + first[None, :] * token_bytes).reshape(-1)
+    out = (dst + slab + starts[None, :] * token_bytes).reshape(-1)
+    nbytes = np.broadcast_to(lengths[None, :] * token_bytes, (len(buffers), lengths.size)).reshape(-1)
+    return src, out, np.ascontiguousarray(nbytes)
+
+
 def staging_applies(sender: PoolLayout, receiver: PoolLayout, *, hisparse: bool,
                     dst_pages: Sequence[int] | np.ndarray | None = None, run_bytes: int = 0,
                     min_bytes: int = 0) -> str:
@@ -220,4 +251,5 @@ class ChunkLedger:
 
 
 __all__ = ["ChunkGeometry", "ChunkLedger", "StagedWriter", "StagingError", "block_bytes_per_token",
-           "check_grant", "page_runs", "plan_chunks", "staged_writers", "staging_applies"]
+           "UNGATHERED_MAX_RUNS", "check_grant", "page_runs", "plan_chunks", "staged_writers", "staging_applies",
+           "ungathered_block_ops"]

@@ -81,6 +81,9 @@ def staging_snapshot(s: StatusSources) -> dict[str, Any]:
             "staged_rooms": sum(1 for rr in s.receivers.rooms.values() if rr.staged)
             + sum(1 for sr in s.senders.rooms.values() if sr.staged()),
             "kernel_seconds": s.registry.kernel_seconds(),
+            # How this daemon's staged chunks left: gathered into the send ring, or written
+            # straight from whole-row pool runs (no gather).
+            "chunks_sent": dict(s.senders.staged_path.chunks_sent),
             "pools": pools}
 
 

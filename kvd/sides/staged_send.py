@@ -3,7 +3,9 @@
 Per staged request: wait until the chunk's tokens exist and the receiver granted its
 region, gather every layer and K/V of the chunk into this daemon's send ring with one
 kernel call, write the block into its slot of the receiver's region with **one**
-transport write, and report ``ChunkWritten``. Chunk c+1 is gathered while chunk c is
+transport write, and report ``ChunkWritten``. A writer whose head slice is its whole row
+(TP N -> smaller) and whose chunk tokens lie in a few runs skips the gather: one op per run
+per buffer, straight from its pool (the same bytes, one copy fewer). Chunk c+1 is gathered while chunk c is
 on the wire. Every write happens under the request's lock, so an abort answered after
 taking it is a fence.
 """
@@ -11,6 +13,7 @@ taking it is a fence.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Protocol
 
 import numpy as np
@@ -18,7 +21,13 @@ import structlog
 
 from kvd.core.planner import HeadSlice, PlanError
 from kvd.core.ring import RingError, RingSlot
-from kvd.core.staging import ChunkGeometry, StagingError, block_bytes_per_token, check_grant
+from kvd.core.staging import (
+    ChunkGeometry,
+    StagingError,
+    block_bytes_per_token,
+    check_grant,
+    ungathered_block_ops,
+)
 from kvd.mem.pools import RemotePool
 from kvd.sides.context import RoomContext
 from kvd.sides.records import ReceiverRequest, SenderRoom, StagedSend
@@ -43,6 +52,8 @@ class StagedSender:
         self.ctx = ctx
         self.side = side
         self._by_transfer: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
+        #: Chunks written, by how: "gathered" (through the send ring) or "ungathered" (from the pool).
+        self.chunks_sent: Counter[str] = Counter()
 
     def validate(self, sr: SenderRoom, msg: wp.TransferRequest, remote: RemotePool,
                  slices: tuple[HeadSlice, ...]) -> StagedSend:
@@ -120,6 +131,13 @@ class StagedSender:
                         await st.wake.wait()
                 if req.aborted or sr.machine.state.final:
                     return
+                if self._ungathered(sr, req, start, end):
+                    # Whole rows in a few runs: written straight from the pool, no gather.
+                    if writing is not None:
+                        _raise_from(await writing)
+                    writing = self.ctx.spawn(self._write_reported(sr, req, st, chunk, None),
+                                             f"staged-write-{sr.room}-{req.msg.sender_rank}-{chunk}")
+                    continue
                 block = st.geometry.block_bytes(chunk)
                 slot = await stage.send.alloc(block, self._time_left(sr))
                 st.not_gathering.clear()
@@ -170,8 +188,17 @@ class StagedSender:
                             f"the receiver asked for {total}")
         return sr.src_token_count >= end and chunk in st.grants
 
+    def _ungathered(self, sr: SenderRoom, req: ReceiverRequest, start: int, end: int) -> bool:
+        """Whether chunk tokens ``[start, end)`` go straight from the pool: the writer's head
+        slice is its whole row and the tokens lie in few runs (``ungathered_block_ops``)."""
+        head = req.slices[0]
+        if head.src_head_offset != 0 or head.num_heads != sr.pool.layout.local_heads:
+            return False
+        tokens = sr.tokens_upto(end)[start:]
+        return int((np.diff(tokens) != 1).sum()) + 1 <= self.ctx.config.staging_ungathered_max_runs
+
     async def _write_reported(self, sr: SenderRoom, req: ReceiverRequest, st: StagedSend, chunk: int,
-                              slot: RingSlot) -> Exception | None:
+                              slot: RingSlot | None) -> Exception | None:
         """The write, its expected failures returned to the pipeline that awaits it (a room
         ending under a write is an outcome, not a crashed task)."""
         try:
@@ -183,7 +210,9 @@ class StagedSender:
         return None
 
     async def _write(self, sr: SenderRoom, req: ReceiverRequest, st: StagedSend, chunk: int,
-                     slot: RingSlot) -> None:
+                     slot: RingSlot | None) -> None:
+        """One chunk's block into its slot of the receiver's region: from the send ring where it
+        was gathered (``slot``), or straight from the pool's rows (no slot)."""
         stage = self.ctx.staging_pool(sr.pool)
         assert stage is not None
         try:
@@ -191,15 +220,24 @@ class StagedSender:
                 if req.aborted or sr.machine.state.final:
                     raise PlanError("room ended while its chunk was gathered")
                 dst, nbytes = st.geometry.slot(st.grants[chunk], chunk, st.writer)
-                src = np.array([stage.send_address(slot.offset)], np.int64)
-                result = await self.ctx.transport.write(
-                    req.remote.session_id, src, np.array([req.remote.staging_base + dst], np.int64),
-                    np.array([nbytes], np.int64))
+                if slot is not None:
+                    ops = (np.array([stage.send_address(slot.offset)], np.int64),
+                           np.array([req.remote.staging_base + dst], np.int64), np.array([nbytes], np.int64))
+                else:
+                    start, end = st.geometry.tokens(chunk)
+                    straight = ungathered_block_ops(sr.tokens_upto(end)[start:], sr.pool.buffers,
+                                                    sr.pool.layout.token_bytes, req.remote.staging_base + dst,
+                                                    max_runs=self.ctx.config.staging_ungathered_max_runs)
+                    assert straight is not None and int(straight[2].sum()) == nbytes
+                    ops = straight
+                result = await self.ctx.transport.write(req.remote.session_id, *ops)
         finally:
-            stage.send.free(slot.slot_id)
+            if slot is not None:
+                stage.send.free(slot.slot_id)
         self.ctx.observe_batch(result)
         log.debug("staged_write", room=sr.room, chunk=chunk, rank=req.msg.sender_rank, bytes=result.nbytes,
                   write_s=round(result.seconds, 4))
+        self.chunks_sent["gathered" if slot is not None else "ungathered"] += 1
         sr.bytes_done += result.nbytes
         req.bytes_written += result.nbytes
         st.chunks_written = chunk + 1

@@ -45,6 +45,24 @@ def test_staged_hetero_tp_byte_exact(daemons, prefill_tp, decode_tp, kv_heads, p
     assert not decode.status()["daemon"]["errors"]
 
 
+@pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads", [(4, 1, 8), (4, 2, 2), (3, 1, 6)])
+def test_whole_row_writers_skip_the_gather_when_their_pages_run(daemons, prefill_tp, decode_tp, kv_heads):
+    """A sender whose head slice is its whole row (TP N -> smaller) writes a chunk whose tokens lie
+    in a few runs straight from its pool (no gather, same block layout): byte-exact, and a room
+    of scattered pages is still gathered."""
+    flags = (*STAGED[:3], "--staging-chunk-tokens", "32", *STAGED[5:])
+    prefill, decode = staged_pair(daemons, flags, flags)
+    shape = {"prefill_tp": prefill_tp, "decode_tp": decode_tp, "kv_heads": kv_heads, "head_dim": 8,
+             "page_size": 2, "pages_per_room": 24, "num_pages": 128, "timeout": 40}
+    check_reports(run_cluster(prefill, decode, contiguous=True, **shape))
+    sent = staging(prefill)["chunks_sent"]
+    assert sent.get("ungathered", 0) > 0 and not sent.get("gathered"), sent
+    check_reports(run_cluster(prefill, decode, **shape))  # scattered pages: 16 runs a chunk
+    assert staging(prefill)["chunks_sent"].get("gathered", 0) > 0, staging(prefill)
+    assert set(paths(decode)) == {"staged"}, paths(decode)
+    assert not decode.status()["daemon"]["errors"]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float8_e4m3fn"])
 def test_staged_other_dtypes(daemons, dtype):
     prefill, decode = staged_pair(daemons)

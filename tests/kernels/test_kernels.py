@@ -441,3 +441,32 @@ def test_reference_contiguous_rows_take_the_slice_path_and_match_indexing() -> N
         for b, d in zip(bufs, dst, strict=True):
             assert torch.equal(d.view(torch.int16)[idx, 2:4], b.view(torch.int16)[idx, 1:3])
             assert not d.view(torch.int16)[:, :2].any()
+
+
+@pytest.mark.parametrize("runs", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ungathered_block_ops_write_what_the_gather_writes(runs: int, dtype: torch.dtype) -> None:
+    """The staged sender's no-gather path (a whole-row writer, chunk tokens in a few runs) must put
+    exactly the gather kernel's bytes in the block: the ops are applied to the pool's real bytes
+    here and compared with the reference gather of the same tokens."""
+    from kvd.core.staging import ungathered_block_ops
+
+    gen = torch.Generator().manual_seed(runs)
+    tokens_in_pool, heads, head_dim, nbuf = 64, 2, 8, 6
+    buffers = [random_bits((tokens_in_pool, heads, head_dim), dtype, gen) for _ in range(nbuf)]
+    starts = sorted(torch.randperm(tokens_in_pool // 8, generator=gen)[:runs].tolist())
+    order = np.random.default_rng(runs).permutation(len(starts))  # runs out of pool order too
+    idx = np.concatenate([np.arange(starts[o] * 8, starts[o] * 8 + 3 + int(o)) for o in order])
+    row = heads * head_dim * buffers[0].element_size()
+    out = torch.zeros(nbuf * len(idx) * row, dtype=torch.uint8)
+    kk.gather(buffers, torch.from_numpy(idx), 0, heads, out)
+    bases = [b.data_ptr() for b in buffers]
+    ops = ungathered_block_ops(idx, bases, row, 0)
+    assert ops is not None and len(ops[0]) == nbuf * runs
+    block = bytearray(out.numel())
+    raw = {b.data_ptr(): b.view(torch.uint8).reshape(-1).numpy().tobytes() for b in buffers}
+    for src, dst, n in zip(*ops, strict=True):
+        base = max(a for a in bases if a <= src)
+        block[dst:dst + n] = raw[base][src - base:src - base + n]
+    assert bytes(block) == out.numpy().tobytes()
+    assert ungathered_block_ops(np.arange(0, 2 * (runs + 1), 2), bases, row, 0, max_runs=runs) is None
