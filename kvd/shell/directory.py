@@ -110,6 +110,10 @@ class Directory:
         self._accepted: dict[tuple[str, str], PoolAccepted] = {}
         #: Remote pool keys that rooms in flight here write into (never forgotten); the daemon wires it.
         self.pools_in_use: Callable[[], set[str]] = set
+        #: Idle remote pools whose announcer was told they are forgotten, and when: they stay
+        #: usable for a grace, so that a request it sent before the notice reached it still
+        #: finds its pool (a request naming one revives it).
+        self._forgetting: dict[str, float] = {}
 
     def handlers(self) -> dict[type, Callable[..., None]]:
         return {wp.RankAnnounce: self.on_rank_announce, wp.EngineQuery: self.on_engine_query,
@@ -381,20 +385,38 @@ class Directory:
         if not idle:
             raise _TooManyPools(f"{peer} has {len(mine)} decode pools announced here, every one in use "
                               f"(peer.max_pools {self.config.peer_max_pools})")
-        self._forget_pool(min(idle)[1], f"peer.max_pools {self.config.peer_max_pools}")
+        self._forget_pool(min(idle)[1], f"peer.max_pools {self.config.peer_max_pools}", at_once=True)
 
-    def _forget_pool(self, key: str, reason: str) -> None:
-        """Drop a remote pool no room uses and tell its announcer, which announces it again if it
-        needs it (an announcer of an older release does not: its next room there fails, once)."""
-        pool = self.registry.remote_pools.pop(key, None)
+    def _forget_pool(self, key: str, reason: str, *, at_once: bool = False) -> None:
+        """Tell a remote pool's announcer it is forgotten (it announces it again if it needs it);
+        the pool goes after a grace of two heartbeat timeouts, or ``at_once`` (``peer.max_pools``),
+        unless a request or announce names it meanwhile. An announcer of an older release ignores
+        the notice: its next room there after the pool went fails, once."""
+        pool = self.registry.remote_pools.get(key)
         self.registry.remote_used.pop(key, None)
-        if pool is not None:
-            log.info("remote_pool_forgotten", pool=key, daemon=pool.daemon, reason=reason)
-            self._send(pool.daemon, wp.PoolAck(pool_key=key, ok=False, forgotten=True,
-                                               error=f"pool {key} forgotten ({reason})"))
+        if pool is None:
+            return
+        if at_once:
+            del self.registry.remote_pools[key]
+            self._forgetting.pop(key, None)
+        elif key in self._forgetting:
+            return
+        else:
+            self._forgetting[key] = self._now()
+        log.info("remote_pool_forgotten", pool=key, daemon=pool.daemon, reason=reason)
+        self._send(pool.daemon, wp.PoolAck(pool_key=key, ok=False, forgotten=True,
+                                           error=f"pool {key} forgotten ({reason})"))
 
     def expire_pools(self, now: float) -> None:
-        """Forget the remote pools no room in flight uses and none was named for ``peer.pool_idle_s``."""
+        """Forget the remote pools no room in flight uses and none was named for
+        ``peer.pool_idle_s``; drop those whose notice is older than the grace and unused since."""
+        grace = 2 * self.config.heartbeat_timeout_s
+        for key, told in list(self._forgetting.items()):
+            if key in self.registry.remote_used or key not in self.registry.remote_pools:
+                del self._forgetting[key]  # named again since the notice (revived), or gone
+            elif now - told >= grace:
+                del self._forgetting[key]
+                del self.registry.remote_pools[key]
         idle_s = self.config.peer_pool_idle_s
         stale = [k for k, used in self.registry.remote_used.items() if now - used >= idle_s]
         if stale:

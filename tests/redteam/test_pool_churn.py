@@ -24,11 +24,14 @@ from tests.redteam.mallory import FLAGS, SHAPE
 pytestmark = pytest.mark.e2e
 
 IDLE_S, MAX_POOLS = 1.0, 3
+HEARTBEAT = ("--timeouts-heartbeat-interval-s", "0.25", "--timeouts-heartbeat-misses", "2")
+GRACE_S = 2 * 0.25 * 2  # a forgotten pool stays usable for two heartbeat timeouts after the notice
 
 
 def test_pool_churn_keeps_the_tables_bounded_and_rooms_exact(daemons) -> None:
-    pre = daemons("prefill", *FLAGS, "--peer-pool-idle-s", str(IDLE_S), "--peer-max-pools", str(MAX_POOLS))
-    dec = daemons("decode", *FLAGS)
+    pre = daemons("prefill", *FLAGS, *HEARTBEAT, "--peer-pool-idle-s", str(IDLE_S),
+                  "--peer-max-pools", str(MAX_POOLS))
+    dec = daemons("decode", *FLAGS, *HEARTBEAT)
     pl = PoolLayout("P", "prefill", 1, 0, **SHAPE)
     ph = HostPool.create(pl)
     rng = np.random.default_rng(5)
@@ -66,14 +69,14 @@ def test_pool_churn_keeps_the_tables_bounded_and_rooms_exact(daemons) -> None:
                     finally:
                         dh.close()
                     if i % 3 == 2:  # long enough for the prefill daemon to forget idle pools
-                        time.sleep(IDLE_S + 1.5)
+                        time.sleep(IDLE_S + GRACE_S + 1.5)
                         one_room(steady, sid, sh, pc, pid)  # forgotten meanwhile: announced again
                 time.sleep(0.5)  # the last engine's pool is reaped
                 remote = pre.status()["daemon"]["remote_pools"]
                 announces = dec.status()["daemon"]["pool_announces"]
                 assert remote <= MAX_POOLS, f"the prefill daemon holds {remote} decode pools of one peer"
                 assert announces <= 1, f"the decode daemon holds {announces} announces for 1 live pool"
-                time.sleep(IDLE_S + 1.5)
+                time.sleep(IDLE_S + GRACE_S + 1.5)
                 assert pre.status()["daemon"]["remote_pools"] == 0
                 one_room(steady, sid, sh, pc, pid)
                 assert pre.status()["daemon"]["remote_pools"] == 1

@@ -240,13 +240,36 @@ def test_pools_no_room_uses_are_forgotten_after_their_idle_time_and_the_peer_is_
     assert set(h.registry.remote_pools) == {f"{D1}#a#1", f"{D1}#a#2"}
     h.t += 2
     h.dir.expire_pools(h.t)
-    assert set(h.registry.remote_pools) == {f"{D1}#a#2"} and set(h.registry.remote_used) == {f"{D1}#a#2"}
     told = [(a, m) for a, m in h.sent if isinstance(m, wp.PoolAck)]
     assert len(told) == 1 and told[0][0] == D1 and told[0][1].forgotten and not told[0][1].ok
+    # Told, but kept for a grace: a request the peer sent before the notice reached it still works.
+    assert f"{D1}#a#1" in h.registry.remote_pools and set(h.registry.remote_used) == {f"{D1}#a#2"}
+    h.t += 2 * h.dir.config.heartbeat_timeout_s
+    h.dir.expire_pools(h.t)
+    assert set(h.registry.remote_pools) == {f"{D1}#a#2"} and set(h.registry.remote_used) == {f"{D1}#a#2"}
+    assert len([m for _, m in h.sent if isinstance(m, wp.PoolAck)]) == 1, "one notice per pool"
     in_use.clear()  # its room ended: its idle time runs from the last sweep that saw it used
     h.t += h.dir.config.peer_pool_idle_s
     h.dir.expire_pools(h.t)
+    h.t += 2 * h.dir.config.heartbeat_timeout_s
+    h.dir.expire_pools(h.t)
     assert h.registry.remote_pools == {}
+
+
+def test_a_request_in_the_notice_grace_revives_its_pool(h):
+    """The race the grace closes: the decode daemon sent a room's request on its cached announce
+    just as this daemon forgot the idle pool; the request still finds it, and the pool stays."""
+    h.announce(lay(0, tp=1))
+    h.dir.pools_in_use = set
+    assert _decode_announce(h, f"{D1}#a#1").ok
+    h.t += h.dir.config.peer_pool_idle_s + 1
+    h.dir.expire_pools(h.t)
+    assert any(isinstance(m, wp.PoolAck) and m.forgotten for _, m in h.sent)
+    assert f"{D1}#a#1" in h.registry.remote_pools  # the in-flight request finds it ...
+    h.registry.remote_used[f"{D1}#a#1"] = h.t  # ... and names it (what PoolRegistry.remote records)
+    h.t += 2 * h.dir.config.heartbeat_timeout_s
+    h.dir.expire_pools(h.t)
+    assert f"{D1}#a#1" in h.registry.remote_pools
 
 
 def test_one_peers_pools_are_bounded_oldest_unused_first(h):
