@@ -123,9 +123,10 @@ def _fresh_room_works(pre, dec, pl: PoolLayout, dl: PoolLayout) -> None:
             dc.recv(did, 99, pre.address, pl.engine_id, [7, 8])
             pc.send(pid, 99, [2, 3], True, aux=b"fresh")
             assert dc.wait(99, timeout=20).aux == b"fresh"
-        pb = pl.page_bytes
+        ps = pl.page_size  # a buffer is [tokens, heads, head bytes]: pages are page_size rows
         for b in range(pl.num_buffers):
-            assert np.array_equal(dh.buffer(b)[7 * pb:9 * pb], ph.buffer(b)[2 * pb:4 * pb])
+            got, want = dh.buffer(b)[7 * ps:9 * ps], ph.buffer(b)[2 * ps:4 * ps]
+            assert want.size and np.array_equal(got, want), f"buffer {b}: the fresh room's pages differ"
     finally:
         ph.close()
         dh.close()
