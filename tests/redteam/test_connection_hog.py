@@ -11,7 +11,6 @@ user (alice) still connects and registers. Needs root (creates local users)."""
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -22,20 +21,12 @@ from kvd.layout import PoolLayout
 from kvd.wire.codec import decode
 from kvd.wire.engine import ErrorReply
 from kvd.wire.framing import FrameBuffer
-from tests.trust.localusers import need_root, run_as, start_as, start_daemon_as, user, workdir
+from tests.trust.localusers import need_root, run_as, start_as, start_daemon_as, user, wait_file, workdir
 
 pytestmark = pytest.mark.e2e
 
 SHAPE = dict(num_layers=1, total_kv_heads=1, head_dim=8, dtype="bfloat16", page_size=4, num_pages=4)
 PER_UID, ALL = 3, 5
-
-
-def _wait_file(path: str, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not Path(path).exists():
-        if time.monotonic() > end:
-            raise TimeoutError(path)
-        time.sleep(0.05)
 
 
 def _hog(sock: str, pools_n: int, extra: int, ready: str, release: str) -> list[str]:
@@ -65,7 +56,7 @@ def _hog(sock: str, pools_n: int, extra: int, ready: str, release: str) -> list[
             msg = decode(payload) if payload is not None else None
             out.append(f"refused: {msg.kind}: {msg.message}" if isinstance(msg, ErrorReply) else f"got {msg!r}")
         Path(ready).write_text("1")
-        _wait_file(release)
+        wait_file(release)
         return out
     finally:
         for c in held:
@@ -96,7 +87,7 @@ def test_one_user_cannot_take_every_engine_connection() -> None:
     try:
         ready, release = str(base / "hog-ready"), str(base / "hog-release")
         hog = start_as(mallory, _hog, d.socket_path, PER_UID, ALL - PER_UID, ready, release)
-        _wait_file(ready)
+        wait_file(ready)
         got = run_as(alice, _register, d.socket_path)
         Path(release).write_text("1")
         tries = hog.result()

@@ -13,7 +13,6 @@ Needs root (creates local users)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,19 +20,11 @@ import pytest
 from kvd.client import KvdClient, KvdError
 from kvd.engineclient.hostpool import HostPool
 from kvd.layout import PoolLayout
-from tests.trust.localusers import need_root, run_as, start_as, start_daemon_as, user, workdir
+from tests.trust.localusers import need_root, run_as, start_as, start_daemon_as, user, wait_file, workdir
 
 pytestmark = pytest.mark.e2e
 
 SHAPE = dict(num_layers=2, total_kv_heads=4, head_dim=8, dtype="bfloat16", page_size=4, num_pages=16)
-
-
-def _wait_file(path: str, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not Path(path).exists():
-        if time.monotonic() > end:
-            raise TimeoutError(path)
-        time.sleep(0.05)
 
 
 def _register(sock: str, rank: int, ready: str = "", release: str = "") -> str:
@@ -47,7 +38,7 @@ def _register(sock: str, rank: int, ready: str = "", release: str = "") -> str:
                 return f"refused: {exc.kind}"
             if ready:
                 Path(ready).write_text("1")
-                _wait_file(release)
+                wait_file(release)
             return "registered"
     finally:
         pool.close()
@@ -61,7 +52,7 @@ def test_a_rank_of_another_users_engine_is_refused(tmp_path) -> None:
     try:
         ready, release = str(base / "ready"), str(base / "release")
         holder = start_as(alice, _register, d.socket_path, 0, ready, release)
-        _wait_file(ready)
+        wait_file(ready)
         took = run_as(bob, _register, d.socket_path, 1)
         Path(release).write_text("1")
         assert holder.result() == "registered"

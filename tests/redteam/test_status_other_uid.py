@@ -12,7 +12,6 @@ Needs root (creates local users)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -20,20 +19,12 @@ import pytest
 from kvd.client import KvdClient, KvdError
 from kvd.engineclient.hostpool import HostPool
 from kvd.layout import PoolLayout
-from tests.trust.localusers import need_root, run_as, start_as, start_daemon_as, user, workdir
+from tests.trust.localusers import need_root, run_as, start_as, start_daemon_as, user, wait_file, workdir
 
 pytestmark = pytest.mark.e2e
 
 SHAPE = dict(num_layers=2, total_kv_heads=4, head_dim=8, dtype="bfloat16", page_size=4, num_pages=16)
 SECRET_ROOM = 0x5EC12E7
-
-
-def _wait_file(path: str, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not Path(path).exists():
-        if time.monotonic() > end:
-            raise TimeoutError(path)
-        time.sleep(0.05)
 
 
 def _alice(sock: str, bootstrap: str, ready: str, release: str) -> list[int]:
@@ -44,7 +35,7 @@ def _alice(sock: str, bootstrap: str, ready: str, release: str) -> list[int]:
             pid = c.register_pool(lay, pool)
             c.recv(pid, SECRET_ROOM, bootstrap, "P", [1, 2])  # waits for a prefill engine not there yet
             Path(ready).write_text("1")
-            _wait_file(release)
+            wait_file(release)
             return [r["room"] for r in c.status()["rooms"]]
     finally:
         pool.close()
@@ -73,7 +64,7 @@ def test_an_engine_of_another_uid_does_not_see_rooms_of_an_engine_with_the_same_
     try:
         ready, release = str(base / "ready"), str(base / "release")
         holder = start_as(alice, _alice, d.socket_path, d.address, ready, release)
-        _wait_file(ready)
+        wait_file(ready)
         seen = run_as(bob, _bob, d.socket_path)
         Path(release).write_text("1")
         assert holder.result() == [SECRET_ROOM], "alice does not see her own room"

@@ -159,6 +159,16 @@ class LocalDaemon:
         os.waitpid(self.pid, 0)
 
 
+def wait_file(path: str, timeout: float = 30.0) -> None:
+    """Wait until another user's process has written ``path`` (how the processes of a test hand
+    each other their turn)."""
+    end = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > end:
+            raise TimeoutError(path)
+        time.sleep(0.05)
+
+
 def workdir() -> Path:
     """A directory every test user can traverse (pytest's tmp_path is private to root)."""
     base = Path(tempfile.mkdtemp(prefix="kvdt-", dir="/tmp"))
@@ -215,4 +225,5 @@ def start_daemon_as(u: User | None, base: Path, *extra: str) -> LocalDaemon:
 
 
 __all__ = ["GROUP", "Background", "LocalDaemon", "User", "need_root", "run_as", "start_as", "start_daemon_as", "user",
+           "wait_file",
            "workdir"]
