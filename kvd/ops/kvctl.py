@@ -63,7 +63,10 @@ def _text(value: object) -> str:
         return _DASH
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return " ".join(str(value).split())  # one cell = one line, whatever the daemon sent
+    text = " ".join(str(value).split())  # one cell = one line, whatever the daemon sent
+    # Engines name themselves (and peers their sessions): a control character is shown escaped,
+    # never handed to the operator's terminal (ESC sequences clear it, retitle it, forge lines).
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _dict(value: object) -> dict[str, Any]:
@@ -113,6 +116,10 @@ def _header(daemon: dict[str, Any]) -> str:
             f"{human_bytes(staging.get('pool_bytes'))} pool, "
             f"{_text(staging.get('waiting_rooms'))} rooms waiting"
         )
+        sent = _dict(staging.get("chunks_sent"))
+        if sent:  # how this daemon's staged chunks left: through the send ring, or straight from the pool
+            staging_text += (f", chunks sent {_text(sent.get('gathered', 0))} gathered / "
+                             f"{_text(sent.get('ungathered', 0))} ungathered")
     else:
         staging_text = "off" if enabled is False else _DASH
     return (

@@ -94,6 +94,8 @@ class EngineHandler(Protocol):
 
 #: Longest engine_id / bootstrap address accepted (they become log fields and map keys).
 MAX_NAME = 256
+#: Seconds one connection's requests may hold the event loop before it lets the others run.
+YIELD_S = 0.005
 
 
 def check_request(msg: Message) -> None:
@@ -259,13 +261,19 @@ class EngineServer:
                     break
                 if not data:
                     break
-                conn.last_active = time.monotonic()
+                conn.last_active = passed = time.monotonic()
                 frames.feed(data)
                 while (payload := frames.next_payload()) is not None:
                     reply = await self._handle_async(conn_id, payload)
                     if isinstance(reply, PoolRegistered):
                         conn.pooled = True
                     conn.queue(frame(reply.encode()))
+                    if time.monotonic() - passed > YIELD_S:
+                        # A burst of requests (a status or a poll costs a pass over the rooms) must
+                        # not hold the loop: other engines, the peers and housekeeping get a turn.
+                        conn.flush()
+                        await asyncio.sleep(0)
+                        passed = time.monotonic()
                 conn.flush()
                 # Back-pressure on an engine that does not read, but never halfway through one of
                 # its requests: an engine writing a large frame reads nothing until it is sent,

@@ -108,14 +108,11 @@ def trust_gate(daemon: Any) -> PeerGate:
         entry = daemon.directory.ranks.get(engine, {}).get(rank)
         return entry[1] if entry is not None else None
 
-    def transfer_src(transfer_id: int, sender_rank: int) -> list[str]:
-        return [req.msg.src for sr in daemon.senders.rooms.values() for req in sr.requests.values()
-                if req.msg.transfer_id == transfer_id and req.msg.sender_rank == sender_rank]
-
     def alive(peer: str) -> bool:
         return peer in daemon.peers.last_seen and peer not in daemon.peers.dead
 
-    return PeerGate(lambda: daemon.address, daemon.registry, rank_owner, transfer_src, alive, daemon.count_error)
+    return PeerGate(lambda: daemon.address, daemon.registry, rank_owner, daemon.senders.request_srcs, alive,
+                    daemon.count_error)
 
 
 __all__ = ["MOONCAKE_EXPOSURE", "Trust", "TrustError", "trust_gate"]

@@ -41,15 +41,18 @@ ROOMS_OVER_PAGES = 1024
 
 
 class RoomTable(dict[tuple[int, int], R]):
-    """A side's rooms by (pool id, room id), counted per pool so a new room's bound is O(1)."""
+    """A side's rooms by (pool id, room id), counted per pool so a new room's bound is O(1), and
+    indexed by room id so an engine's poll finds its room without a pass over every room."""
 
     def __init__(self) -> None:
         super().__init__()
         self.per_pool: Counter[int] = Counter()
+        self.by_room: dict[int, list[tuple[int, int]]] = {}
 
     def __setitem__(self, key: tuple[int, int], value: R) -> None:
         if key not in self:
             self.per_pool[key[0]] += 1
+            self.by_room.setdefault(key[1], []).append(key)
         super().__setitem__(key, value)
 
     def __delitem__(self, key: tuple[int, int]) -> None:
@@ -57,6 +60,14 @@ class RoomTable(dict[tuple[int, int], R]):
         self.per_pool[key[0]] -= 1
         if self.per_pool[key[0]] <= 0:
             del self.per_pool[key[0]]
+        keys = self.by_room[key[1]]
+        keys.remove(key)
+        if not keys:
+            del self.by_room[key[1]]
+
+    def with_room_id(self, room: int) -> list[R]:
+        """The rooms of every pool with this room id (few: ids are per engine)."""
+        return [self[k] for k in self.by_room.get(room, ())]
 
     def check_room_for(self, pool: LocalPool, room: int) -> None:
         """Refuse a new room of ``pool`` past its bound (:data:`ROOMS_OVER_PAGES`)."""
@@ -154,8 +165,8 @@ class SideBase(Generic[R]):
 
     def find(self, conn_id: int, room: int) -> R | None:
         """A room of an engine connection, by room id (what an engine's poll names)."""
-        for rm in self.rooms.values():
-            if rm.room == room and rm.pool.conn_id == conn_id:
+        for rm in self.rooms.with_room_id(room):
+            if rm.pool.conn_id == conn_id:
                 return rm
         return None
 

@@ -116,6 +116,11 @@ class SenderSide(SideBase[SenderRoom]):
             # answering it as a second receiver would fail that transfer.
             self.ctx.count_error("duplicate_message")
             return
+        if known is not None:  # another daemon's transfer id: one request per id, found in O(1)
+            self.ctx.count_error("bad_request")
+            self._reply_failed(msg, f"transfer {msg.transfer_id} of sender rank {msg.sender_rank} is another "
+                                    "receiver's")
+            return
         pool = self.ctx.pools.prefill_pool(msg.prefill_engine_id, msg.sender_rank)
         remote = self.ctx.pools.remote(msg.pool_key)
         if pool is None or remote is None:
@@ -187,12 +192,15 @@ class SenderSide(SideBase[SenderRoom]):
         self._remember_ended(msg.transfer_id, msg.sender_rank)
         self.ctx.spawn(self._abort(msg), f"abort-{msg.room}-{msg.sender_rank}")
 
+    def request_srcs(self, transfer_id: int, sender_rank: int) -> list[str]:
+        """Who asked for a transfer in flight (at most one daemon; a lookup, not a scan of the rooms)."""
+        found = self._requests.get((transfer_id, sender_rank))
+        return [] if found is None else [found[1].msg.src]
+
     async def _abort(self, msg: wp.AbortTransfer) -> None:
-        found = None
-        for sr in list(self.rooms.values()):
-            for req in sr.requests.values():
-                if req.msg.transfer_id == msg.transfer_id and req.msg.sender_rank == msg.sender_rank:
-                    found = (sr, req)
+        # A lookup, not a scan of every room: a peer's abort costs the same however many rooms
+        # are in flight.
+        found = self._requests.get((msg.transfer_id, msg.sender_rank))
         if found:
             sr, req = found
             req.aborted = True

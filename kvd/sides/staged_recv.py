@@ -6,11 +6,12 @@ writer of a chunk has reported it scatters the region into the pool with one ker
 frees the region and grants the next one. The room succeeds only after its last scatter.
 
 A stalled peer must not take the ring from the others: until a room's writers report their
-first chunk it holds a single region (``prefetch_chunks`` only once bytes flow), and the
-unstarted rooms of one set of sender daemons hold at most half the ring together. Rooms of a
-prefill daemon that accepts requests and then writes nothing wait on their own share, and
-every other peer's rooms still find space (a granted region is never taken back: its writer
-may still land in it).
+first chunk it holds a single region (``prefetch_chunks`` only once bytes flow), and the regions
+granted to one set of sender daemons and not yet written (every writer of the chunk reported)
+are at most half the ring together, whether their rooms have started or not. Rooms of a prefill
+daemon that accepts requests and then writes nothing, or stops after a first chunk, wait on
+their own share, and every other peer's rooms still find space (a granted region is never taken
+back: its writer may still land in it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class StagedReceiver:
     def __init__(self, ctx: RoomContext, side: ReceiverHooks) -> None:
         self.ctx = ctx
         self.side = side
-        # Ring bytes held by unstarted rooms, per (staging pool, sender daemons).
+        # Ring bytes granted and not yet written, per (staging pool, sender daemons).
         self._unstarted: Counter[tuple[int, tuple[str, ...]]] = Counter()
         self._unstarted_fell = asyncio.Event()
 
@@ -56,8 +57,9 @@ class StagedReceiver:
                                            if w.sender_rank in rr.senders}))
 
     async def _unstarted_share(self, rr: ReceiverRoom, st: StagedReceive, size: int) -> None:
-        """Wait until the room's sender daemons' unstarted rooms leave room for ``size`` more
-        bytes within half the ring (TimeoutError at the room's deadline)."""
+        """Wait until the regions the room's sender daemons have not written yet leave room for
+        ``size`` more bytes within half the ring (TimeoutError at the room's deadline); the room's
+        ``unstarted_bytes`` are its regions not written yet."""
         key = self._peers_key(rr, st)
         share = max(size, st.stage.recv_bytes // 2)
         while self._unstarted[key] + size > share and not rr.machine.state.final:
@@ -65,23 +67,23 @@ class StagedReceiver:
             deadline = rr.machine.deadline
             await asyncio.wait_for(self._unstarted_fell.wait(),
                                    max(0.1, deadline - self.ctx.now()) if deadline else None)
-        if st.started or rr.machine.state.final:
-            # Ended (or released: release() marks it started) while it waited. Python 3.11's
-            # wait_for returns rather than raise when the cancel of a released room's task meets
-            # a wait just granted: a share taken now would never be given back.
+        if rr.machine.state.final:
+            # Ended (or released) while it waited. Python 3.11's wait_for returns rather than
+            # raise when the cancel of a released room's task meets a wait just granted: a share
+            # taken now would never be given back.
             return
         st.unstarted_bytes += size
         self._unstarted[key] += size
 
-    def _started(self, rr: ReceiverRoom, st: StagedReceive) -> None:
-        """The room's bytes flow (or it ended): its unstarted share goes back."""
-        st.started = True
-        if st.unstarted_bytes:
+    def _written(self, rr: ReceiverRoom, st: StagedReceive, size: int) -> None:
+        """``size`` bytes of the room's regions were written (or it ended): their share goes back."""
+        size = min(size, st.unstarted_bytes)
+        if size > 0:
             key = self._peers_key(rr, st)
-            self._unstarted[key] -= st.unstarted_bytes
+            self._unstarted[key] -= size
             if self._unstarted[key] <= 0:
                 del self._unstarted[key]
-            st.unstarted_bytes = 0
+            st.unstarted_bytes -= size
             self._unstarted_fell.set()
 
     def plan(self, rr: ReceiverRoom, mapping: TpMapping, send_ring_bytes: int = 0) -> StagedReceive | None:
@@ -121,10 +123,9 @@ class StagedReceiver:
                     if rr.machine.state.final:
                         return
                 size = ledger.geometry.region_bytes(ledger.next_grant)
-                if not st.started:
-                    await self._unstarted_share(rr, st, size)
-                    if rr.machine.state.final:
-                        return
+                await self._unstarted_share(rr, st, size)
+                if rr.machine.state.final:
+                    return
                 deadline = rr.machine.deadline
                 slot = await st.stage.recv.alloc(size, max(0.1, deadline - self.ctx.now()) if deadline else None)
                 if rr.machine.state.final or rr.released:
@@ -158,8 +159,10 @@ class StagedReceiver:
             self.side.fail(rr, str(exc))
             return
         link.bytes_written += msg.nbytes
-        if not st.started:  # bytes flow: the room may prefetch, and its unstarted share goes back
-            self._started(rr, st)
+        if complete:  # every writer's block is in: the region is written, its share goes back
+            self._written(rr, st, st.ledger.geometry.region_bytes(msg.chunk))
+        if not st.started:  # bytes flow: the room may prefetch
+            st.started = True
             st.wake.set()
         st.landed[msg.chunk] = st.landed.get(msg.chunk, 0) + msg.nbytes
         st.stage.data_bytes += msg.nbytes
@@ -200,7 +203,8 @@ class StagedReceiver:
 
     def release(self, rr: ReceiverRoom, st: StagedReceive) -> None:
         """The room is released: no writer can land any more, every region goes back."""
-        self._started(rr, st)
+        st.started = True
+        self._written(rr, st, st.unstarted_bytes)
         for chunk in list(st.slots):
             self._free_region(st, chunk)
 

@@ -25,7 +25,7 @@ SAMPLE: dict[str, Any] = {
             "pool_bytes": 4 << 30,
             "reserved_bytes": 1 << 30,
             "in_use_bytes": 512 << 20,
-            "waiting_rooms": 3,
+            "waiting_rooms": 3, "chunks_sent": {"gathered": 12, "ungathered": 30},
         },
         "errors": {"timeout": 2, "peer_dead": 1},
         "bytes_total": 5 << 40,
@@ -75,6 +75,7 @@ def test_render_header_tables_and_units() -> None:
     for part in ("pid 4242", "up 2h03m", "transport rdma [mlx5_0,mlx5_1]", "session 10.0.0.7:15432"):
         assert part in header
     assert "staging on, 512.0 MiB in use / 1.0 GiB reserved / 4.0 GiB pool, 3 rooms waiting" in header
+    assert "chunks sent 12 gathered / 30 ungathered" in header
     assert "errors peer_dead=1 timeout=2" in lines[1]
     assert "5.0 TiB sent" in lines[1]
 
