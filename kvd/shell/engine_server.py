@@ -185,7 +185,18 @@ class EngineServer:
     def push(self, conn_id: int, msg: Message) -> None:
         conn = self._conns.get(conn_id)
         if conn is not None and not conn.writer.is_closing():
-            conn.queue(frame(msg.encode()))
+            conn.queue(self._encoded(msg))
+
+    def _encoded(self, msg: Message) -> bytes:
+        """A framed message; one that cannot be encoded (a number past 64 bits from a broken
+        peer, say) costs that one reply, answered as an internal error, never the connection."""
+        try:
+            return frame(msg.encode())
+        except (OverflowError, ValueError, TypeError) as exc:
+            self.handler.count_error("internal")
+            log.error("engine_reply_unencodable", msg=type(msg).__name__, error=f"{type(exc).__name__}: {exc}")
+            return frame(ErrorReply(req_id=getattr(msg, "req_id", 0), kind="internal",
+                                    message=f"kvd could not encode its {type(msg).__name__}: {exc}").encode())
 
     def connections(self) -> int:
         return len(self._conns)
@@ -267,7 +278,7 @@ class EngineServer:
                     reply = await self._handle_async(conn_id, payload)
                     if isinstance(reply, PoolRegistered):
                         conn.pooled = True
-                    conn.queue(frame(reply.encode()))
+                    conn.queue(self._encoded(reply))
                     if time.monotonic() - passed > YIELD_S:
                         # A burst of requests (a status or a poll costs a pass over the rooms) must
                         # not hold the loop: other engines, the peers and housekeeping get a turn.

@@ -238,3 +238,24 @@ async def test_a_large_request_is_decoded_off_the_loop(server, monkeypatch):
     assert loop_thread == [False, True]  # the big one in a worker, the small one on the loop
     assert np.array_equal(handler.requests[0].pages, pages)
     c.close()
+
+
+async def test_a_reply_that_cannot_be_encoded_costs_that_reply_not_the_connection(server):
+    """A number past 64 bits in a reply (a broken peer's byte count reaching a poll's answer) used
+    to raise in the serve loop and close the engine's connection: every pool and room on it."""
+    _, handler, path = await server()
+    answer = handler.on_engine_request
+
+    def huge(conn_id: int, msg: Message) -> Message:
+        if isinstance(msg, we.PollRoom):
+            return we.RoomEvent(req_id=msg.req_id, room=msg.room, state="transferring", bytes_done=1 << 64)
+        return answer(conn_id, msg)
+
+    handler.on_engine_request = huge  # type: ignore[method-assign]
+    c = await Conn.open(path)
+    bad = await c.ask(we.PollRoom(req_id=7, room=3))
+    assert isinstance(bad, we.ErrorReply) and bad.kind == "internal" and bad.req_id == 7, bad
+    assert handler.errors["internal"] == 1
+    ok = await c.ask(we.PollRoom(req_id=8, room=3))
+    assert isinstance(ok, we.ErrorReply) and ok.req_id == 8  # the connection still answers
+    assert isinstance(await c.ask(we.StatusRequest(req_id=9)), we.Ok)
