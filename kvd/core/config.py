@@ -194,9 +194,9 @@ FIELDS: tuple[Field, ...] = (
     Field("staging", "prefetch_chunks", "staging_prefetch_chunks", _positive_int,
           "chunk regions a room may hold at once (reserved ahead of the writes)"),
     Field("staging", "ungathered_max_runs", "staging_ungathered_max_runs", _run_count,
-          "a sender whose head slice is its whole row (TP N -> smaller) writes a chunk whose tokens "
-          "lie in at most this many runs straight from its pool, one op per run per buffer, with no "
-          "gather (0 = always gather)"),
+          "a host-memory sender whose head slice is its whole row (TP N -> smaller) writes a chunk "
+          "whose tokens lie in at most this many runs straight from its pool, one op per run per "
+          "buffer, with no gather (0 = always gather; GPU pools always gather)"),
     Field("staging", "kernel_threads", "staging_kernel_threads", _positive_int,
           "threads that run gather/scatter kernels (CPU reference, or CUDA stream waits)"),
     Field("staging", "same_tp_run_bytes", "staging_same_tp_run_bytes", _size_or_zero,

@@ -3,9 +3,9 @@
 Per staged request: wait until the chunk's tokens exist and the receiver granted its
 region, gather every layer and K/V of the chunk into this daemon's send ring with one
 kernel call, write the block into its slot of the receiver's region with **one**
-transport write, and report ``ChunkWritten``. A writer whose head slice is its whole row
-(TP N -> smaller) and whose chunk tokens lie in a few runs skips the gather: one op per run
-per buffer, straight from its pool (the same bytes, one copy fewer). Chunk c+1 is gathered while chunk c is
+transport write, and report ``ChunkWritten``. A host-memory writer whose head slice is its
+whole row (TP N -> smaller) and whose chunk tokens lie in a few runs skips the gather: one op
+per run per buffer, straight from its pool (the same bytes, one CPU copy fewer). Chunk c+1 is gathered while chunk c is
 on the wire. Every write happens under the request's lock, so an abort answered after
 taking it is a fence.
 """
@@ -189,10 +189,13 @@ class StagedSender:
         return sr.src_token_count >= end and chunk in st.grants
 
     def _ungathered(self, sr: SenderRoom, req: ReceiverRequest, start: int, end: int) -> bool:
-        """Whether chunk tokens ``[start, end)`` go straight from the pool: the writer's head
-        slice is its whole row and the tokens lie in few runs (``ungathered_block_ops``)."""
+        """Whether chunk tokens ``[start, end)`` go straight from the pool: a host pool (a GPU's
+        gather kernel costs no CPU and beats many ops: on the H100 4 -> 1 over TCP 1.04 of raw
+        gathering vs 0.91 ungathered, same node 267 vs 311 ms), the writer's head slice is its
+        whole row, and the tokens lie in few runs (``ungathered_block_ops``)."""
         head = req.slices[0]
-        if head.src_head_offset != 0 or head.num_heads != sr.pool.layout.local_heads:
+        if sr.pool.device.startswith("cuda") or head.src_head_offset != 0 \
+                or head.num_heads != sr.pool.layout.local_heads:
             return False
         tokens = sr.tokens_upto(end)[start:]
         return int((np.diff(tokens) != 1).sum()) + 1 <= self.ctx.config.staging_ungathered_max_runs
