@@ -432,17 +432,21 @@ class Directory:
         self._announced = {k: v for k, v in self._announced.items() if k[1] != pool.key}
         self._accepted = {k: v for k, v in self._accepted.items() if k[1] != pool.key}
 
+    def forget_announce(self, daemon: str, pool_key: str) -> None:
+        """Forget that ``daemon`` accepted ``pool_key`` (it forgot the pool, or restarted): the
+        next announce_pool sends it again. An announce in flight is left alone (it is answered
+        after this)."""
+        for key in [k for k, fut in self._announced.items() if k[0] == daemon and k[1] == pool_key and fut.done()]:
+            del self._announced[key]
+        self._accepted.pop((daemon, pool_key), None)
+
     def announces(self) -> int:
         return len(self._announced)
 
     def on_pool_ack(self, msg: wp.PoolAck) -> None:
         if msg.forgotten:
-            # The sender daemon forgot an accepted pool: the next room announces it again. An
-            # announce in flight is left alone (it is answered after this notice).
-            for key in [k for k, fut in self._announced.items()
-                        if k[0] == msg.src and k[1] == msg.pool_key and fut.done()]:
-                del self._announced[key]
-            self._accepted.pop((msg.src, msg.pool_key), None)
+            # The sender daemon forgot an accepted pool: the next room announces it again.
+            self.forget_announce(msg.src, msg.pool_key)
             return
         for (daemon, pool_key, _), fut in self._announced.items():
             if daemon == msg.src and pool_key == msg.pool_key and not fut.done():

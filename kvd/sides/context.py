@@ -76,6 +76,10 @@ class Bootstrap(Protocol):
         announce with announce_pool."""
         ...
 
+    def forget_announce(self, daemon: str, pool_key: str) -> None:
+        """The sender daemon does not know the pool any more: the next announce_pool sends it again."""
+        ...
+
 
 class RoomContext(Protocol):
     """The daemon as a room side sees it."""

@@ -128,6 +128,20 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             return
         self._request(rr)
 
+    def _send_request(self, rr: ReceiverRoom, link: SenderLink) -> None:
+        st = rr.staged
+        staged = st is not None and not link.dummy
+        self.ctx.send_peer(link.daemon, wp.TransferRequest(
+            room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key,
+            prefill_engine_id=rr.prefill_engine_id, sender_rank=link.rank,
+            dst_indices=np.empty(0, np.int64) if link.dummy else rr.dst_indices,
+            dummy=link.dummy, deadline_s=rr.machine.deadlines.waiting_for_input,
+            enable_hisparse=rr.hisparse,
+            chunk_tokens=st.ledger.geometry.chunk_tokens if st is not None and staged else 0,
+            writer=st.ledger.writer_index(link.rank) if st is not None and staged else 0,
+            writers=len(st.writers) if st is not None and staged else 0, confirms=True,
+            inline_max_bytes=0 if staged else rr.inline_max_bytes))
+
     def _layouts(self, info: wp.EngineInfo) -> list[PoolLayout]:
         """The prefill ranks' layouts, parsed once per directory answer (not once per room)."""
         cached = self._parsed.get(id(info))
@@ -201,21 +215,32 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         # Host pages this daemon can copy into itself: tiny rooms come inline (kvd.core.inline).
         rr.inline_max_bytes = self.ctx.config.inline_limit if rr.pool.layout.memory_kind == "host" else 0
         for link in rr.senders.values():
-            staged = st is not None and not link.dummy
-            self.ctx.send_peer(link.daemon, wp.TransferRequest(
-                room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key,
-                prefill_engine_id=rr.prefill_engine_id, sender_rank=link.rank,
-                dst_indices=np.empty(0, np.int64) if link.dummy else rr.dst_indices,
-                dummy=link.dummy, deadline_s=rr.machine.deadlines.waiting_for_input,
-                enable_hisparse=rr.hisparse,
-                chunk_tokens=st.ledger.geometry.chunk_tokens if st is not None and staged else 0,
-                writer=st.ledger.writer_index(link.rank) if st is not None and staged else 0,
-                writers=len(st.writers) if st is not None and staged else 0, confirms=True,
-                inline_max_bytes=0 if staged else rr.inline_max_bytes))
+            self._send_request(rr, link)
         self.transition(rr, RoomInput.BOOTSTRAPPED)
         self.paths[rr.path] += 1
         if st is not None:
             rr.tasks.append(self.ctx.spawn(self.staged_path.grant_chunks(rr, st), f"grants-{rr.room}"))
+
+    async def _ask_again(self, rr: ReceiverRoom, link: SenderLink) -> None:
+        """Announce the room's pool to ``link``'s daemon again, then repeat that sender's request
+        (and, staged, the grants it was sent): the room goes on as if the first had been heard."""
+        bootstrap = self.ctx.bootstrap
+        bootstrap.forget_announce(link.daemon, rr.pool.key)
+        try:
+            await bootstrap.announce_pool(link.daemon, rr.pool, rr.prefill_engine_id, rr.machine.deadline)
+        except Exception as exc:  # noqa: BLE001 - sorted by _bootstrap_failed, which re-raises a bug
+            self._bootstrap_failed(rr, exc)
+            return
+        if rr.machine.state.final:
+            return
+        self._send_request(rr, link)
+        st = rr.staged
+        if st is not None and not link.dummy:
+            for chunk, offset in sorted(st.ledger.granted.items()):
+                if chunk not in st.ledger.scattered:
+                    self.ctx.send_peer(link.daemon, wp.StagingGrant(
+                        room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key,
+                        sender_rank=link.rank, chunk=chunk, offset=offset))
 
     def maybe_complete(self, rr: ReceiverRoom) -> None:
         if rr.tracker is None or not rr.tracker.done or rr.machine.state.final:
@@ -286,6 +311,14 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                                   f"+ {STATUS_SLACK} allow")
                     return
                 self.progress(rr)
+            return
+        if not msg.ok and msg.pool_unknown and not link.asked_again and not msg.unsure \
+                and link.bytes_written == 0 and not rr.machine.state.final:
+            # Its daemon does not know our pool (it forgot it as idle, or restarted, after we
+            # cached its acceptance): announce it again and ask once more; a second refusal fails.
+            link.asked_again = True
+            self.ctx.count_error("pool_announced_again")
+            rr.tasks.append(self.ctx.spawn(self._ask_again(rr, link), f"ask-again-{rr.room}-{link.rank}"))
             return
         link.final = True
         if not msg.ok:

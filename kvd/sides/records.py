@@ -147,6 +147,7 @@ class SenderLink:
     bytes_owed: int = 0      # what its head slices of every token and buffer come to
     inline_bytes: int = 0    # of those, copied here from its statuses (kvd.core.inline)
     progress_statuses: int = 0  # non-final statuses that reported new bytes (each restarts the deadline)
+    asked_again: bool = False  # its daemon did not know our pool: announced again and asked once more
     # The bytes of each token row its head slices cover ((start, end), ...); None: the whole row.
     row_ranges: tuple[tuple[int, int], ...] | None = None
 

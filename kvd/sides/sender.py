@@ -126,7 +126,8 @@ class SenderSide(SideBase[SenderRoom]):
         if pool is None or remote is None:
             self.ctx.count_error("bad_request")
             self._reply_failed(msg, f"no prefill rank {msg.prefill_engine_id}/{msg.sender_rank} is served "
-                                    "here" if pool is None else f"decode pool {msg.pool_key} was never announced")
+                                    "here" if pool is None else f"decode pool {msg.pool_key} was never announced",
+                               pool_unknown=pool is not None)
             return
         # Validate against the room without creating it: a refused request (a buggy or hostile
         # receiver) costs only itself, never the room other receivers share.
@@ -317,10 +318,10 @@ class SenderSide(SideBase[SenderRoom]):
                                  bytes_written=req.bytes_written, final=final, unsure=req.unsure,
                                  inline_ops=inline_ops, inline_data=inline_data)
 
-    def _reply_failed(self, msg: wp.TransferRequest, reason: str) -> None:
+    def _reply_failed(self, msg: wp.TransferRequest, reason: str, *, pool_unknown: bool = False) -> None:
         self.ctx.send_peer(msg.src, wp.TransferStatus(
             room=msg.room, transfer_id=msg.transfer_id, pool_key=msg.pool_key,
-            sender_rank=msg.sender_rank, ok=False, reason=reason, final=True))
+            sender_rank=msg.sender_rank, ok=False, reason=reason, final=True, pool_unknown=pool_unknown))
 
     def _remember_ended(self, transfer_id: int, sender_rank: int, *, unsure: bool = False) -> None:
         """Remember an ended transfer, and whether its failed write may still land: an abort

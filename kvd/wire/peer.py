@@ -204,6 +204,10 @@ class TransferStatus(PeerMessage):
     # in order. Counted in ``bytes_written``.
     inline_ops: bytes = wire(b"", since=3)
     inline_data: bytes = wire(b"", since=3)
+    # A refused request whose decode pool the sender daemon does not know (never announced to
+    # it, forgotten as idle, or it restarted since): the receiver announces the pool again and
+    # asks once more, instead of failing the room.
+    pool_unknown: bool = wire(False, since=5)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

@@ -188,6 +188,9 @@ class FakeDaemon:
         return PoolAccepted(stage is not None and peer._stage is not None,
                             peer._stage.send_capacity if peer._stage is not None else 0, self.cluster.one_pass)
 
+    def forget_announce(self, daemon: str, pool_key: str) -> None:
+        pass  # acceptance is read from the peer's pools each time (pool_accepted_now)
+
     async def announce_pool(self, daemon: str, pool: LocalPool, engine_id: str,
                             deadline: float | None) -> PoolAccepted:
         peer = self.cluster.nodes[daemon]

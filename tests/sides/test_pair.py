@@ -528,3 +528,61 @@ async def test_a_room_may_end_with_an_empty_chunk(cluster, chunks, stepwise, his
                 for p in verify_decode(arrays, pool.layout, src, t.dst_index, SEED, CANARY)] if hisparse \
         else t.verify()
     assert problems == []
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "kv_heads", "staged"),
+                         [(1, 1, 4, False), (2, 1, 4, False), (4, 1, 2, False), (2, 1, 4, True), (1, 2, 4, True)])
+async def test_a_sender_daemon_that_forgot_the_pool_is_told_again_and_the_room_goes_on(
+        cluster, prefill_tp, decode_tp, kv_heads, staged):
+    """The decode daemon cached the prefill daemon's acceptance of its pool, but the prefill daemon
+    no longer knows the pool (it forgot it as idle, or restarted): its refusal says so
+    (``pool_unknown``), the receiver announces the pool again and asks once more, and the room is
+    byte-exact (dummy senders and staged grants included). In-memory transport and peers."""
+    t = Transfer(cluster, prefill_tp, decode_tp, kv_heads=kv_heads, staged=staged)
+    t.recv(room=1)
+    await cluster.settle()
+    t.send(room=1)
+    await cluster.settle()
+    assert all(ev is not None and ev.state == "success" for ev in t.decode_events(1))
+    accepted = {(d, p.key): t.decode.pool_accepted_now(d, p, "prefill-0")
+                for d in (t.prefill.address,) for p, _ in t.dst}
+    assert all(a is not None for a in accepted.values())
+    t.decode.pool_accepted_now = lambda d, p, e: accepted.get((d, p.key))  # type: ignore[method-assign]
+    t.prefill.remote_pools.clear()  # the prefill daemon forgot every decode pool
+    t.recv(room=2)
+    await cluster.settle()
+    t.send(room=2)
+    await cluster.settle()
+    events = t.decode_events(2)
+    assert all(ev is not None and ev.state == "success" for ev in events), events
+    assert t.verify() == []
+    assert 0 < t.decode.errors["pool_announced_again"] <= prefill_tp * decode_tp  # once per sender link
+    assert set(t.decode.errors) == {"pool_announced_again"}, t.decode.errors
+
+
+async def test_a_second_unknown_pool_refusal_fails_the_room_with_the_reason(cluster):
+    """Asked once more and refused again (the sender daemon still does not know the pool): the
+    room fails, with the sender's reason, within its deadline. In-memory transport and peers."""
+    t = Transfer(cluster, 1, 1)
+    accepted: dict[str, Any] = {}
+    t.recv(room=1)
+    await cluster.settle()
+    t.send(room=1)
+    await cluster.settle()
+    pool = t.dst[0][0]
+    accepted[pool.key] = t.decode.pool_accepted_now(t.prefill.address, pool, "prefill-0")
+    t.decode.pool_accepted_now = lambda d, p, e: accepted.get(p.key)  # type: ignore[method-assign]
+    real = t.decode.announce_pool
+
+    async def forgetful(daemon, p, engine_id, deadline):  # announced, and forgotten at once
+        answer = await real(daemon, p, engine_id, deadline)
+        t.prefill.remote_pools.clear()
+        return answer
+
+    t.decode.announce_pool = forgetful  # type: ignore[method-assign]
+    t.prefill.remote_pools.clear()
+    t.recv(room=2)
+    await cluster.settle()
+    events = t.decode_events(2)
+    assert events[0] is not None and events[0].state == "failed" and "never announced" in events[0].reason
+    assert t.decode.errors["pool_announced_again"] == 1
