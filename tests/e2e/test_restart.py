@@ -66,3 +66,45 @@ def test_prefill_daemon_restarted_on_the_same_port_serves_existing_decode_daemon
             pool.close()
             pool.unlink()
 
+
+
+def test_a_prefill_daemon_restarted_inside_the_heartbeat_window_costs_no_room(daemons):
+    """Restarted and serving again at once, inside the decode daemon's heartbeat window: the decode
+    daemon learns of the new incarnation from its answers (``peer_restarted``) or, if its cached
+    acceptance of the pool still looks current when it asks, from the new daemon's ``pool_unknown``
+    refusal (it announces again and asks once more: tests/sides/test_pair.py); either way the
+    first room after the restart succeeds byte-exact."""
+    flags = ("--timeouts-waiting-s", "8", "--timeouts-bootstrap-s", "5", "--timeouts-transfer-s", "8",
+             "--timeouts-heartbeat-interval-s", "2")  # a window the restart fits well inside
+    pre = daemons("prefill", *flags)
+    dec = daemons("decode", *flags)
+    pl, dl = PoolLayout("P", "prefill", 1, 0, **BASE), PoolLayout("D", "decode", 1, 0, **BASE)
+    made: list[HostPool] = []
+    try:
+        dh = _pool(dl, None)
+        made.append(dh)
+        with dec.client() as dc:
+            did = dc.register_pool(dl, dh.memory)
+            for attempt, seed in enumerate((1, 2)):
+                ph = _pool(pl, seed)
+                made.append(ph)
+                with pre.client() as pc:
+                    pid = pc.register_pool(pl, ph.memory, bootstrap=pre.address)
+                    room = 20 + attempt
+                    dc.recv(did, room, pre.address, "P", [5, 6])
+                    pc.send(pid, room, [1, 2], True, aux=b"ok%d" % attempt)
+                    assert dc.wait(room, timeout=20).aux == b"ok%d" % attempt, dec.log_tail()
+                    for b in range(pl.num_buffers):
+                        assert np.array_equal(ph.buffer(b)[4:12], dh.buffer(b)[20:28])
+                if attempt == 0:  # restart at once on the same port: no pause
+                    port = pre.port
+                    pre.stop()
+                    pre = daemons("prefill", *flags, "--peer-port", str(port))
+                    pre = dataclasses.replace(pre, port=port)
+        assert dec.alive() and pre.alive()
+        errors = dec.status()["daemon"]["errors"]
+        assert set(errors) <= {"pool_announced_again", "peer_restarted", "stale_message"}, errors
+    finally:
+        for pool in made:
+            pool.close()
+            pool.unlink()
