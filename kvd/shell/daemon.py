@@ -375,8 +375,7 @@ class Daemon:
         self.registry.drop_hooks.append(lambda pool: self.directory.withdraw_rank(
             pool.layout, pool.bootstrap or self.address, pool.key) if pool.layout.role == "prefill" else None)
         self.registry.drop_hooks.append(self.directory.pool_dropped)
-        self.directory.pools_in_use = lambda: {r.msg.pool_key for sr in self.senders.rooms.values()
-                                               for r in sr.requests.values()}
+        self.directory.pools_in_use = self.senders.pool_requests.keys
         if c.pools_gpu:
             log.info("gpu_ready", found=await loop.run_in_executor(None, self.registry.preload_gpu))
         await self.peers.start()

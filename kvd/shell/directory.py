@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 
 import structlog
 
@@ -109,7 +110,7 @@ class Directory:
         self._announced: dict[tuple[str, str, str], asyncio.Future[bool]] = {}
         self._accepted: dict[tuple[str, str], PoolAccepted] = {}
         #: Remote pool keys that rooms in flight here write into (never forgotten); the daemon wires it.
-        self.pools_in_use: Callable[[], set[str]] = set
+        self.pools_in_use: Callable[[], AbstractSet[str]] = set
         #: Idle remote pools whose announcer was told they are forgotten, and when: they stay
         #: usable for a grace, so that a request it sent before the notice reached it still
         #: finds its pool (a request naming one revives it).

@@ -11,7 +11,7 @@ the staged pipeline in :mod:`kvd.sides.staged_send`.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import replace
 
 import structlog
@@ -47,6 +47,9 @@ class SenderSide(SideBase[SenderRoom]):
         # Ended (transfer, sender rank) pairs -> whether a failed write of it may still land.
         self._ended: OrderedDict[tuple[int, int], bool] = OrderedDict()
         self._requests: dict[tuple[int, int], tuple[SenderRoom, ReceiverRequest]] = {}
+        #: Requests in flight per decode pool key (the pools no room may forget), kept with
+        #: ``_requests``: the directory asks at every announce past peer.max_pools, not a pass over the rooms.
+        self.pool_requests: Counter[str] = Counter()
         self._pairings = Pairings()
         self.staged_path = StagedSender(ctx, self)
         self.direct_path = DirectSender(ctx, self)
@@ -153,6 +156,7 @@ class SenderSide(SideBase[SenderRoom]):
             # The prefill room waits for its engine no longer than the receiver waits for it.
             sr.machine.deadlines = replace(sr.machine.deadlines, waiting_for_input=msg.deadline_s)
         self._requests[(msg.transfer_id, msg.sender_rank)] = (sr, req)
+        self.pool_requests[msg.pool_key] += 1
         if not req.dummy:
             sr.path = TransferPath.of_request(hisparse=msg.enable_hisparse, chunk_tokens=msg.chunk_tokens)
         if req.staged is not None:
@@ -299,6 +303,9 @@ class SenderSide(SideBase[SenderRoom]):
             self.staged_path.untrack(req)
             if self._requests.get((req.msg.transfer_id, req.msg.sender_rank), (None, None))[1] is req:
                 del self._requests[(req.msg.transfer_id, req.msg.sender_rank)]
+                self.pool_requests[req.msg.pool_key] -= 1
+                if self.pool_requests[req.msg.pool_key] <= 0:
+                    del self.pool_requests[req.msg.pool_key]
         if self.rooms.get(sr.key) is sr:
             del self.rooms[sr.key]
         self._tell_engine(sr)
