@@ -230,31 +230,27 @@ class EngineServer:
         clog = log.bind(conn=conn_id, peer_pid=pid, peer_uid=uid, peer_gid=gid)
         per_uid = self.config.socket_max_connections_per_uid
         held = sum(1 for c in self._conns.values() if c.uid == uid)
+        refusal: tuple[str, str, str, str] | None = None  # counter, log reason, reply kind, message
         if held >= per_uid and not self._make_room(uid):
-            self.handler.count_error("engine_conn_per_uid")
-            clog.warning("engine_connection_refused", reason="max_connections_per_uid", limit=per_uid)
-            writer.write(frame(ErrorReply(req_id=0, kind="busy", message=(
-                f"uid {uid} holds {held} connections (socket.max_connections_per_uid {per_uid}), "
-                "all holding pools")).encode()))
-            writer.close()
-            return
-        if len(self._conns) >= self.config.socket_max_connections and not self._make_room():
-            self.handler.count_error("busy")
-            clog.warning("engine_connection_refused", reason="max_connections", limit=self.config.socket_max_connections)
-            writer.write(frame(ErrorReply(req_id=0, kind="busy", message=(
-                f"kvd serves {len(self._conns)} connections (socket.max_connections), all holding pools")).encode()))
+            refusal = ("engine_conn_per_uid", "max_connections_per_uid", "busy",
+                       f"uid {uid} holds {held} connections (socket.max_connections_per_uid {per_uid}), "
+                       "all holding pools")
+        elif len(self._conns) >= self.config.socket_max_connections and not self._make_room():
+            refusal = ("busy", "max_connections", "busy",
+                       f"kvd serves {len(self._conns)} connections (socket.max_connections), all holding pools")
+        elif self.access is not None:
+            refused = self.access.refusal(Credentials(pid, uid, gid))
+            if refused:  # the allow-list: before anything of the connection is read
+                refusal = ("forbidden", refused, "forbidden", refused)
+        if refusal is not None:
+            counter, reason, kind, message = refusal
+            self.handler.count_error(counter)
+            clog.warning("engine_connection_refused", reason=reason)
+            writer.write(frame(ErrorReply(req_id=0, kind=kind, message=message).encode()))
             writer.close()
             return
         if self.access is not None:
-            creds = Credentials(pid, uid, gid)
-            refused = self.access.refusal(creds)
-            if refused:  # the allow-list: before anything of the connection is read
-                self.handler.count_error("forbidden")
-                clog.warning("engine_connection_refused", reason=refused)
-                writer.write(frame(ErrorReply(req_id=0, kind="forbidden", message=refused).encode()))
-                writer.close()
-                return
-            self.access.connected(conn_id, creds)
+            self.access.connected(conn_id, Credentials(pid, uid, gid))
         clog.info("engine_connected")
         conn = self._conns[conn_id] = _Conn(writer, time.monotonic(), uid)
         frames = FrameBuffer(self.config.socket_max_frame_bytes)
@@ -280,7 +276,7 @@ class EngineServer:
                         conn.pooled = True
                     conn.queue(self._encoded(reply))
                     if time.monotonic() - passed > YIELD_S:
-                        # A burst of requests (a status or a poll costs a pass over the rooms) must
+                        # A burst of requests (a status costs a pass over the rooms) must
                         # not hold the loop: other engines, the peers and housekeeping get a turn.
                         conn.flush()
                         await asyncio.sleep(0)

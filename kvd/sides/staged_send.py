@@ -36,6 +36,9 @@ from kvd.wire import peer as wp
 
 log = structlog.get_logger("kvd.sender")
 
+#: A block's transport ops: source addresses, destination addresses, lengths.
+BlockOps = tuple[np.ndarray, np.ndarray, np.ndarray]
+
 
 class SenderHooks(Protocol):
     """What the pipeline reports back to the sender side."""
@@ -131,11 +134,12 @@ class StagedSender:
                         await st.wake.wait()
                 if req.aborted or sr.machine.state.final:
                     return
-                if self._ungathered(sr, req, start, end):
+                straight = self._straight_ops(sr, req, st, chunk)
+                if straight is not None:
                     # Whole rows in a few runs: written straight from the pool, no gather.
                     if writing is not None:
                         _raise_from(await writing)
-                    writing = self.ctx.spawn(self._write_reported(sr, req, st, chunk, None),
+                    writing = self.ctx.spawn(self._write_reported(sr, req, st, chunk, straight),
                                              f"staged-write-{sr.room}-{req.msg.sender_rank}-{chunk}")
                     continue
                 block = st.geometry.block_bytes(chunk)
@@ -188,24 +192,27 @@ class StagedSender:
                             f"the receiver asked for {total}")
         return sr.src_token_count >= end and chunk in st.grants
 
-    def _ungathered(self, sr: SenderRoom, req: ReceiverRequest, start: int, end: int) -> bool:
-        """Whether chunk tokens ``[start, end)`` go straight from the pool: a host pool (a GPU's
-        gather kernel costs no CPU and beats many ops: on the H100 4 -> 1 over TCP 1.04 of raw
-        gathering vs 0.91 ungathered, same node 267 vs 311 ms), the writer's head slice is its
-        whole row, and the tokens lie in few runs (``ungathered_block_ops``)."""
+    def _straight_ops(self, sr: SenderRoom, req: ReceiverRequest, st: StagedSend, chunk: int) -> BlockOps | None:
+        """The ops that write granted chunk ``chunk`` straight from the pool into its slot, or None
+        (gather it): only from a host pool (a GPU's gather kernel costs no CPU and beats many ops:
+        on the H100 4 -> 1 over TCP 1.04 of raw gathering vs 0.91 ungathered, same node 267 vs
+        311 ms), when the writer's head slice is its whole row and the tokens lie in few runs."""
         head = req.slices[0]
         if sr.pool.device.startswith("cuda") or head.src_head_offset != 0 \
                 or head.num_heads != sr.pool.layout.local_heads:
-            return False
-        tokens = sr.tokens_upto(end)[start:]
-        return int((np.diff(tokens) != 1).sum()) + 1 <= self.ctx.config.staging_ungathered_max_runs
+            return None
+        start, end = st.geometry.tokens(chunk)
+        dst, _ = st.geometry.slot(st.grants[chunk], chunk, st.writer)
+        return ungathered_block_ops(sr.tokens_upto(end)[start:], sr.pool.buffers, sr.pool.layout.token_bytes,
+                                    req.remote.staging_base + dst,
+                                    max_runs=self.ctx.config.staging_ungathered_max_runs)
 
     async def _write_reported(self, sr: SenderRoom, req: ReceiverRequest, st: StagedSend, chunk: int,
-                              slot: RingSlot | None) -> Exception | None:
+                              source: RingSlot | BlockOps) -> Exception | None:
         """The write, its expected failures returned to the pipeline that awaits it (a room
         ending under a write is an outcome, not a crashed task)."""
         try:
-            await self._write(sr, req, st, chunk, slot)
+            await self._write(sr, req, st, chunk, source)
         except (PlanError, TransportError, RuntimeError, ValueError, IndexError) as exc:
             if isinstance(exc, TransportError):
                 req.unsure = True  # its bytes may still be in flight to the receiver's staging
@@ -213,26 +220,20 @@ class StagedSender:
         return None
 
     async def _write(self, sr: SenderRoom, req: ReceiverRequest, st: StagedSend, chunk: int,
-                     slot: RingSlot | None) -> None:
-        """One chunk's block into its slot of the receiver's region: from the send ring where it
-        was gathered (``slot``), or straight from the pool's rows (no slot)."""
+                     source: RingSlot | BlockOps) -> None:
+        """One chunk's block into its slot of the receiver's region: from the send ring slot where
+        it was gathered, or by the ops that take it straight from the pool's rows."""
         stage = self.ctx.staging_pool(sr.pool)
         assert stage is not None
+        slot = source if isinstance(source, RingSlot) else None
         try:
             async with req.lock:  # an abort answered after this lock sees no later write
                 if req.aborted or sr.machine.state.final:
                     raise PlanError("room ended while its chunk was gathered")
                 dst, nbytes = st.geometry.slot(st.grants[chunk], chunk, st.writer)
-                if slot is not None:
-                    ops = (np.array([stage.send_address(slot.offset)], np.int64),
-                           np.array([req.remote.staging_base + dst], np.int64), np.array([nbytes], np.int64))
-                else:
-                    start, end = st.geometry.tokens(chunk)
-                    straight = ungathered_block_ops(sr.tokens_upto(end)[start:], sr.pool.buffers,
-                                                    sr.pool.layout.token_bytes, req.remote.staging_base + dst,
-                                                    max_runs=self.ctx.config.staging_ungathered_max_runs)
-                    assert straight is not None and int(straight[2].sum()) == nbytes
-                    ops = straight
+                ops: BlockOps = source if not isinstance(source, RingSlot) else (
+                    np.array([stage.send_address(source.offset)], np.int64),
+                    np.array([req.remote.staging_base + dst], np.int64), np.array([nbytes], np.int64))
                 result = await self.ctx.transport.write(req.remote.session_id, *ops)
         finally:
             if slot is not None:

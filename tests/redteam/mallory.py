@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kvd import protocol as p
+from kvd.engineclient.client import KvdError
 from kvd.engineclient.hostpool import HostPool
 from kvd.layout import PoolLayout
 from kvd.wire.codec import decode
@@ -109,6 +110,39 @@ def mallory_scene(daemons, tmp_path: Path) -> Iterator[Scene]:
     finally:
         m.close()
         dh.close()
+
+
+def room_known(client: Any, room: int) -> bool:
+    """Whether the daemon has a room of this id for the client's engine (a poll answers it)."""
+    try:
+        client.poll(room)
+    except KvdError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def engine_lag(probe: Any) -> Iterator[list[float]]:
+    """Round-trip times of another engine's polls (of a room that does not exist), every 10 ms
+    while the block runs: how long the daemon's event loop kept engines waiting."""
+    lat: list[float] = []
+    stop = threading.Event()
+
+    def lag() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            with contextlib.suppress(KvdError):
+                probe.poll(10**9)
+            lat.append(time.monotonic() - t0)
+            time.sleep(0.01)
+
+    prober = threading.Thread(target=lag)
+    prober.start()
+    try:
+        yield lat
+    finally:
+        stop.set()
+        prober.join()
 
 
 def _fresh_room_works(pre, dec, pl: PoolLayout, dl: PoolLayout) -> None:

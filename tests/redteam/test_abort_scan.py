@@ -13,7 +13,6 @@ are in flight."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -22,9 +21,8 @@ import pytest
 
 from kvd import protocol as p
 from kvd.engineclient.hostpool import HostPool
-from kvd.engineclient.replies import KvdError
 from kvd.layout import PoolLayout
-from tests.redteam.mallory import Mallory
+from tests.redteam.mallory import Mallory, engine_lag, room_known
 
 pytestmark = pytest.mark.e2e
 
@@ -51,39 +49,17 @@ def test_aborts_of_unknown_transfers_do_not_scan_every_room(daemons, tmp_path: P
                                          prefill_engine_id="P", sender_rank=0, dst_indices=np.array([r]),
                                          dummy=False, deadline_s=120.0, inline_max_bytes=0))
             end = time.monotonic() + 30
-            while not _known(pc, ROOMS - 1):  # the last request made its room
+            while not room_known(pc, ROOMS - 1):  # the last request made its room
                 assert time.monotonic() < end, "mallory's requests did not make their rooms"
                 time.sleep(0.2)
             time.sleep(1.0)
-            lat: list[float] = []
-            stop = threading.Event()
-
-            def lag() -> None:
-                while not stop.is_set():
-                    t0 = time.monotonic()
-                    with pytest.raises(KvdError):
-                        probe.poll(10**9)
-                    lat.append(time.monotonic() - t0)
-                    time.sleep(0.01)
-
-            prober = threading.Thread(target=lag)
-            prober.start()
-            for i in range(ABORTS):
-                m.send(p.AbortTransfer(src=m.address, token="", room=i, transfer_id=(1 << 40) + i, pool_key=key,
-                                       sender_rank=0, reason="x"))
-            for _ in range(ABORTS):
-                m.expect(p.AbortAck, timeout=30)
-            stop.set()
-            prober.join()
+            with engine_lag(probe) as lat:
+                for i in range(ABORTS):
+                    m.send(p.AbortTransfer(src=m.address, token="", room=i, transfer_id=(1 << 40) + i, pool_key=key,
+                                           sender_rank=0, reason="x"))
+                for _ in range(ABORTS):
+                    m.expect(p.AbortAck, timeout=30)
         assert max(lat) < 1.0, f"an engine waited {max(lat):.1f} s while {ABORTS} aborts were handled"
     finally:
         m.close()
         ph.close()
-
-
-def _known(client, room: int) -> bool:
-    try:
-        client.poll(room)
-    except KvdError:
-        return False
-    return True

@@ -13,7 +13,6 @@ are in flight. Real daemons (e2e), one prefill daemon and mallory."""
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from pathlib import Path
 
@@ -22,9 +21,8 @@ import pytest
 
 from kvd import protocol as p
 from kvd.engineclient.hostpool import HostPool
-from kvd.engineclient.replies import KvdError
 from kvd.layout import PoolLayout
-from tests.redteam.mallory import Mallory
+from tests.redteam.mallory import Mallory, engine_lag, room_known
 
 pytestmark = pytest.mark.e2e
 
@@ -70,45 +68,23 @@ def test_pool_announces_at_max_pools_do_not_scan_every_room(daemons, tmp_path: P
                                          prefill_engine_id="P", sender_rank=0, dst_indices=np.array([r]),
                                          dummy=False, deadline_s=120.0, inline_max_bytes=0))
             end = time.monotonic() + 60
-            while not _known(pc, ROOMS - 1):  # the last request made its room
+            while not room_known(pc, ROOMS - 1):  # the last request made its room
                 assert time.monotonic() < end, "mallory's requests did not make their rooms"
                 time.sleep(0.2)
             for i in range(1, MAX_POOLS):  # up to peer.max_pools: no pool is forgotten yet
                 announce(i)
             assert all(a.ok for a in _acks(m, MAX_POOLS - 1))
             time.sleep(1.0)
-            lat: list[float] = []
-            stop = threading.Event()
-
-            def lag() -> None:
-                while not stop.is_set():
-                    t0 = time.monotonic()
-                    with pytest.raises(KvdError):
-                        probe.poll(10**9)
-                    lat.append(time.monotonic() - t0)
-                    time.sleep(0.01)
-
-            prober = threading.Thread(target=lag)
-            prober.start()
-            t_flood = time.monotonic()
-            for i in range(MAX_POOLS, MAX_POOLS + ANNOUNCES):
-                announce(i)
-            acks = _acks(m, 2 * ANNOUNCES)  # each: its answer, and the notice of an idle pool forgotten
-            flood_s = time.monotonic() - t_flood
-            stop.set()
-            prober.join()
+            with engine_lag(probe) as lat:
+                t_flood = time.monotonic()
+                for i in range(MAX_POOLS, MAX_POOLS + ANNOUNCES):
+                    announce(i)
+                acks = _acks(m, 2 * ANNOUNCES)  # each: its answer, and the notice of an idle pool forgotten
+                flood_s = time.monotonic() - t_flood
             assert sum(a.ok for a in acks) == ANNOUNCES and sum(a.forgotten for a in acks) == ANNOUNCES
-            assert _known(pc, ROOMS - 1)  # the pool its rooms write into was never forgotten
+            assert room_known(pc, ROOMS - 1)  # the pool its rooms write into was never forgotten
         assert flood_s < 5.0, f"{ANNOUNCES} pool announces took {flood_s:.1f} s (one pass over the rooms each)"
         assert max(lat) < 1.0, f"an engine waited {max(lat):.1f} s while {ANNOUNCES} pool announces were handled"
     finally:
         m.close()
         ph.close()
-
-
-def _known(client, room: int) -> bool:
-    try:
-        client.poll(room)
-    except KvdError:
-        return False
-    return True
