@@ -177,6 +177,8 @@ FIELDS: tuple[Field, ...] = (
           "seconds a room may wait for its input (prefill output or the receiver's pages)"),
     Field("timeouts", "transfer_s", "transfer_timeout_s", _positive_float,
           "seconds a room's transfer may take once started"),
+    Field("timeouts", "room_s", "room_timeout_s", _positive_float,
+          "seconds a room may live in all, whatever progress it reports"),
     Field("timeouts", "heartbeat_interval_s", "heartbeat_interval_s", _positive_float,
           "seconds between heartbeats to each peer"),
     Field("timeouts", "heartbeat_misses", "heartbeat_misses", _positive_int,
@@ -261,6 +263,7 @@ class Config:
     bootstrap_timeout_s: float = 30.0
     waiting_timeout_s: float = 300.0
     transfer_timeout_s: float = 120.0
+    room_timeout_s: float = 900.0
     heartbeat_interval_s: float = 2.0
     heartbeat_misses: int = 3
     abort_fence_s: float = 10.0

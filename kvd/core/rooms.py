@@ -10,6 +10,7 @@ exception that escapes the loop. Pure: no I/O, no clocks (callers pass ``now``).
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -70,11 +71,15 @@ TRANSITIONS: Mapping[tuple[RoomState, RoomInput], RoomState] = {
 
 @dataclass(frozen=True)
 class Deadlines:
-    """Seconds a room may stay in each non-final state; PROGRESS restarts the clock."""
+    """Seconds a room may stay in each non-final state; PROGRESS restarts the clock.
+
+    ``lifetime`` caps the room's whole life, progress or not: a peer that reports one new byte
+    just inside each transfer deadline cannot keep a room (and its engine) waiting past it."""
 
     bootstrapping: float
     waiting_for_input: float
     transferring: float
+    lifetime: float = math.inf
 
     def for_state(self, state: RoomState) -> float | None:
         return {
@@ -110,7 +115,9 @@ class RoomMachine:
     @property
     def deadline(self) -> float | None:
         limit = self.deadlines.for_state(self.state)
-        return None if limit is None else self.entered_at + limit
+        if limit is None:
+            return None
+        return min(self.entered_at + limit, self.created_at + self.deadlines.lifetime)
 
     @property
     def is_live(self) -> bool:
@@ -153,6 +160,9 @@ class RoomMachine:
 
     def timeout_reason(self) -> str:
         limit = self.deadlines.for_state(self.state)
+        if limit is not None and self.created_at + self.deadlines.lifetime < self.entered_at + limit:
+            return (f"timed out: the room's lifetime of {self.deadlines.lifetime:g} s ended in state "
+                    f"{self.state.value}")
         return f"timed out after {limit:g} s in state {self.state.value}"
 
 

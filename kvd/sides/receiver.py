@@ -79,7 +79,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         # An engine's timeout may shorten the room's wait, never lengthen it past the configured
         # maximum (inf, nan, 0 or negative: the configured value).
         waiting = min(msg.timeout_s, c.waiting_timeout_s) if 0 < msg.timeout_s < math.inf else c.waiting_timeout_s
-        deadlines = Deadlines(min(c.bootstrap_timeout_s, waiting), waiting, c.transfer_timeout_s)
+        deadlines = Deadlines(min(c.bootstrap_timeout_s, waiting), waiting, c.transfer_timeout_s, c.room_timeout_s)
         layout = pool.layout
         per_index = layout.token_bytes if msg.enable_hisparse else layout.page_bytes
         rr = ReceiverRoom(pool, msg.room, secrets.randbits(63), RoomMachine(deadlines, self.ctx.now()),

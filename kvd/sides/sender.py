@@ -61,7 +61,7 @@ class SenderSide(SideBase[SenderRoom]):
 
     def _deadlines(self) -> Deadlines:
         c = self.ctx.config
-        return Deadlines(c.waiting_timeout_s, c.waiting_timeout_s, c.transfer_timeout_s)
+        return Deadlines(c.waiting_timeout_s, c.waiting_timeout_s, c.transfer_timeout_s, c.room_timeout_s)
 
     def _room(self, pool: LocalPool, room: int) -> SenderRoom:
         sr = self.rooms.get((pool.pool_id, room))

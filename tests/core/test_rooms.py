@@ -64,6 +64,21 @@ def test_expiry_in_each_state():
     assert "bootstrapping" in m.timeout_reason()
 
 
+def test_progress_never_carries_a_room_past_its_lifetime():
+    """The transfer deadline restarts on progress; the lifetime does not: a room that reports
+    progress just inside every transfer deadline still ends at created_at + lifetime."""
+    m = RoomMachine(Deadlines(1.0, 2.0, 3.0, lifetime=10.0), created_at=100.0)
+    m.apply(RoomInput.BOOTSTRAPPED, 100.5)
+    now = 100.5
+    while m.progress(now):
+        assert m.deadline is not None and m.deadline <= 110.0
+        now += 2.9
+    assert m.expired(now) and now >= 110.0 and now - 2.9 < 110.0
+    assert "lifetime of 10 s" in m.timeout_reason() and "transferring" in m.timeout_reason()
+    fresh = RoomMachine(Deadlines(1.0, 2.0, 3.0, lifetime=10.0), created_at=0.0)
+    assert fresh.deadline == 1.0 and "after 1 s in state bootstrapping" in fresh.timeout_reason()
+
+
 def test_four_senders_one_receiver_waits_for_all_four():
     """Regression (SGLang PR 22145): reports keyed by a shared rank collided and decode hung;
     kvd keys by sender engine rank and is done only after all four."""
