@@ -405,15 +405,19 @@ def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
         raise PlanError(f"{what}: {addr.shape[0]} addresses but {size.shape[0]} lengths")
     if addr.size == 0:
         return
-    if size.min() < 1:
-        raise PlanError(f"{what}: a write of {int(size.min())} bytes")
     if addr.size <= SMALL and len(regions.pairs if isinstance(regions, RegionIndex) else regions) <= SMALL:
-        # The same test on Python ints: some region with base <= address reaches past the end.
+        # The same test on Python ints (numpy's per-call cost dominates a tiny room): every
+        # length positive and some region with base <= address reaching past the end.
         regs = regions.pairs if isinstance(regions, RegionIndex) else [(int(b), int(n)) for b, n in regions]
+        sizes = size.tolist()
+        if min(sizes) < 1:
+            raise PlanError(f"{what}: a write of {min(sizes)} bytes")
         if regs and all(b >= 0 and n >= 1 for b, n in regs) and all(
                 any(b <= a and a + z <= b + n for b, n in regs)
-                for a, z in zip(addr.tolist(), size.tolist(), strict=True)):
+                for a, z in zip(addr.tolist(), sizes, strict=True)):
             return
+    elif size.min() < 1:
+        raise PlanError(f"{what}: a write of {int(size.min())} bytes")
     if not isinstance(regions, RegionIndex):
         regions = RegionIndex(regions)
     if regions.count == 0:

@@ -66,6 +66,7 @@ class Message:
             raise ValueError(f"message type {type_id} declared twice ({_REGISTRY[type_id].__name__}, "
                              f"{cls.__name__})")
         _REGISTRY[type_id] = cls
+        _HAS_POST_INIT[cls] = hasattr(cls, "__post_init__") or hasattr(cls, "__slots__")
 
     def encode(self) -> bytes:
         return encode(self)
@@ -112,14 +113,18 @@ def encode(msg: Message) -> bytes:
     cls = type(msg)
     if _REGISTRY.get(getattr(cls, "TYPE", -1)) is not cls:
         raise TypeError(f"{cls.__name__} is not a registered message type")
+    plan = _ENCODERS.get(cls)
+    if plan is None:
+        plan = _ENCODERS[cls] = tuple((f.name, KINDS[f.kind].encode) for f in cls.FIELDS)
     out: list[Any] = [HEADER_VERSION, cls.TYPE]
-    for f in cls.FIELDS:
-        value = getattr(msg, f.name)
-        try:
-            out.append(KINDS[f.kind].encode(value))
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"cannot encode {value!r}: {exc}", msg_type=cls.__name__,
-                                field_name=f.name) from None
+    values = msg.__dict__
+    try:
+        for name, to_wire in plan:
+            out.append(to_wire(values[name]))
+    except (TypeError, ValueError) as exc:
+        name = plan[len(out) - 2][0]
+        raise ProtocolError(f"cannot encode {values[name]!r}: {exc}", msg_type=cls.__name__,
+                            field_name=name) from None
     data: bytes = msgpack.packb(out, use_bin_type=True)
     return data
 
@@ -139,20 +144,39 @@ def decode(data: bytes) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message type {type_id!r}", field_name="type")
     values = items[2:]
+    plan = _DECODERS.get(cls)
+    if plan is None:
+        plan = _DECODERS[cls] = tuple((f.name, KINDS[f.kind].check, f.required) for f in cls.FIELDS)
     kwargs: dict[str, Any] = {}
-    for i, f in enumerate(cls.FIELDS):
-        if i < len(values):
-            try:
-                kwargs[f.name] = KINDS[f.kind].check(values[i])
-            except TypeError as exc:
-                raise ProtocolError(f"{exc}, got {type(values[i]).__name__}", msg_type=cls.__name__,
-                                    field_name=f.name) from None
-        elif f.required:
+    try:
+        for (name, check, _), value in zip(plan, values, strict=False):
+            kwargs[name] = check(value)
+    except TypeError as exc:
+        name = plan[len(kwargs)][0]
+        raise ProtocolError(f"{exc}, got {type(values[len(kwargs)]).__name__}", msg_type=cls.__name__,
+                            field_name=name) from None
+    if len(values) >= len(plan) and not _HAS_POST_INIT.get(cls, True):
+        # Every field present (the common case): fill the frozen instance directly, the
+        # same object __init__ would build, without its per-field object.__setattr__.
+        msg: Message = object.__new__(cls)
+        msg.__dict__.update(kwargs)
+        return msg
+    for name, _, required in plan[len(values):]:
+        if required:
             raise ProtocolError("missing required field (truncated message)", msg_type=cls.__name__,
-                                field_name=f.name)
+                                field_name=name)
         # else: an older peer; the dataclass default is the wire default
-    msg: Message = typing.cast(Any, cls)(**kwargs)
+    msg = typing.cast(Any, cls)(**kwargs)
     return msg
+
+
+#: Per message class, (name, to-wire function) per wire field: encode's loop, built on first use.
+_ENCODERS: dict[type[Message], tuple[tuple[str, Any], ...]] = {}
+#: Per message class, (name, check, required) per wire field: decode's loop, built on first use.
+_DECODERS: dict[type[Message], tuple[tuple[str, Any, bool], ...]] = {}
+#: Whether a message class needs its __init__ run (a __post_init__ to honour); filled at
+#: registration. A class not in it (never the case for a registered one) takes __init__.
+_HAS_POST_INIT: dict[type[Message], bool] = {}
 
 
 __all__ = ["Message", "ProtocolError", "decode", "encode", "field_names", "message_types"]

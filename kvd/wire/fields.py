@@ -112,7 +112,7 @@ def _indices(v: Any) -> Indices:
     # 8 bytes per index and no per-item tags: a 100k-page room stays one memcpy.
     if not isinstance(v, bytes | bytearray) or len(v) % 8:
         raise TypeError("expected an index array (little-endian int64 bytes)")
-    return np.frombuffer(bytes(v), dtype="<i8").astype(np.int64)
+    return np.frombuffer(v, dtype="<i8").astype(np.int64)  # astype copies: the array owns its memory
 
 
 def _encode_indices(v: Any) -> bytes:

@@ -173,6 +173,21 @@ def test_golden_bytes_decode_to_the_sample(name: str) -> None:
         assert _same(getattr(msg, f.name), f.default), f.name
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_a_full_frame_decodes_to_what_init_builds(name: str) -> None:
+    """decode fills a frame that carries every field straight into the instance (no __init__):
+    the object is the one the constructor builds from the same values, and stays frozen."""
+    cls = _cls(name)
+    built = cls(**{f.name: SAMPLES[name].get(f.name, f.default) for f in cls.FIELDS})
+    msg = p.decode(built.encode())
+    assert type(msg) is cls and msg.__dict__.keys() == built.__dict__.keys()
+    for field, value in built.__dict__.items():
+        assert _same(getattr(msg, field), value), field
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        msg.__setattr__(cls.FIELDS[0].name, None)
+    assert msg.encode() == built.encode()
+
+
 def test_later_fields_are_the_pinned_ones_and_agree_with_the_version() -> None:
     later = {name: [f.name for f in _pinned(name) if f.since > 1] for name in SAMPLES}
     assert {k: v for k, v in later.items() if v} == LATER_FIELDS
