@@ -89,8 +89,35 @@ def _sender_group(sender_tp: int, receiver_tp: int, receiver_rank: int) -> range
     return range(receiver_rank * k, (receiver_rank + 1) * k)
 
 
+def _uneven_groups(total: int, sender_tp: int, receiver_tp: int) -> tuple[range | tuple[int, ...], ...]:
+    """Groups when neither TP size divides the other (6 heads, TP 2 -> 3, or 3 -> 2).
+
+    Each receiver notifies the holders of its heads: per head, the receivers that need it take
+    its holders in turn (so GQA replicas share the load). A sender that holds no head anyone
+    takes this way still hears of every room: it joins, as a dummy, the group of the first
+    receiver that needs one of its heads (every head is needed by some receiver).
+    """
+    needing: dict[int, list[int]] = {}
+    for r in range(receiver_tp):
+        for head in head_range(total, receiver_tp, r):
+            needing.setdefault(head, []).append(r)
+    holders: dict[int, list[int]] = {}
+    for s in range(sender_tp):
+        for head in head_range(total, sender_tp, s):
+            holders.setdefault(head, []).append(s)
+    groups: list[set[int]] = [set() for _ in range(receiver_tp)]
+    for head, receivers in needing.items():
+        for i, r in enumerate(receivers):
+            groups[r].add(holders[head][i % len(holders[head])])
+    named = set().union(*groups)
+    for s in range(sender_tp):
+        if s not in named:
+            groups[needing[head_range(total, sender_tp, s).start][0]].add(s)
+    return tuple(tuple(sorted(g)) for g in groups)
+
+
 def _receiver_slices(total: int, sender_tp: int, receiver_tp: int, receiver_rank: int,
-                     group: range) -> tuple[HeadSlice, ...]:
+                     group: range | tuple[int, ...]) -> tuple[HeadSlice, ...]:
     """Slices for one receiver: each needed head from the lowest group member holding it."""
     dst_heads = head_range(total, receiver_tp, receiver_rank)
     slices: list[HeadSlice] = []
@@ -130,9 +157,10 @@ class TpMapping:
         total, stp, rtp = self.total_kv_heads, self.sender_tp, self.receiver_tp
         _check_tp(total, stp, "sender")
         _check_tp(total, rtp, "receiver")
-        if max(stp, rtp) % min(stp, rtp):
-            raise PlanError(f"sender tp {stp} and receiver tp {rtp} do not divide each other")
-        groups = tuple(_sender_group(stp, rtp, r) for r in range(rtp))
+        if max(stp, rtp) % min(stp, rtp) == 0:
+            groups: tuple[range | tuple[int, ...], ...] = tuple(_sender_group(stp, rtp, r) for r in range(rtp))
+        else:  # each side's heads still divide evenly (checked above): map them head by head
+            groups = _uneven_groups(total, stp, rtp)
         slices = tuple(_receiver_slices(total, stp, rtp, r, groups[r]) for r in range(rtp))
         receivers: list[list[int]] = [[] for _ in range(stp)]
         for r, group in enumerate(groups):

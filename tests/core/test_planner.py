@@ -35,7 +35,9 @@ def _valid(total: int, tp: int) -> bool:
 
 
 def _combo_ok(total: int, stp: int, rtp: int) -> bool:
-    return _valid(total, stp) and _valid(total, rtp) and max(stp, rtp) % min(stp, rtp) == 0
+    """Each side's heads divide evenly over its ranks (or its ranks over the heads); the two TP
+    sizes need not divide each other (6 heads, TP 2 -> 3 and 3 -> 2 map head by head)."""
+    return _valid(total, stp) and _valid(total, rtp)
 
 
 GRID = range(1, 17)

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.e2e
     (1, 2, 4), (2, 1, 4), (4, 1, 8), (1, 4, 8), (2, 4, 8), (4, 2, 8), (8, 2, 8),
     (4, 2, 2), (2, 4, 2),  # GQA: 2 kv heads replicated on TP 4 (both directions)
     (4, 4, 2), (2, 8, 2),
+    (3, 2, 6), (2, 3, 6),  # TP sizes that do not divide each other: mapped head by head
 ])
 def test_hetero_tp_byte_exact(daemons, writes, prefill_tp, decode_tp, kv_heads):
     prefill, decode = writes_pair(daemons, writes)

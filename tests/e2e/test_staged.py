@@ -33,6 +33,7 @@ def staging(daemon) -> dict:
     (2, 1, 4, 4), (4, 1, 8, 4), (1, 2, 4, 4), (1, 4, 8, 1), (2, 4, 8, 4), (4, 2, 8, 16), (8, 2, 8, 4),
     (4, 2, 2, 4), (2, 4, 2, 4), (2, 8, 2, 2),  # GQA: replicated heads, dummy senders
     (3, 1, 6, 4), (1, 3, 6, 4), (6, 2, 6, 4),  # TP sizes that are not powers of two
+    (2, 3, 6, 4),  # nor divide each other: decode rank 1 takes one head from each sender
 ])
 def test_staged_hetero_tp_byte_exact(daemons, prefill_tp, decode_tp, kv_heads, page_size):
     prefill, decode = staged_pair(daemons)
@@ -42,6 +43,17 @@ def test_staged_hetero_tp_byte_exact(daemons, prefill_tp, decode_tp, kv_heads, p
     for d in (prefill, decode):
         st = staging(d)
         assert st["whole"] and st["reserved_bytes"] == 0 and st["in_use_bytes"] == 0, st
+    assert not decode.status()["daemon"]["errors"]
+
+
+def test_writers_of_unequal_width_go_direct_beside_staging(daemons):
+    """TP 3 -> 2 with 6 kv heads: decode rank 0 takes heads 0-1 from prefill rank 0 and head 2
+    from rank 1. A staged region holds writers of one width, so the room goes direct (per-slice
+    writes), byte-exact, with staging on at both daemons."""
+    prefill, decode = staged_pair(daemons)
+    check_reports(run_cluster(prefill, decode, prefill_tp=3, decode_tp=2, kv_heads=6, page_size=4, head_dim=8,
+                              pages_per_room=6, timeout=40))
+    assert set(paths(decode)) == {"direct"}, paths(decode)
     assert not decode.status()["daemon"]["errors"]
 
 
