@@ -25,7 +25,7 @@ def args(**kw) -> argparse.Namespace:
     return a
 
 
-@pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads", [(4, 1, 8), (1, 4, 8), (2, 4, 8), (4, 2, 2)])
+@pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads", [(4, 1, 8), (1, 4, 8), (2, 4, 8), (4, 2, 2), (2, 3, 6)])
 def test_gpu_staged_byte_exact(prefill_tp, decode_tp, kv_heads):
     from tools.gpu_e2e import run
 
@@ -35,7 +35,8 @@ def test_gpu_staged_byte_exact(prefill_tp, decode_tp, kv_heads):
     assert set(r["paths"]) == {"staged"} and r["bytes"] > 0
 
 
-@pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads", [(4, 1, 8), (1, 4, 8), (2, 4, 8), (4, 2, 2), (1, 4, 2)])
+@pytest.mark.parametrize("prefill_tp, decode_tp, kv_heads", [(4, 1, 8), (1, 4, 8), (2, 4, 8), (4, 2, 2), (1, 4, 2),
+                                                             (3, 2, 6), (2, 3, 6)])
 def test_gpu_same_node_one_pass_byte_exact(prefill_tp, decode_tp, kv_heads):
     """Same node, staging enabled: each head slice goes straight into the decode pool (row
     copies over CUDA IPC, no staging), every byte and every canary row checked."""
