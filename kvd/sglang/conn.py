@@ -13,6 +13,7 @@ the completion accounting. KVPoll maps one to one onto kvd's room states.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -43,6 +44,9 @@ log = logging.getLogger("kvd.sglang")
 POLL = {"bootstrapping": KVPoll.Bootstrapping, "waiting_for_input": KVPoll.WaitingForInput,
         "transferring": KVPoll.Transferring, "success": KVPoll.Success, "failed": KVPoll.Failed}
 DEFAULT_SOCKET = "/run/kvd/kvd.sock"
+#: Longest wait in ``KvdKVReceiver.failure_exception`` for the daemon's release of a failed room
+#: (the daemon releases within ``timeouts.abort_fence_s`` plus a second or so of its failure).
+RELEASE_WAIT_S = 60.0
 
 
 def prefill_engine_id(bootstrap_port: int | str, dp_rank: int) -> str:
@@ -342,6 +346,7 @@ class KvdKVReceiver(_Room, BaseKVReceiver):
         self.aux_index: int | None = None
         self.directory = ""
         self.prefill_dp_rank = 0
+        self.daemon_room = False  # the daemon took our RecvRoom: it may write into our pages
 
     def init(self, prefill_dp_rank: int) -> None:
         if self.conclude_state is not None:
@@ -376,8 +381,34 @@ class KvdKVReceiver(_Room, BaseKVReceiver):
         port = self.bootstrap_addr.rpartition(":")[2]
         engine = prefill_engine_id(port, self.prefill_dp_rank)
         pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1)
-        self._daemon_call("recv", self.kv_mgr.client.recv, self.kv_mgr.pool_id, self.bootstrap_room,
-                          self.directory, engine, pages, self.kv_mgr.room_timeout_s)
+        self.daemon_room = self._daemon_call("recv", self.kv_mgr.client.recv, self.kv_mgr.pool_id,
+                                             self.bootstrap_room, self.directory, engine, pages,
+                                             self.kv_mgr.room_timeout_s)
+
+    def failure_exception(self) -> None:
+        self._fence_pages()
+        super().failure_exception()
+
+    def _fence_pages(self) -> None:
+        """SGLang frees a failed request's KV pages right after ``failure_exception()`` (kvd asks
+        for no deferred release), also when the failure was another rank's (the polls are
+        all-reduced): this rank's room must be over first, and released by the daemon, so that
+        no write of it lands in pages SGLang hands to another request. A live room is aborted;
+        the daemon releases a failed one once its senders answered the abort or were fenced off."""
+        if not self.daemon_room:
+            return
+        self.daemon_room = False
+        client, room = self.kv_mgr.client, self.bootstrap_room
+        st = client.pushed(room)
+        if st is not None and (st.released or st.state == "success"):
+            return
+        with contextlib.suppress(KvdError):  # it ended meanwhile: its release is on its way (or here)
+            client.abort(self.kv_mgr.pool_id, room)
+        try:
+            client.wait_released(room, RELEASE_WAIT_S)
+        except KvdError as exc:
+            log.error("kvd: room %s not released within %gs of its failure; its pages may still be "
+                      "written: %s", room, RELEASE_WAIT_S, exc)
 
     def _succeed(self, st: Any) -> int:
         mgr = self.kv_mgr
