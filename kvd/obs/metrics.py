@@ -9,9 +9,12 @@ so executor threads may call them; nothing here blocks except ``start_http``'s b
 
 from __future__ import annotations
 
+import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,7 +22,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 
 from kvd.core.config import parse_host_port
@@ -51,6 +54,55 @@ _BATCH_BUCKETS = (
 )
 # Bytes/s: 1 MB/s (something is wrong) to 400 GB/s (NVLink-class); ~x2 steps.
 _SPEED_BUCKETS = tuple(float(1e6 * 2**i) for i in range(0, 20))
+
+
+#: /metrics connections served at once (a scrape is one short request): past it a connection is
+#: closed at once and counted (``metrics_busy``), so nobody who reaches the port can make the
+#: daemon start a thread per connection it holds open.
+HTTP_MAX_CONNECTIONS = 8
+#: Seconds a /metrics connection may stay silent while its request is read or its reply written.
+HTTP_TIMEOUT_S = 5.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = HTTP_TIMEOUT_S  # a socket timeout on every read and write of the connection
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's threading WSGI server with a bound on the connections it serves at
+    once (one thread each) and a timeout on each (see ``HTTP_MAX_CONNECTIONS``)."""
+
+    daemon_threads = True
+    on_refused: Callable[[], None] = staticmethod(lambda: None)
+
+    def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler]) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self._slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.on_refused()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: nothing to print on the daemon's stderr
 
 
 class Metrics:
@@ -186,7 +238,11 @@ class Metrics:
         if self._server is not None:
             raise RuntimeError("metrics HTTP server already started")
         host, port = parse_host_port(address)
-        server, thread = start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+        server = _BoundedServer((host or "0.0.0.0", port), _QuietHandler)
+        server.on_refused = lambda: self.error("metrics_busy")
+        server.set_app(make_wsgi_app(self.registry))
+        thread = threading.Thread(target=server.serve_forever, name="kvd-metrics", daemon=True)
+        thread.start()
         self._server, self._thread = server, thread
         return int(server.server_address[1])
 
