@@ -37,6 +37,12 @@ MAX_ENGINE_ID = 256
 MEMORY_KINDS = ("host", "gpu")
 
 
+def _short(value: Any) -> str:
+    """A value a sender put in a layout, for a message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class LayoutError(ValueError):
     """A pool layout is invalid, or two layouts cannot be mapped onto each other."""
 
@@ -77,15 +83,20 @@ class PoolLayout:
         if not isinstance(self.engine_id, str) or not self.engine_id or len(self.engine_id) > MAX_ENGINE_ID:
             out.append(f"engine_id must be a non-empty string of at most {MAX_ENGINE_ID} characters")
         if self.role not in ROLES:
-            out.append(f"role must be one of {ROLES}, got {self.role!r}")
+            out.append(f"role must be one of {ROLES}, got {_short(self.role)}")
         if self.memory_kind not in MEMORY_KINDS:
-            out.append(f"memory_kind must be one of {MEMORY_KINDS}, got {self.memory_kind!r}")
+            out.append(f"memory_kind must be one of {MEMORY_KINDS}, got {_short(self.memory_kind)}")
         if self.dtype not in DTYPE_SIZES:
-            out.append(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {self.dtype!r}")
+            out.append(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {_short(self.dtype)}")
         for name in ("tp_size", "num_layers", "total_kv_heads", "head_dim", "page_size", "num_pages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                out.append(f"{name} must be a positive integer, got {value!r}")
+                out.append(f"{name} must be a positive integer, got {_short(value)}")
+        if not isinstance(self.tp_rank, int) or isinstance(self.tp_rank, bool):
+            out.append(f"tp_rank must be an integer, got {_short(self.tp_rank)}")
+        for name in ("is_mla", "hisparse"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be a boolean, got {type(getattr(self, name)).__name__}")
         if out:
             return out
         if self.tp_size > MAX_TP_SIZE:
@@ -165,15 +176,17 @@ class PoolLayout:
     def from_dict(cls, data: dict[str, Any]) -> PoolLayout:
         if not isinstance(data, dict):
             raise LayoutError(f"a pool layout must be a map, got {type(data).__name__}")
-        # Peers send the same few layouts with every room: a frozen layout is parsed once.
+        # Peers send the same few layouts with every room: a frozen layout is parsed once. The
+        # key holds the layout's own fields only (small once the layout is valid): a map may
+        # carry other keys (ignored), and a cached key must not keep a sender's 60 MB of them.
+        known = {f for f in cls.__dataclass_fields__}
         try:
-            key = (cls, tuple((k, type(v), v) for k, v in data.items()))  # True == 1, but not here
+            key = (cls, tuple((k, type(v), v) for k, v in data.items() if k in known))  # True == 1, but not here
             cached = _FROM_DICT.get(key)
         except TypeError:  # an unhashable value: parsed (and refused) below
             key, cached = None, None
         if cached is not None:
             return cached
-        known = {f for f in cls.__dataclass_fields__}
         missing = [f for f in ("engine_id", "role", "tp_size", "tp_rank", "num_layers",
                                "total_kv_heads", "head_dim", "dtype", "page_size", "num_pages")
                    if f not in data]
@@ -190,10 +203,11 @@ class PoolLayout:
         return layout
 
     def describe(self) -> str:
-        kind = "MLA" if self.is_mla else f"{self.total_kv_heads} kv heads"
-        return (f"{self.role} {str(self.engine_id)[:80]} tp {self.tp_rank}/{self.tp_size}, "
-                f"{self.num_layers} layers, {kind}, head_dim {self.head_dim}, {self.dtype}, "
-                f"page {self.page_size} x {self.num_pages}, {self.memory_kind}"
+        kind = "MLA" if self.is_mla is True else f"{str(self.total_kv_heads)[:24]} kv heads"
+        return (f"{str(self.role)[:16]} {str(self.engine_id)[:80]} tp {str(self.tp_rank)[:24]}/"
+                f"{str(self.tp_size)[:24]}, {str(self.num_layers)[:24]} layers, {kind}, head_dim "
+                f"{str(self.head_dim)[:24]}, {str(self.dtype)[:24]}, page {str(self.page_size)[:24]} x "
+                f"{str(self.num_pages)[:24]}, {str(self.memory_kind)[:16]}"
                 + (", hisparse" if self.hisparse else ""))
 
 
