@@ -221,6 +221,12 @@ class Directory:
             self._count_error("bad_peer_message")
             log.warning("engine_info_refused", src=msg.src, error=problem)
             return
+        key = (msg.src, msg.engine_id)
+        if key not in self._queried and key not in self._info and key not in self._refused:
+            # A directory answers (and later updates) only those that asked it: an answer nobody
+            # here asked for is not kept, or a peer could fill the cache with answers of any size.
+            self._count_error("stale_message")
+            return
         if msg.ready and not _topology_adds_up(msg):
             # Rooms waiting on it fail at once with the reason, not at their deadline.
             self._count_error("bad_peer_message")
@@ -229,7 +235,7 @@ class Directory:
             msg = dataclasses.replace(msg, ready=False, conflict=True, error=(
                 f"directory {msg.src} answered an unusable topology for engine {msg.engine_id!r} "
                 f"(tp_size {msg.tp_size}, {len(msg.layouts)} layouts, {len(msg.daemons)} daemons)"))
-        self._learn((msg.src, msg.engine_id), msg)
+        self._learn(key, msg)
 
     def _learn(self, key: tuple[str, str], msg: wp.EngineInfo) -> None:
         """Keep the newest answer about an engine: ready, in conflict, or neither (what was

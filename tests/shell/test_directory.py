@@ -120,10 +120,18 @@ def test_a_restarted_daemon_loses_its_ranks_and_pools(h):
 async def test_a_pushed_change_drops_the_cached_topology(h):
     ready = wp.EngineInfo(src=P1, engine_id="P", ready=True, tp_size=1, layouts=[lay(0, tp=1).to_dict()],
                           daemons=[P1])
+    asked = asyncio.ensure_future(h.dir.engine_info(P1, "P", h.t + 5))
+    await asyncio.sleep(0)  # the query is out: the answer is one this daemon asked for
     h.dir.on_engine_info(ready)
-    assert await h.dir.engine_info(P1, "P", h.t + 5) is not None
+    assert await asked is not None
     h.dir.on_engine_info(wp.EngineInfo(src=P1, engine_id="P", ready=False, tp_size=0, layouts=[], daemons=[]))
     assert (P1, "P") not in h.dir._info
+
+
+async def test_an_answer_nobody_asked_for_is_not_kept(h):
+    h.dir.on_engine_info(wp.EngineInfo(src=P1, engine_id="Q", ready=True, tp_size=1,
+                                       layouts=[lay(0, tp=1, engine="Q").to_dict()], daemons=[P1]))
+    assert (P1, "Q") not in h.dir._info and h.errors["stale_message"] == 1
 
 
 async def test_cached_topology_and_announces_are_revalidated_after_silence(h):
@@ -131,8 +139,11 @@ async def test_cached_topology_and_announces_are_revalidated_after_silence(h):
     'decode pool ... was never announced' for every later room."""
     heard = {P1: True}
     h.dir.current = lambda peer, within: heard.get(peer, False)
+    asked = asyncio.ensure_future(h.dir.engine_info(P1, "P", h.t + 5))
+    await asyncio.sleep(0)
     h.dir.on_engine_info(wp.EngineInfo(src=P1, engine_id="P", ready=True, tp_size=1,
                                        layouts=[lay(0, tp=1).to_dict()], daemons=[P1]))
+    await asked
 
     class Pool:
         key = "D#1"
