@@ -350,7 +350,7 @@ class Directory:
         one_pass = False
         try:
             if problem := _name_problem("pool_key", msg.pool_key) or _name_problem(
-                    "prefill_engine_id", msg.prefill_engine_id):
+                    "prefill_engine_id", msg.prefill_engine_id) or _name_problem("session_id", msg.session_id):
                 raise LayoutError(problem)
             layout = PoolLayout.from_dict(msg.layout)
             if len(msg.buffers) != layout.num_buffers:
