@@ -97,6 +97,16 @@ class TooManyRooms(RoomError):
     """A pool already has as many rooms in flight as it may (back-pressure: retry later)."""
 
 
+#: Longest failure reason a room keeps, logs and reports: a peer's text rides in some reasons
+#: ("receiver failed the room: ..."), and is cut here, not kept whole (up to a peer message).
+MAX_REASON = 1024
+
+
+def short_reason(reason: str) -> str:
+    """``reason``, cut to :data:`MAX_REASON` characters."""
+    return reason if len(reason) <= MAX_REASON else reason[:MAX_REASON - 3] + "..."
+
+
 @dataclass
 class RoomMachine:
     """State, reason and deadline of one room; the only place its state changes."""
@@ -147,7 +157,7 @@ class RoomMachine:
         if nxt is not self.state:
             self.history.append((now, nxt))
         if event is In.FAIL and not self.state.final:
-            self.reason = reason or "failed"
+            self.reason = short_reason(reason) if reason else "failed"
         self.state = nxt
         return nxt
 
@@ -199,5 +209,5 @@ class CompletionTracker:
         return sorted(self.required - set(self.reported))
 
 
-__all__ = ["RoomState", "RoomInput", "TransferPath", "TRANSITIONS", "Deadlines", "RoomError", "RoomMachine",
+__all__ = ["MAX_REASON", "short_reason", "RoomState", "RoomInput", "TransferPath", "TRANSITIONS", "Deadlines", "RoomError", "RoomMachine",
            "CompletionTracker"]

@@ -12,7 +12,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Generic, Protocol, TypeVar
 
-from kvd.core.rooms import RoomError, RoomInput, RoomMachine, RoomState, TooManyRooms, TransferPath
+from kvd.core.rooms import (
+    RoomError,
+    RoomInput,
+    RoomMachine,
+    RoomState,
+    TooManyRooms,
+    TransferPath,
+    short_reason,
+)
 from kvd.mem.pools import LocalPool
 from kvd.sides.context import RoomContext
 from kvd.wire.engine import RoomEvent
@@ -122,6 +130,7 @@ class SideBase(Generic[R]):
         return True
 
     def fail(self, rm: R, reason: str) -> None:
+        reason = short_reason(reason)  # logged, kept, and sent to the room's peers: bounded
         if self.mark_failed(rm, reason):
             self.after_fail(rm, reason)
 
