@@ -56,6 +56,8 @@ _stdlog = logging.getLogger("kvd.daemon")
 
 #: Final events kept per engine connection for polls after a room ended.
 ENDED_ROOMS_KEPT = 4096
+#: Aux bytes those events may hold together, per connection (the oldest go first past it).
+ENDED_AUX_BYTES = 16 << 20
 
 #: Exit status after a fatal failure (EX_SOFTWARE): non-zero, so systemd restarts kvd.
 EXIT_FATAL = 70
@@ -89,6 +91,7 @@ class Daemon:
             **self.directory.handlers(), **self.senders.handlers(), **self.receivers.handlers()}  # type: ignore[dict-item]
         # Per engine connection, the final events of its latest ended rooms (bounded).
         self._ended_rooms: dict[int, OrderedDict[int, we.RoomEvent]] = {}
+        self._ended_bytes: dict[int, int] = {}  # aux bytes of each connection's ended events
         self._stop = asyncio.Event()
 
     # --- the RoomContext the sides see ----------------------------------------------------------
@@ -141,10 +144,13 @@ class Daemon:
         # rooms of an engine that has gone (they end after it did: keeping them would leak).
         if event.released and not pool.closing:
             ended = self._ended_rooms.setdefault(pool.conn_id, OrderedDict())
+            before = ended.pop(event.room, None)
+            kept = self._ended_bytes.get(pool.conn_id, 0) - (len(before.aux) if before else 0) + len(event.aux)
             ended[event.room] = event
-            ended.move_to_end(event.room)
-            while len(ended) > ENDED_ROOMS_KEPT:
-                ended.popitem(last=False)
+            # Bounded in bytes too: an aux (a peer's, up to a peer message) is kept with its event.
+            while len(ended) > ENDED_ROOMS_KEPT or (kept > ENDED_AUX_BYTES and len(ended) > 1):
+                kept -= len(ended.popitem(last=False)[1].aux)
+            self._ended_bytes[pool.conn_id] = kept
 
     def staging_pool(self, pool: LocalPool) -> StagingPool | None:
         return self.registry.staging_pool(pool)
@@ -284,6 +290,7 @@ class Daemon:
     def engine_gone(self, conn_id: int) -> None:
         """An engine went away: fail its rooms; unregister each pool once nothing can write into it."""
         self._ended_rooms.pop(conn_id, None)
+        self._ended_bytes.pop(conn_id, None)
         pools = self.registry.pools_of(conn_id)
         for pool in pools:
             pool.closing = True
