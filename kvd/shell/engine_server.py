@@ -137,16 +137,23 @@ class _Conn:
     # Frames (replies and pushed events, in order) written together once per loop pass: one
     # send() for a burst of room events instead of one each (issue 15).
     out: list[bytes] = field(default_factory=list)
+    out_bytes: int = 0  # of ``out``
 
     def queue(self, data: bytes) -> None:
         if not self.out:
             asyncio.get_running_loop().call_soon(self.flush)
         self.out.append(data)
+        self.out_bytes += len(data)
+
+    def unread(self) -> int:
+        """Bytes of replies and events the engine has not read yet (queued or buffered)."""
+        return self.out_bytes + self.writer.transport.get_write_buffer_size()
 
     def flush(self) -> None:
         if self.out:
             data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
             self.out.clear()
+            self.out_bytes = 0
             if not self.writer.is_closing():
                 self.writer.write(data)
 
@@ -275,7 +282,14 @@ class EngineServer:
                     if isinstance(reply, PoolRegistered):
                         conn.pooled = True
                     conn.queue(self._encoded(reply))
-                    if time.monotonic() - passed > YIELD_S:
+                    if conn.unread() > self.config.socket_max_frame_bytes:
+                        # An engine that asks and does not read (a status is a snapshot of the
+                        # rooms for a 12-byte request) waits here for its reader, past a frame's
+                        # worth of unread output: not a buffer that grows with every request of a read.
+                        conn.flush()
+                        await writer.drain()
+                        passed = time.monotonic()
+                    elif time.monotonic() - passed > YIELD_S:
                         # A burst of requests (a status costs a pass over the rooms) must
                         # not hold the loop: other engines, the peers and housekeeping get a turn.
                         conn.flush()
@@ -286,7 +300,7 @@ class EngineServer:
                 # its requests: an engine writing a large frame reads nothing until it is sent,
                 # and events pushed meanwhile would leave both sides waiting on the other
                 # (drain() here, sendall() there). Past a frame's worth of unread output: drain.
-                if not frames.pending or writer.transport.get_write_buffer_size() > self.config.socket_max_frame_bytes:
+                if not frames.pending or conn.unread() > self.config.socket_max_frame_bytes:
                     await writer.drain()
         except ProtocolError as exc:  # a broken frame header: the stream cannot be resynchronised
             self.handler.count_error("protocol")
