@@ -79,8 +79,9 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
     on_refused: Callable[[], None] = staticmethod(lambda: None)
 
     def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler]) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        # The family the address resolves to (an IPv6 literal or name included), as prometheus_client does.
+        self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM,
+                                                 flags=socket.AI_PASSIVE)[0][0]
         self._slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
         super().__init__(address, handler)
 
