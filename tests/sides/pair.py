@@ -236,7 +236,8 @@ class FakeDaemon:
             from kvd.mem.stagemem import pool_tensors
 
             tensors, device = pool_tensors(layout, opened), "cpu"
-        pool = LocalPool(self._next_pool, f"{self.address}#{self._next_pool}", layout, opened, conn_id=1,
+        # One engine connection per pool, as engine ranks (one process each) register them.
+        pool = LocalPool(self._next_pool, f"{self.address}#{self._next_pool}", layout, opened, conn_id=self._next_pool,
                          tensors=tensors, device=device)
         self._next_pool += 1
         self.local[pool.pool_id] = pool
