@@ -81,6 +81,8 @@ class WriteOps:
 
     @property
     def total_bytes(self) -> int:
+        if self.length.shape[0] <= SMALL:  # numpy's per-call cost dominates a tiny room
+            return sum(self.length.tolist())
         return int(self.length.sum())
 
     @staticmethod
@@ -392,6 +394,21 @@ class RegionIndex:
         return (idx >= 0) & (self.furthest_end[np.maximum(idx, 0)] >= addr + size)
 
 
+def _inside_small(addrs: list[int], sizes: list[int], regs: Sequence[tuple[int, int]]) -> bool:
+    """Whether every ``[addr, addr+size)`` lies inside one region (plain loops: a tiny room's
+    check, where generator expressions cost more than the comparisons)."""
+    for b, n in regs:
+        if b < 0 or n < 1:
+            return False
+    for a, z in zip(addrs, sizes, strict=True):
+        for b, n in regs:
+            if b <= a and a + z <= b + n:
+                break
+        else:
+            return False
+    return True
+
+
 def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
                         regions: Sequence[tuple[int, int]] | RegionIndex, what: str) -> None:
     """Refuse any ``[address, address+length)`` not inside a single ``(base, length)`` region.
@@ -412,9 +429,7 @@ def check_ranges_within(addresses: np.ndarray, lengths: np.ndarray,
         sizes = size.tolist()
         if min(sizes) < 1:
             raise PlanError(f"{what}: a write of {min(sizes)} bytes")
-        if regs and all(b >= 0 and n >= 1 for b, n in regs) and all(
-                any(b <= a and a + z <= b + n for b, n in regs)
-                for a, z in zip(addr.tolist(), sizes, strict=True)):
+        if regs and _inside_small(addr.tolist(), sizes, regs):
             return
     elif size.min() < 1:
         raise PlanError(f"{what}: a write of {int(size.min())} bytes")
