@@ -1,10 +1,10 @@
-"""Staging ring allocator: hands out byte ranges of the receiver's staging pool, in order.
+"""Staging ring allocator: hands out byte ranges of the receiver's staging pool, in ring order.
 
 The receiver owns one staging pool (design.md section 2). Senders ask for a chunk's
 space, the receiver answers with an offset from this ring, the sender writes its block
 there, the receiver scatters it into the KV pool and frees the slot. Slots are handed out
-in ring order with wrap-around (the slack at the end of the pool is wasted until the next
-wrap) and may be freed in any order; space comes back when the oldest live slot goes.
+in ring order with wrap-around and may be freed in any order; a freed slot's space is
+reusable at once (a slot that is never freed pins only itself, not the ring behind it).
 
 What this module must never do: hand out space that overlaps a live slot. SGLang's
 ``StagingAllocator`` overcommits and relies on the writer's watermark check; here
@@ -16,7 +16,7 @@ must only be used from its event loop's thread.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 
 __all__ = ["AsyncRing", "RingAllocator", "RingError", "RingSlot", "split_into_chunks"]
@@ -51,13 +51,14 @@ def _positive_int(name: str, value: object) -> int:
 
 
 class RingAllocator:
-    """In-order ring over ``capacity`` bytes; never overlaps live slots.
+    """Next-fit over ``capacity`` bytes ("ring order" with holes reused); never overlaps live slots.
 
-    State: ``head`` is where the next slot starts, ``round`` counts wraps. Live slots are
-    kept in allocation order; freed slots stay in that order (as holes) until every older
-    slot is freed too, because space is only reclaimed from the oldest end. Hence the
-    occupied span is always ``[oldest.offset, head)`` in ring order, plus the wasted tail
-    slack of the previous round while the oldest slot is still in it.
+    Slots are handed out in ring order from ``head`` (just past the last slot handed out) and,
+    when the tail has no room, from the lowest gap that fits (a wrap: ``round`` counts them).
+    They may be freed in any order, and a freed slot's space can be handed out again at once.
+    A strict ring reclaims space only from its oldest slot: one region that a stalled sender
+    never writes then pins it, and after one wrap nothing behind that region can be handed out,
+    so every staged room of the node waits on one peer (tests/redteam/test_staging_hoard.py).
     """
 
     def __init__(self, capacity: int, align: int = 256) -> None:
@@ -72,9 +73,8 @@ class RingAllocator:
         self._head = 0
         self._round = 0
         self._next_id = 0
-        # slot_id -> (slot, still live); insertion order is allocation order.
-        self._order: OrderedDict[int, tuple[RingSlot, bool]] = OrderedDict()
-        self._live = 0
+        self._slots: dict[int, RingSlot] = {}
+        self._used = 0
 
     # --- queries -----------------------------------------------------------------
     @property
@@ -88,46 +88,36 @@ class RingAllocator:
     @property
     def live(self) -> int:
         """Number of slots handed out and not yet freed."""
-        return self._live
+        return len(self._slots)
 
     @property
     def used(self) -> int:
-        """Bytes not available to new slots: live slots, holes behind the oldest, tail slack."""
-        oldest = self._oldest()
-        if oldest is None:
-            return 0
-        if oldest.round == self._round:
-            return self._head - oldest.offset
-        # Wrapped: [oldest.offset, capacity) (incl. the wasted tail slack) and [0, head).
-        return self._capacity - oldest.offset + self._head
+        """Bytes of live slots."""
+        return self._used
 
     @property
     def free_bytes(self) -> int:
         """``capacity - used``; not necessarily contiguous (see ``max_alloc``)."""
-        return self._capacity - self.used
+        return self._capacity - self._used
+
+    def _gaps(self) -> list[tuple[int, int]]:
+        """Free ``(start, end)`` ranges between live slots, in offset order."""
+        gaps, pos = [], 0
+        for slot in sorted(self._slots.values(), key=lambda x: x.offset):
+            if slot.offset > pos:
+                gaps.append((pos, slot.offset))
+            pos = slot.end
+        if pos < self._capacity:
+            gaps.append((pos, self._capacity))
+        return gaps
 
     def max_alloc(self) -> int:
         """Largest size ``alloc`` would satisfy right now (0 when the ring is full)."""
-        oldest = self._oldest()
-        if oldest is None:
-            return self._capacity
-        if oldest.round == self._round:
-            return max(self._capacity - self._head, oldest.offset)
-        return oldest.offset - self._head
-
-    def watermark(self) -> tuple[int, int]:
-        """``(round, offset)`` of the oldest live slot, or ``(round, head)`` if none is live.
-
-        Everything before the watermark in ring order is free; it never moves backwards.
-        """
-        oldest = self._oldest()
-        if oldest is None:
-            return (self._round, self._head)
-        return (oldest.round, oldest.offset)
+        return max((end - start for start, end in self._gaps()), default=0)
 
     def is_whole(self) -> bool:
-        """True when nothing is live and no space is held (nothing leaked)."""
-        return self._live == 0 and not self._order and self.used == 0
+        """True when nothing is live (nothing leaked)."""
+        return not self._slots and self._used == 0
 
     def contains(self, offset: int, size: int) -> bool:
         """Whether ``[offset, offset + size)`` lies inside the pool (for peer-supplied offsets)."""
@@ -146,8 +136,7 @@ class RingAllocator:
 
     def slot(self, slot_id: int) -> RingSlot | None:
         """The live slot with this id, or None."""
-        entry = self._order.get(slot_id)
-        return entry[0] if entry is not None and entry[1] else None
+        return self._slots.get(slot_id)
 
     # --- changes -----------------------------------------------------------------
     def alloc(self, size: int) -> RingSlot | None:
@@ -158,51 +147,31 @@ class RingAllocator:
         """
         self.check_size(size)
         need = -(-size // self._align) * self._align
-        oldest = self._oldest()
-        if oldest is None or oldest.round == self._round:
-            limit_here = self._capacity
-            # Wrapping is allowed up to the oldest live slot (or the whole pool if none).
-            limit_wrapped = self._capacity if oldest is None else oldest.offset
-        else:
-            # Already wrapped: free space is [head, oldest.offset); no second wrap.
-            limit_here = oldest.offset
-            limit_wrapped = -1
-        if self._head + need <= limit_here:
-            offset = self._head
-        elif need <= limit_wrapped:
+        gaps = self._gaps()
+        offset = next((max(start, self._head) for start, end in gaps
+                       if end - max(start, self._head) >= need), None)
+        if offset is None:  # nothing at or after the head: the lowest gap that fits (a wrap)
+            offset = next((start for start, end in gaps if end - start >= need), None)
+            if offset is None:
+                return None
             self._round += 1
-            offset = 0
-        else:
-            return None
         self._head = offset + need
         slot = RingSlot(slot_id=self._next_id, offset=offset, size=need, round=self._round)
         self._next_id += 1
-        self._order[slot.slot_id] = (slot, True)
-        self._live += 1
+        self._slots[slot.slot_id] = slot
+        self._used += need
         return slot
 
     def free(self, slot_id: int) -> None:
         """Give a slot back (any order). RingError for an unknown or already freed id."""
-        entry = self._order.get(slot_id)
-        if entry is None or not entry[1]:
+        slot = self._slots.pop(slot_id, None) if isinstance(slot_id, int) else None
+        if slot is None:
             raise RingError(f"free of unknown or already freed staging slot {slot_id!r}")
-        self._order[slot_id] = (entry[0], False)
-        self._live -= 1
-        # Reclaim from the oldest end: drop every freed slot in front.
-        while self._order:
-            first_id, (_, live) = next(iter(self._order.items()))
-            if live:
-                break
-            del self._order[first_id]
-
-    def _oldest(self) -> RingSlot | None:
-        if not self._order:
-            return None
-        return next(iter(self._order.values()))[0]
+        self._used -= slot.size
 
     def __repr__(self) -> str:
-        return (f"RingAllocator(capacity={self._capacity}, align={self._align}, live={self._live}, "
-                f"used={self.used}, watermark={self.watermark()})")
+        return (f"RingAllocator(capacity={self._capacity}, align={self._align}, live={self.live}, "
+                f"used={self.used}, head={self._head})")
 
 
 def split_into_chunks(total: int, max_chunk: int) -> list[tuple[int, int]]:
