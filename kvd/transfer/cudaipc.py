@@ -105,6 +105,22 @@ def _torch_ipc_origin(addr: int, length: int) -> tuple[bytes, int] | None:
     return None
 
 
+def _address_range(c: Any, addr: int, device: int) -> tuple[int, int]:
+    """The allocation around ``addr``, asked in the context that maps it: memory of GPU 1 that
+    this process mapped from another process's IPC handle while GPU 0's context was current is
+    known to that context only (cuMemGetAddressRange answers NOT_FOUND in GPU 1's; seen on two
+    H200s). The memory's own device first, then every other."""
+    error: TransportError | None = None
+    for ctx_device in (device, *(d for d in range(c.device_count) if d != device)):
+        c.use(ctx_device)
+        try:
+            return c.address_range(addr)
+        except TransportError as exc:
+            error = error or exc
+    assert error is not None
+    raise error
+
+
 def export_region(addr: int, length: int) -> ExportedRegion | str:
     """How a peer can open ``[addr, addr+length)``, or the reason it cannot."""
     try:
@@ -115,8 +131,7 @@ def export_region(addr: int, length: int) -> ExportedRegion | str:
         device = c.device_of(addr)
         if device is None:
             return "host memory (CUDA IPC covers device memory only)"
-        c.use(device)
-        base, size = c.address_range(addr)
+        base, size = _address_range(c, addr, device)
         if addr + length > base + size:
             return "region spans several allocations"
         try:
