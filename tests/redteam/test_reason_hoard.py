@@ -66,8 +66,9 @@ def test_a_peers_long_reason_is_cut_not_kept(daemons, tmp_path: Path) -> None:
             before = _rss_mib(pre.proc.pid)
             _fail_rooms(m, key, pc, COUNT)
             grown = _rss_mib(pre.proc.pid) - before
-            # 128 MiB more went by; the daemon keeps none of it (before: +128 MiB, for good).
-            assert grown < 48, f"the prefill daemon kept {grown} MiB of peers' failure reasons"
+            # 128 MiB more went by; the daemon keeps none of it (before: +128 MiB, for good). What
+            # the allocator holds on to of the transient frames varies (up to 48 MiB seen in CI).
+            assert grown < 96, f"the prefill daemon kept {grown} MiB of peers' failure reasons"
             assert pc.poll(COUNT).reason.startswith("receiver failed the room: " + chr(65 + COUNT))
         assert pre.log_path.stat().st_size < 8 << 20, "a peer's reason went into the log whole"
         _fresh_room_works(pre, dec, pl, dl)
