@@ -164,3 +164,11 @@ def _fresh_room_works(pre, dec, pl: PoolLayout, dl: PoolLayout) -> None:
     finally:
         ph.close()
         dh.close()
+
+
+def rss_mib(pid: int) -> int:
+    """Resident memory of a process, in MiB (what the hoard tests bound)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmRSS")

@@ -13,7 +13,6 @@ takes a room past its pool's pages is refused)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,17 +21,12 @@ from kvd.engineclient.hostpool import HostPool
 from kvd.engineclient.replies import KvdError
 from kvd.layout import PoolLayout
 from tests.redteam.mallory import FLAGS, SHAPE
+from tests.redteam.mallory import rss_mib as _rss_mib
 
 pytestmark = pytest.mark.e2e
 
 CHUNKS, PAGES = 40, 1 << 20
 
-
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) >> 10
-    raise AssertionError("no VmRSS")
 
 
 def test_a_room_cannot_collect_more_pages_than_its_pool(daemons) -> None:

@@ -21,17 +21,12 @@ import pytest
 from kvd import protocol as p
 from kvd.shell.daemon import ENDED_AUX_BYTES
 from tests.redteam.mallory import Scene, _fresh_room_works, mallory_scene
+from tests.redteam.mallory import rss_mib as _rss_mib
 
 pytestmark = pytest.mark.e2e
 
 AUX, COUNT = 8 << 20, 8
 
-
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    raise AssertionError("no VmRSS")
 
 
 def _rooms(s: Scene, dc, did: int, first: int) -> None:

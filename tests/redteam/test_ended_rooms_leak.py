@@ -13,24 +13,18 @@ released transfer ids; only the rounds after it are measured.)"""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
 from kvd.engineclient.hostpool import HostPool
 from kvd.layout import PoolLayout
 from tests.redteam.mallory import FLAGS, SHAPE
+from tests.redteam.mallory import rss_mib as _rss_mib
 
 pytestmark = pytest.mark.e2e
 
 ROOMS, WARM, ROUNDS = 4096, 17, 20
 
-
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) >> 10
-    raise AssertionError("no VmRSS")
 
 
 def test_rooms_of_engines_that_went_away_are_not_kept(daemons) -> None:

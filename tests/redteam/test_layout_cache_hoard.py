@@ -27,17 +27,12 @@ from kvd.wire.codec import decode
 from kvd.wire.engine import ErrorReply, RegisterPool
 from kvd.wire.framing import frame
 from tests.redteam.mallory import FLAGS, SHAPE, Mallory, _fresh_room_works
+from tests.redteam.mallory import rss_mib as _rss_mib
 
 pytestmark = pytest.mark.e2e
 
 JUNK, COUNT = 16 << 20, 8
 
-
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    raise AssertionError("no VmRSS")
 
 
 def _reply(s: socket.socket) -> ErrorReply:

@@ -24,17 +24,12 @@ from kvd.core.rooms import MAX_REASON
 from kvd.engineclient.hostpool import HostPool
 from kvd.layout import PoolLayout
 from tests.redteam.mallory import FLAGS, SHAPE, Mallory, _fresh_room_works
+from tests.redteam.mallory import rss_mib as _rss_mib
 
 pytestmark = pytest.mark.e2e
 
 JUNK, COUNT = 16 << 20, 8
 
-
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    raise AssertionError("no VmRSS")
 
 
 def _fail_rooms(m: Mallory, key: str, pc, first: int) -> None:

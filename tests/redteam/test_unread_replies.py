@@ -28,18 +28,13 @@ from kvd.wire.codec import decode
 from kvd.wire.engine import StatusReply, StatusRequest
 from kvd.wire.framing import frame
 from tests.redteam.mallory import FLAGS, SHAPE, _fresh_room_works
+from tests.redteam.mallory import rss_mib as _rss_mib
 
 pytestmark = pytest.mark.e2e
 
 ROOMS, BURST = 400, 2000
 ROOMS_SHAPE = dict(num_layers=1, total_kv_heads=1, head_dim=8, dtype="uint8", page_size=1, num_pages=ROOMS)
 
-
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    raise AssertionError("no VmRSS")
 
 
 def _replies(s: socket.socket, count: int) -> list[int]:
