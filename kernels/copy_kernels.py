@@ -125,11 +125,18 @@ def _copy_rows_kernel(  # type: ignore[no-untyped-def]
     ALIGN: tl.constexpr,  # bytes every run start is a multiple of
     STREAM: tl.constexpr = False,  # streaming stores and evict-first loads (bytes touched once)
     PAGE: tl.constexpr = 1,  # token rows per index
+    BUFFER_MAJOR: tl.constexpr = False,  # consecutive programs take consecutive tiles of one buffer
 ):
-    """Consecutive programs take consecutive buffers of one row tile (SGLang's grid order)."""
+    """Grid order: a batch that may sit in L2 goes buffer-fastest (SGLang's order); a large one
+    buffer-major, which keeps strided head slices at 0.95 of ``copy_`` on the H100 where the
+    buffer-fastest order ran them at 0.36-0.64 (``tools/bench_copy_rows.py``)."""
     pid = tl.program_id(0)
-    tile = pid // NUM_BUFFERS
-    buf = pid % NUM_BUFFERS
+    if BUFFER_MAJOR:
+        buf = pid // tiles
+        tile = pid % tiles
+    else:
+        tile = pid // NUM_BUFFERS
+        buf = pid % NUM_BUFFERS
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     in_batch = t < num_rows
     if PAGE == 1:
@@ -179,13 +186,15 @@ class _RowsLaunch:
         align = _alignment([*src_bases, *dst_bases, src_stride, dst_stride, src_offset, dst_offset, run])
         unit = min(align, 4)
         row_units = triton.next_power_of_2(run // unit)
-        # The staging kernels' sweeps (tools/bench_gpu_kernels.py): a batch that may sit in L2 runs
-        # 16 KiB tiles with 8 warps and no hints; a larger one 4 KiB tiles, 4 warps, streaming.
+        # A batch that may sit in L2 runs 16 KiB tiles with 8 warps and no hints (the staging
+        # kernels' sweeps, tools/bench_gpu_kernels.py); a larger one 4 KiB tiles, 8 warps,
+        # streaming, buffer-major (an H100 sweep of order x tile x warps x hints over head slices
+        # of 256-2,048-byte runs: 0.95-1.1 of ``copy_`` at every shape, the best or within 2 %).
         large = num_rows * len(src_bases) * run > SMALL_CHUNK_BYTES
         tokens = max(1, (block_bytes or (4096 if large else 16384)) // (row_units * unit))
         block_t = max(1, min(triton.next_power_of_2(num_rows), tokens, 1024))
         tiles = triton.cdiv(num_rows, block_t)
-        warps = 4 if large or block_t * row_units * unit < 8192 else 8
+        warps = 8 if large or block_t * row_units * unit >= 8192 else 4
         ints = (num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit, tiles)
         return cls(align, unit, row_units, large, block_t, tiles, warps, ints)
 
@@ -208,13 +217,16 @@ def copy_rows_key(src_bases: Sequence[int], dst_bases: Sequence[int], num_rows: 
 
 def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_rows: Any, dst_rows: Any,
                      src_stride: int, dst_stride: int, src_offset: int, dst_offset: int, run: int,
-                     device: torch.device, block_bytes: int = 0, rows_per_index: int = 1) -> None:
+                     device: torch.device, block_bytes: int = 0, rows_per_index: int = 1,
+                     buffer_major: bool | None = None) -> None:
     """For every buffer ``b`` and row ``i``: copy ``run`` bytes from ``src_bases[b] + src_rows[i] *
     src_stride + src_offset`` to ``dst_bases[b] + dst_rows[i] * dst_stride + dst_offset``, in one
     launch on the current stream (asynchronous). With ``rows_per_index`` k > 1 each index ``p``
     stands for the k rows ``p*k .. p*k+k-1`` on both sides (pages). Addresses are device memory this process can
     reach (its own, CUDA-IPC-opened, or a peer GPU's with peer access); rows are int64 arrays
-    (host: uploaded here; or tensors on ``device``). The caller has checked every span."""
+    (host: uploaded here; or tensors on ``device``). The caller has checked every span.
+    ``block_bytes`` and ``buffer_major`` override the launch's own tile and grid order (for
+    benchmarks)."""
     if len(src_bases) != len(dst_bases):
         raise ValueError(f"{len(src_bases)} source buffers but {len(dst_bases)} destination buffers")
     if isinstance(src_rows, torch.Tensor) or isinstance(dst_rows, torch.Tensor):
@@ -233,7 +245,8 @@ def copy_rows_triton(src_bases: Sequence[int], dst_bases: Sequence[int], src_row
         _device_table(list(src_bases), device), _device_table(list(dst_bases), device), rows[0], rows[1],
         _like(unit, device), num_rows, src_stride // unit, dst_stride // unit, src_offset // unit, dst_offset // unit,
         cfg.tiles, NUM_BUFFERS=len(src_bases), RUN=run // unit, BLOCK_T=cfg.block_t, BLOCK_R=cfg.row_units,
-        ALIGN=cfg.align, STREAM=cfg.large, PAGE=rows_per_index, num_warps=cfg.num_warps,
+        ALIGN=cfg.align, STREAM=cfg.large, PAGE=rows_per_index,
+        BUFFER_MAJOR=cfg.large if buffer_major is None else buffer_major, num_warps=cfg.num_warps,
     )
     if device.type == "cuda":
         for r in rows:

@@ -6,7 +6,8 @@ Each case is a TP pair's head slice (32 layers x K/V = 64 buffers, head_dim 128,
 16 tokens, scattered-free page lists): every sender rank's slice into one receiver's pool, the
 ranks' kernels one after another on one stream and then all at once on one stream each (what a
 prefill daemon serving several ranks does). Figures are ratios to a contiguous ``copy_`` of the
-same byte count in the same run; byte-exactness is checked against a torch reference.
+same byte count in the same run (device time: ten calls back to back per timing, so host launch
+work is not counted); byte-exactness is checked against a torch reference.
 """
 
 from __future__ import annotations
@@ -29,17 +30,20 @@ CASES = [  # name, kv heads, sender TP, receiver TP
 ]
 
 
-def _time(torch, fn, reps: int = 5) -> float:
-    """Median device seconds of ``fn`` (CUDA events around it on the current stream)."""
+def _time(torch, fn, reps: int = 5, inner: int = 10) -> float:
+    """Median device seconds of one ``fn`` (CUDA events around ``inner`` calls back to back on
+    the current stream, so the host's launch work overlaps the device's and is not counted)."""
+    fn()
     out = []
     for _ in range(reps):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         begin.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        out.append(begin.elapsed_time(end) / 1e3)
+        out.append(begin.elapsed_time(end) / 1e3 / inner)
     return statistics.median(out)
 
 
@@ -66,11 +70,11 @@ def run_case(torch, name: str, heads: int, stp: int, rtp: int, tokens: int, tile
     perm = np.random.default_rng(0).permutation(pages)  # the receiver's pages are not the sender's
     hb = lay["prefill"].head_bytes
 
-    def launch(sl, block_bytes: int) -> None:
+    def launch(sl, block_bytes: int, buffer_major: bool | None = None) -> None:
         copy_rows_triton([int(src[sl.sender_rank][b].data_ptr()) for b in range(nb)],
                          [int(dst[b].data_ptr()) for b in range(nb)], rows, perm, s_row, d_row,
                          sl.src_head_offset * hb, sl.dst_head_offset * lay["decode"].head_bytes, sl.num_heads * hb,
-                         dev, block_bytes=block_bytes, rows_per_index=page)
+                         dev, block_bytes=block_bytes, rows_per_index=page, buffer_major=buffer_major)
 
     nbytes = sum(sl.num_heads * hb for sl in slices) * tokens * nb
     flat_a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
@@ -94,6 +98,10 @@ def run_case(torch, name: str, heads: int, stp: int, rtp: int, tokens: int, tile
         t_conc = _time(torch, concurrent)
         lines.append(f"  tile {tile:>6} B: one stream {nbytes / t_serial / 1e9:6.0f} GB/s = {t_copy / t_serial:.3f} "
                      f"of copy_; {len(slices)} streams {nbytes / t_conc / 1e9:6.0f} GB/s = {t_copy / t_conc:.3f}")
+    # The grid order the launch picks for large batches (buffer-major) against the other one.
+    t_other = _time(torch, lambda: [launch(sl, 0, buffer_major=False) for sl in slices])
+    t_own = _time(torch, lambda: [launch(sl, 0) for sl in slices])
+    lines.append(f"  own launch {t_copy / t_own:.3f} of copy_; buffer-fastest order instead {t_copy / t_other:.3f}")
     # byte-exact: the receiver's rows hold each slice of the sender's rows (pages permuted)
     d = dst.view(nb, pages, page, d_row)
     ok = True
