@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,9 @@ class Daemon:
             **self.directory.handlers(), **self.senders.handlers(), **self.receivers.handlers()}  # type: ignore[dict-item]
         # Per engine connection, the final events of its latest ended rooms (bounded).
         self._ended_rooms: dict[int, OrderedDict[int, we.RoomEvent]] = {}
+        #: Registrations in flight per engine connection, and the connections that closed meanwhile.
+        self._registering: dict[int, int] = {}
+        self._gone_registering: set[int] = set()
         self._ended_bytes: dict[int, int] = {}  # aux bytes of each connection's ended events
         self._stop = asyncio.Event()
 
@@ -190,11 +193,10 @@ class Daemon:
             log.warning("peer_message_refused", msg=type(msg).__name__, src=getattr(msg, "src", "?"),
                         error=f"{type(exc).__name__}: {exc}")
 
-    def on_engine_request(self, conn_id: int, msg: Message) -> Message:
+    def on_engine_request(self, conn_id: int, msg: Message) -> Message | Awaitable[Message]:
         match msg:
             case we.RegisterPool():
-                pool = self.register_pool(conn_id, msg)
-                return we.PoolRegistered(req_id=msg.req_id, pool_id=pool.pool_id)
+                return self._pool_registered(conn_id, msg)  # awaited by the engine server
             case we.SendChunk():
                 pool = self._engine_pool(conn_id, msg.pool_id, "prefill")
                 pool.check_pages(msg.pages, f"room {msg.room} source pages")
@@ -246,9 +248,61 @@ class Daemon:
         return pool
 
     # --- pools ----------------------------------------------------------------------------
-    def register_pool(self, conn_id: int, msg: we.RegisterPool) -> LocalPool:
-        """Open, check and register an engine's pool; a prefill rank is announced to its directory."""
+    async def _pool_registered(self, conn_id: int, msg: we.RegisterPool) -> Message:
+        pool = await self.register_pool(conn_id, msg)
+        return we.PoolRegistered(req_id=msg.req_id, pool_id=pool.pool_id)
+
+    async def register_pool(self, conn_id: int, msg: we.RegisterPool) -> LocalPool:
+        """Open, check and register an engine's pool; a prefill rank is announced to its directory.
+
+        The memory is opened and registered on the registry's registrar thread (seconds for GPU
+        pools), so the loop keeps serving every other engine and peer meanwhile; what the loop
+        decided before is checked again after, and an engine gone meanwhile gets nothing."""
         layout = PoolLayout.from_dict(msg.layout)
+        self._admit_pool(conn_id, layout)
+        # The layout's memory kind decides who copies bytes how (inline writes are plain CPU
+        # copies, from and into "host" pools): it is what the memory handed over is, not what
+        # the engine's layout says (PoolLayout defaults to "host", CUDA IPC pools included).
+        kind = {"fd": "host", "shm": "host", "cuda_ipc": "gpu"}.get(str(msg.memory.get("kind")))
+        if kind is not None and kind != layout.memory_kind:
+            log.warning("pool_memory_kind_corrected", engine=layout.engine_id, rank=layout.tp_rank,
+                        claimed=layout.memory_kind, memory=msg.memory.get("kind"), kind=kind)
+            layout = replace(layout, memory_kind=kind)
+        if msg.memory.get("kind") == "cuda_ipc" and "torch" not in sys.modules:
+            log.warning("torch_import_off_loop", hint="set pools.gpu = true (KVD_POOLS_GPU=1) to import "
+                                                      "torch at start-up instead of on this registration")
+        memory = self.trust.resolve_memory(conn_id, msg.memory)  # a handed-over fd, never a name
+        self._registering[conn_id] = self._registering.get(conn_id, 0) + 1
+        try:
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                self.registry.registrar, self.registry.prepare, layout, memory)
+            try:
+                if conn_id in self._gone_registering:
+                    raise RequestError("gone", "the engine's connection closed during the registration")
+                self._admit_pool(conn_id, layout)  # another registration may have won meanwhile
+                pool = self.registry.adopt(conn_id, layout, prepared, msg.bootstrap,
+                                           f"{self.address}#{self.boot_id}")
+            except BaseException:
+                self.registry.registrar.submit(self.registry.release, prepared.opened)
+                raise
+        finally:
+            left = self._registering.pop(conn_id, 1) - 1
+            if left:
+                self._registering[conn_id] = left
+            else:
+                self._gone_registering.discard(conn_id)
+        try:  # from here on a refusal must not leave the pool registered
+            if layout.role == "prefill":
+                self.directory.announce_rank(layout, msg.bootstrap or self.address, pool.key)
+            log.info("pool_registered", pool=pool.key, layout=layout.describe(),
+                     bytes=layout.pool_bytes, memory=msg.memory.get("kind"))
+        except BaseException:
+            self.registry.drop(pool)
+            raise
+        return pool
+
+    def _admit_pool(self, conn_id: int, layout: PoolLayout) -> None:
+        """RequestError / LayoutError unless this connection may register this rank now."""
         # An engine id is a name the engine picks: while another user's engine holds ranks of it
         # here, a rank of it is not anyone else's to take (the directory would route that
         # engine's rooms, and their ids, to the taker).
@@ -264,31 +318,12 @@ class Daemon:
             # Mid-restart (no rank registered): the name is still its last user's for a while.
             self.count_error("engine_name_held")
             raise RequestError("forbidden", refused)
-        # The layout's memory kind decides who copies bytes how (inline writes are plain CPU
-        # copies, from and into "host" pools): it is what the memory handed over is, not what
-        # the engine's layout says (PoolLayout defaults to "host", CUDA IPC pools included).
-        kind = {"fd": "host", "shm": "host", "cuda_ipc": "gpu"}.get(str(msg.memory.get("kind")))
-        if kind is not None and kind != layout.memory_kind:
-            log.warning("pool_memory_kind_corrected", engine=layout.engine_id, rank=layout.tp_rank,
-                        claimed=layout.memory_kind, memory=msg.memory.get("kind"), kind=kind)
-            layout = replace(layout, memory_kind=kind)
-        if msg.memory.get("kind") == "cuda_ipc" and "torch" not in sys.modules:
-            log.warning("torch_import_on_loop", hint="set pools.gpu = true (KVD_POOLS_GPU=1) to import "
-                                                     "torch at start-up instead of on this registration")
-        memory = self.trust.resolve_memory(conn_id, msg.memory)  # a handed-over fd, never a name
-        pool = self.registry.open(conn_id, layout, memory, msg.bootstrap, f"{self.address}#{self.boot_id}")
-        try:  # from here on a refusal must not leave the pool registered
-            if layout.role == "prefill":
-                self.directory.announce_rank(layout, msg.bootstrap or self.address, pool.key)
-            log.info("pool_registered", pool=pool.key, layout=layout.describe(),
-                     bytes=layout.pool_bytes, memory=msg.memory.get("kind"))
-        except BaseException:
-            self.registry.drop(pool)
-            raise
-        return pool
+        self.registry.check_new(layout)
 
     def engine_gone(self, conn_id: int) -> None:
         """An engine went away: fail its rooms; unregister each pool once nothing can write into it."""
+        if conn_id in self._registering:
+            self._gone_registering.add(conn_id)  # its registration in flight gets no pool
         self._ended_rooms.pop(conn_id, None)
         self._ended_bytes.pop(conn_id, None)
         pools = self.registry.pools_of(conn_id)

@@ -28,6 +28,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -87,7 +88,9 @@ def prepare_socket_path(path: str) -> None:
 class EngineHandler(Protocol):
     """What the server calls: the daemon's request routing and its reaction to a closed connection."""
 
-    def on_engine_request(self, conn_id: int, msg: Message) -> Message: ...
+    def on_engine_request(self, conn_id: int, msg: Message) -> Message | Awaitable[Message]:
+        """The reply, or an awaitable of it for a request whose work blocks (a pool's
+        registration runs on a worker thread): the connection waits for it, the loop does not."""
     def engine_gone(self, conn_id: int) -> None: ...
     def count_error(self, kind: str) -> None: ...
 
@@ -318,48 +321,72 @@ class EngineServer:
             writer.close()
 
     async def _handle_async(self, conn_id: int, payload: bytes) -> Message:
-        """:meth:`_handle`, with a large request decoded in a worker thread first."""
-        if len(payload) <= self.config.socket_offload_bytes:
-            return self._handle(conn_id, payload)
+        """:meth:`_handle`, with a large request decoded in a worker thread first, and a reply
+        the handler must still work for awaited (its failure refused like any other)."""
+        decoded: Message | Exception | None = None
+        if len(payload) > self.config.socket_offload_bytes:
+            try:
+                decoded = await asyncio.get_running_loop().run_in_executor(None, decode, payload)
+            except ProtocolError as exc:
+                decoded = exc
+        reply = self._handle(conn_id, payload, decoded)
+        if not isinstance(reply, _Pending):
+            return reply
         try:
-            msg: Message | Exception = await asyncio.get_running_loop().run_in_executor(None, decode, payload)
-        except ProtocolError as exc:
-            msg = exc
-        return self._handle(conn_id, payload, msg)
+            return await reply.work
+        except Exception as exc:
+            return self._refuse(conn_id, exc, reply.msg)
 
-    def _handle(self, conn_id: int, payload: bytes, decoded: Message | Exception | None = None) -> Message:
-        """One request -> one reply. Never raises: every failure becomes an ErrorReply."""
-        req_id = 0
+    def _handle(self, conn_id: int, payload: bytes,
+                decoded: Message | Exception | None = None) -> Message | _Pending:
+        """One request -> one reply (or the work that makes it). Never raises: every failure
+        becomes an ErrorReply."""
+        msg: Message | None = None
         try:
             if isinstance(decoded, Exception):
                 raise decoded
             msg = decode(payload) if decoded is None else decoded
-            req_id = getattr(msg, "req_id", 0)
             if not isinstance(msg, ENGINE_REQUESTS):
                 raise RequestError("protocol", f"{type(msg).__name__} is not an engine request")
             check_request(msg)
-            return self.handler.on_engine_request(conn_id, msg)
-        except ProtocolError as exc:
+            reply = self.handler.on_engine_request(conn_id, msg)
+            return reply if isinstance(reply, Message) else _Pending(msg, reply)
+        except Exception as exc:
+            return self._refuse(conn_id, exc, msg)
+
+    def _refuse(self, conn_id: int, exc: Exception, msg: Message | None) -> ErrorReply:
+        """The ErrorReply for a failed request, counted and logged by its kind."""
+        req_id = getattr(msg, "req_id", 0)
+        room = getattr(msg, "room", -1)
+        if isinstance(exc, ProtocolError):
             kind, text, room = "protocol", str(exc), -1
-        except RequestError as exc:
+        elif isinstance(exc, RequestError):
             kind, text, room = exc.kind, str(exc), exc.room
-        except LayoutError as exc:
+        elif isinstance(exc, LayoutError):
             kind, text, room = "layout", str(exc), -1
-        except (PoolMemoryError, TransportError) as exc:
+        elif isinstance(exc, PoolMemoryError | TransportError):
             kind, text, room = "registration", str(exc), -1
-        except TooManyRooms as exc:  # back-pressure: the engine may retry once rooms end
-            kind, text, room = "busy", str(exc), getattr(msg, "room", -1)
-        except (PlanError, RoomError) as exc:
-            kind, text, room = "bad_request", str(exc), getattr(msg, "room", -1)
-        except Exception as exc:  # a bug must cost one request, not the daemon
-            log.exception("engine_request_bug", error=str(exc))
+        elif isinstance(exc, TooManyRooms):  # back-pressure: the engine may retry once rooms end
+            kind, text = "busy", str(exc)
+        elif isinstance(exc, PlanError | RoomError):
+            kind, text = "bad_request", str(exc)
+        else:  # a bug must cost one request, not the daemon
+            log.error("engine_request_bug", error=str(exc), exc_info=exc)
             kind, text, room = "internal", f"{type(exc).__name__}: {exc}", -1
         self.handler.count_error(kind)
         # A poll of a room not (or no longer) here is an answer engines poll for, not an incident.
         (log.debug if kind == "unknown_room" else log.warning)("engine_request_refused", conn=conn_id,
                                                                kind=kind, error=text)
         return ErrorReply(req_id=req_id if isinstance(req_id, int) else 0, kind=kind, message=text,
-                            room=room)
+                          room=room if isinstance(room, int) else -1)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A request whose reply is still being worked on (see :meth:`EngineHandler.on_engine_request`)."""
+
+    msg: Message
+    work: Awaitable[Message]
 
 
 __all__ = ["EngineServer", "EngineHandler", "RequestError", "check_request", "prepare_socket_path"]

@@ -3,12 +3,20 @@
 Opening, registering with the transport and closing an engine's pool; the staging pool
 of each device (made on first use); and the lookups the room sides use. A closing pool
 is unregistered only once no room can still read or write it (:meth:`reap`).
+
+Opening and registering memory block (a CUDA IPC open, a Mooncake registration of GPU memory:
+up to a second per region on the H100 host), so they run on one ``registrar`` thread, in
+order, while the event loop keeps serving: :meth:`prepare` and :meth:`release` there,
+:meth:`adopt` and the bookkeeping of :meth:`drop` on the loop. ``staging`` is replaced whole,
+never changed in place, for the same reason.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -16,6 +24,7 @@ import structlog
 from kvd.core.config import Config
 from kvd.core.layout import LayoutError, PoolLayout
 from kvd.mem.memory import open_pool
+from kvd.mem.opened import OpenedPool
 from kvd.mem.pools import LocalPool, RemotePool
 from kvd.transfer.base import Transport
 
@@ -23,6 +32,15 @@ if TYPE_CHECKING:
     from kvd.mem.stagemem import KernelRunner, StagingPool
 
 log = structlog.get_logger("kvd.pools")
+
+
+@dataclass
+class PreparedPool:
+    """An engine's memory opened and registered off the loop, not yet one of the daemon's pools."""
+
+    opened: OpenedPool
+    tensors: Any = None  # the staging kernels' view of the buffers (torch), or None
+    device: str = ""
 
 
 class PoolRegistry:
@@ -40,6 +58,8 @@ class PoolRegistry:
         self._next_id = 1
         #: Called with each engine pool once it is dropped (its prefill rank is withdrawn).
         self.drop_hooks: list[Callable[[LocalPool], None]] = []
+        #: The one thread that opens, registers, unregisters and closes engine memory, in order.
+        self.registrar = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvd-registrar")
 
     # --- lookups (what the room sides see) ---------------------------------------------------
     def prefill_pool(self, engine_id: str, rank: int) -> LocalPool | None:
@@ -83,15 +103,25 @@ class PoolRegistry:
     # --- engine pools ------------------------------------------------------------------------
     def open(self, conn_id: int, layout: PoolLayout, memory: dict[str, Any], bootstrap: str,
              key_prefix: str) -> LocalPool:
-        """Open, check and register an engine's pool (raises LayoutError / PoolMemoryError /
-        TransportError); the caller announces a prefill rank to its directory."""
+        """:meth:`prepare` and :meth:`adopt` in one call (a caller with nothing else to serve)."""
+        self.check_new(layout)
+        return self.adopt(conn_id, layout, self.prepare(layout, memory), bootstrap, key_prefix)
+
+    def check_new(self, layout: PoolLayout) -> None:
+        """LayoutError if the rank this pool would be is already registered."""
         if layout.role == "prefill" and self.prefill_pool(layout.engine_id, layout.tp_rank):
             raise LayoutError(f"prefill rank {layout.engine_id}/{layout.tp_rank} is already registered")
+
+    def prepare(self, layout: PoolLayout, memory: dict[str, Any]) -> PreparedPool:
+        """Open and register an engine's memory (blocking: run it on ``registrar``); raises
+        PoolMemoryError / TransportError, with nothing left open or registered."""
         opened = open_pool(layout, memory)
         transport = self._transport()
+        registered: list[int] = []
         try:
             for base, length in opened.regions:
                 transport.register(base, length)
+                registered.append(base)
             tensors, device = None, ""
             # MLA rows are whole (no head slices to gather) and HiSparse writes tokens: neither
             # is ever staged, so neither needs this device's staging pool.
@@ -101,16 +131,28 @@ class PoolRegistry:
                 tensors, device = pool_tensors(layout, opened), device_of(opened)
                 self._ensure_staging(device)
         except Exception:
-            for base, _ in opened.regions:
+            for base in registered:
                 transport.unregister(base)
             opened.close()
             raise
+        return PreparedPool(opened, tensors, device)
+
+    def adopt(self, conn_id: int, layout: PoolLayout, prepared: PreparedPool, bootstrap: str,
+              key_prefix: str) -> LocalPool:
+        """Make prepared memory one of this daemon's pools (on the loop; no blocking call)."""
         pool_id = self._next_id
         self._next_id += 1
-        pool = LocalPool(pool_id, f"{key_prefix}#{pool_id}", layout, opened, conn_id, bootstrap=bootstrap,
-                         tensors=tensors, device=device)
+        pool = LocalPool(pool_id, f"{key_prefix}#{pool_id}", layout, prepared.opened, conn_id, bootstrap=bootstrap,
+                         tensors=prepared.tensors, device=prepared.device)
         self.local[pool_id] = pool
         return pool
+
+    def release(self, opened: OpenedPool) -> None:
+        """Unregister and unmap memory nothing can use any more (blocking: run it on ``registrar``)."""
+        transport = self._transport()
+        for base, _ in opened.regions:
+            transport.unregister(base)
+        opened.close()
 
     def _ensure_staging(self, device: str) -> StagingPool:
         from kvd.mem.stagemem import StagingPool
@@ -119,17 +161,17 @@ class PoolRegistry:
         if stage is None:
             stage = StagingPool(device, self.config.staging_pool_bytes)
             self._transport().register(stage.base, stage.nbytes)
-            self.staging[device] = stage
+            self.staging = {**self.staging, device: stage}
             log.info("staging_ready", device=device, bytes=stage.nbytes, receive_bytes=stage.recv_bytes)
         return stage
 
     def drop(self, pool: LocalPool) -> None:
-        """Unregister and unmap a pool nothing uses any more."""
+        """Forget a pool nothing uses any more; its memory is unregistered and unmapped on the
+        registrar, after any registration queued before (an address reused by a new pool is
+        registered after the old one is gone, in that order)."""
         self.local.pop(pool.pool_id, None)
-        transport = self._transport()
-        for base, _ in pool.opened.regions:
-            transport.unregister(base)
-        pool.opened.close()
+        future = self.registrar.submit(self.release, pool.opened)
+        future.add_done_callback(_log_release_failure)
         for hook in self.drop_hooks:
             try:
                 hook(pool)
@@ -164,6 +206,7 @@ class PoolRegistry:
         return [stage.stats() for stage in self.staging.values()]
 
     def close(self) -> None:
+        self.registrar.shutdown(wait=True)  # every queued release done before the transport closes
         for stage in self.staging.values():
             stage.close()
         if self._kernels is not None:
@@ -173,4 +216,10 @@ class PoolRegistry:
             pool.opened.close()
 
 
-__all__ = ["PoolRegistry"]
+def _log_release_failure(future: concurrent.futures.Future[None]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("pool_release_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+__all__ = ["PoolRegistry", "PreparedPool"]

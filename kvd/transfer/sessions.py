@@ -13,13 +13,17 @@ fact of the receiving process, not a hope about the sender's clock.
 :class:`SessionedTransport` is the daemon's transport: writes go out through the main
 transport, memory is registered with the main transport and every receive session, and
 peers are told the receive session meant for them. Never call a blocking transport
-method from the event loop: opening and closing sessions run in the default executor.
+method from the event loop: opening and closing sessions run in the default executor, and
+memory is registered from the daemon's registrar thread, so every change to the set of
+regions or sessions happens under one lock, and ``_sessions`` is replaced, never changed in
+place (the loop reads it without the lock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -41,23 +45,26 @@ class SessionedTransport:
         self.devices = main.devices
         self._open_session = open_session
         self._regions: dict[int, int] = {}
-        self._sessions: dict[str, Transport] = {}
+        self._sessions: dict[str, Transport] = {}  # replaced whole under _lock, read freely
+        self._lock = threading.Lock()
         self._opening: dict[str, asyncio.Task[Transport]] = {}
         self._revoking: dict[str, asyncio.Task[None]] = {}
         self.revocations = 0
 
     # --- the Transport surface (writes go out through the main transport) -----------------------
     def register(self, addr: int, length: int) -> None:
-        self.main.register(addr, length)
-        for session in self._sessions.values():
-            session.register(addr, length)
-        self._regions[addr] = length
+        with self._lock:
+            self.main.register(addr, length)
+            for session in self._sessions.values():
+                session.register(addr, length)
+            self._regions[addr] = length
 
     def unregister(self, addr: int) -> None:
-        self._regions.pop(addr, None)
-        for session in self._sessions.values():
-            session.unregister(addr)
-        self.main.unregister(addr)
+        with self._lock:
+            self._regions.pop(addr, None)
+            for session in self._sessions.values():
+                session.unregister(addr)
+            self.main.unregister(addr)
 
     async def write(self, peer_session: str, src: np.ndarray, dst: np.ndarray,
                     length: np.ndarray) -> BatchResult:
@@ -70,8 +77,9 @@ class SessionedTransport:
     def close(self) -> None:
         """Close every session and the main transport, at once: each close joins a Mooncake
         engine's threads (~1 s), and a restart must not wait one second per peer."""
-        closing = [*self._sessions.values(), self.main]
-        self._sessions.clear()
+        with self._lock:
+            closing = [*self._sessions.values(), self.main]
+            self._sessions = {}
         with concurrent.futures.ThreadPoolExecutor(len(closing)) as pool:
             for future in [pool.submit(t.close) for t in closing]:
                 try:
@@ -82,12 +90,12 @@ class SessionedTransport:
     # --- receive sessions ------------------------------------------------------------------------
     async def receive_session(self, peer: str) -> str:
         """The session id ``peer`` must write into (opened on first use, after a revocation anew)."""
+        revoking = self._revoking.get(peer)
+        if revoking is not None:  # never the session being revoked
+            await asyncio.shield(revoking)
         session = self._sessions.get(peer)
         if session is not None:
             return session.session_id
-        revoking = self._revoking.get(peer)
-        if revoking is not None:
-            await asyncio.shield(revoking)
         task = self._opening.get(peer)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._open(peer), name=f"open-session-{peer}")
@@ -98,19 +106,19 @@ class SessionedTransport:
         loop = asyncio.get_running_loop()
         try:
             session = await loop.run_in_executor(None, self._open_session)
-            regions = dict(self._regions)
-            await loop.run_in_executor(None, _register_all, session, regions)
-            # Memory unregistered while the session was opening must not stay writable through it.
-            for addr in set(regions) - set(self._regions):
-                session.unregister(addr)
-            for addr, length in self._regions.items():
-                if addr not in regions:
-                    session.register(addr, length)
+            await loop.run_in_executor(None, self._fill, peer, session)
         finally:
             self._opening.pop(peer, None)
-        self._sessions[peer] = session
         log.info("receive_session_opened", peer=peer, session=session.session_id)
         return session
+
+    def _fill(self, peer: str, session: Transport) -> None:
+        """Register every region with a new session and add it, in one step under the lock: a
+        region registered or unregistered meanwhile cannot be missed or left writable."""
+        with self._lock:
+            for addr, length in self._regions.items():
+                session.register(addr, length)
+            self._sessions = {**self._sessions, peer: session}
 
     def has_session(self, peer: str) -> bool:
         return peer in self._sessions or peer in self._opening
@@ -128,25 +136,29 @@ class SessionedTransport:
             opening = self._opening.get(peer)
             if opening is not None:
                 await asyncio.gather(opening, return_exceptions=True)
-            session = self._sessions.pop(peer, None)
+            loop = asyncio.get_running_loop()
+            # Off the loop: the lock may be held by a registration (a GPU region: up to a second).
+            session = await loop.run_in_executor(None, self._withdraw, peer)
             if session is None:
                 return
             self.revocations += 1
             log.warning("receive_session_revoked", peer=peer, session=session.session_id, reason=reason)
             try:
-                await asyncio.get_running_loop().run_in_executor(None, session.close)
+                await loop.run_in_executor(None, session.close)
             except TransportError as exc:  # closing failed: the memory is unregistered all the same
                 log.error("receive_session_close_failed", peer=peer, error=str(exc))
         finally:
             self._revoking.pop(peer, None)
 
+    def _withdraw(self, peer: str) -> Transport | None:
+        with self._lock:
+            session = self._sessions.get(peer)
+            if session is not None:
+                self._sessions = {p: t for p, t in self._sessions.items() if p != peer}
+            return session
+
     def sessions(self) -> dict[str, str]:
         return {peer: s.session_id for peer, s in self._sessions.items()}
-
-
-def _register_all(session: Transport, regions: dict[int, int]) -> None:
-    for addr, length in regions.items():
-        session.register(addr, length)
 
 
 __all__ = ["SessionedTransport"]

@@ -1,0 +1,94 @@
+"""A pool whose registration blocks (GPU memory: a CUDA IPC open and a Mooncake registration per
+region, up to a second each on the H100 host) must not stop the daemon serving everyone else.
+
+The decode daemon runs with every Mooncake registration slowed to 2 s while a flag file exists
+(``slow_register/sitecustomize.py``). While one engine registers a pool, another engine's room
+goes end to end, byte-exact, and polls are answered without the registration's wait; an engine
+that disconnects during its registration leaves no pool behind, and the daemon keeps serving."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvd.core.layout import PoolLayout
+from kvd.engineclient.replies import KvdError
+from kvd.hostpool import HostPool
+from tests.redteam.mallory import FLAGS, SHAPE, engine_lag
+
+pytestmark = pytest.mark.e2e
+SLOW_S = 2.0
+
+
+def _engines(status: dict) -> list[str]:
+    return sorted(p["layout"].split()[1] for p in status["daemon"]["pools"])
+
+
+def test_a_slow_registration_does_not_hold_other_engines(daemons, tmp_path: Path) -> None:
+    flag = tmp_path / "slow"
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "slow_register"),
+                                          os.environ.get("PYTHONPATH", "")]),
+           "SLOW_REGISTER_FLAG": str(flag), "SLOW_REGISTER_S": str(SLOW_S)}
+    pre, dec = daemons("prefill", *FLAGS), daemons("decode", *FLAGS, env=env)
+    pl, dl = PoolLayout("P", "prefill", 1, 0, **SHAPE), PoolLayout("D", "decode", 1, 0, **SHAPE)
+    late = [PoolLayout(name, "decode", 1, 0, **SHAPE) for name in ("late", "gone")]
+    pools = [HostPool.create(x) for x in (pl, dl, *late)]
+    ph, dh = pools[0], pools[1]
+    rng = np.random.default_rng(5)
+    for b in range(pl.num_buffers):
+        ph.buffer(b)[:] = rng.integers(0, 255, ph.buffer(b).shape, dtype=np.uint8)
+    try:
+        with pre.client() as pc, dec.client() as dc, dec.client() as probe, dec.client() as lc, \
+                dec.client() as gc:
+            pid = pc.register_pool(pl, ph, bootstrap=pre.address)
+            did = dc.register_pool(dl, dh)
+            dc.recv(did, 6, pre.address, "P", [3, 4])  # opens the prefill peer's receive session
+            pc.send(pid, 6, [1, 2], True, aux=b"before")
+            assert dc.wait(6, timeout=20).aux == b"before"
+            flag.touch()  # from here on every registration on the decode daemon takes 2 s
+            took: dict[str, float | str] = {}
+
+            def register(name: str, client, layout: PoolLayout, pool: HostPool) -> None:
+                t0 = time.monotonic()
+                try:
+                    client.register_pool(layout, pool)
+                    took[name] = time.monotonic() - t0
+                except (KvdError, OSError) as exc:
+                    took[name] = f"{type(exc).__name__}: {exc}"
+
+            slow = threading.Thread(target=register, args=("late", lc, late[0], pools[2]))
+            gone = threading.Thread(target=register, args=("gone", gc, late[1], pools[3]))
+            with engine_lag(probe) as lag:
+                slow.start()
+                gone.start()
+                time.sleep(0.3)
+                gc.close()  # this engine goes away while its registration is in flight
+                t0 = time.monotonic()
+                dc.recv(did, 7, pre.address, "P", [3, 4])
+                pc.send(pid, 7, [1, 2], True, aux=b"meanwhile")
+                assert dc.wait(7, timeout=20).aux == b"meanwhile"
+                room_s = time.monotonic() - t0
+                slow.join(30)
+                gone.join(30)
+            flag.unlink()
+            assert isinstance(took["late"], float) and took["late"] >= SLOW_S, took
+            assert room_s < SLOW_S, f"the room took {room_s:.2f} s beside a {SLOW_S} s registration"
+            assert lag and max(lag) < SLOW_S / 2, f"polls waited up to {max(lag):.2f} s"
+            ps = pl.page_size
+            for b in range(pl.num_buffers):
+                assert np.array_equal(dh.buffer(b)[3 * ps:5 * ps], ph.buffer(b)[1 * ps:3 * ps])
+            deadline = time.monotonic() + 3 * SLOW_S  # the gone engine's registration finishes, then is undone
+            while "gone" in _engines(dec.status()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _engines(dec.status()) == ["D", "late"]
+            dc.recv(did, 8, pre.address, "P", [5, 6])  # and the daemon keeps serving
+            pc.send(pid, 8, [1, 2], True, aux=b"after")
+            assert dc.wait(8, timeout=20).aux == b"after"
+    finally:
+        for pool in pools:
+            pool.close()
