@@ -10,13 +10,15 @@ answers ``OK <ticket>``. The engine then names the ticket in RegisterPool (see
 :mod:`kvd.wire.fdmsg`); a ticket is redeemed once, by the same uid only.
 
 This module never opens a path an engine names, never keeps a descriptor past its ticket, and
-never lets one connection stall the others (short per-connection deadlines).
+never lets one connection stall the others (short per-connection deadlines), nor one user's
+connections every other user's (``MAX_INFLIGHT_PER_UID``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import os
 import socket
@@ -27,7 +29,7 @@ import structlog
 
 from kvd.mem.fdpool import check_fd
 from kvd.mem.opened import PoolMemoryError
-from kvd.shell.local_access import LocalAccess, peer_credentials
+from kvd.shell.local_access import Credentials, LocalAccess, peer_credentials
 from kvd.wire import fdmsg
 
 log = structlog.get_logger("kvd.trust")
@@ -36,6 +38,11 @@ log = structlog.get_logger("kvd.trust")
 RECV_TIMEOUT_S = 5.0
 #: Hand-over connections served at once (more wait in the listen backlog).
 MAX_INFLIGHT = 64
+#: Of those, what one uid may hold (an engine hands over one descriptor per rank, in
+#: milliseconds): past it a connection of that uid is refused at once, so one user's silent
+#: connections cannot take every slot and the listen backlog, locking every other user's
+#: engines out of pool registration.
+MAX_INFLIGHT_PER_UID = 16
 
 
 async def _readable(sock: socket.socket, timeout: float) -> None:
@@ -67,6 +74,7 @@ class FdInbox:
         self._sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_INFLIGHT)
+        self._per_uid: dict[int, int] = {}  # hand-overs in flight by uid
         self.received = 0
 
     async def start(self) -> None:
@@ -92,20 +100,39 @@ class FdInbox:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(self._sock)
+            creds = peer_credentials(conn)
+            held = self._per_uid.get(creds.uid, 0)
+            if held >= MAX_INFLIGHT_PER_UID:
+                # Refused before it takes a slot or waits for anything: the accept loop goes on at
+                # once, and the backlog drains, whatever one user keeps open.
+                self._count("fd_handover_busy")
+                log.warning("pool_fd_refused", peer_pid=creds.pid, peer_uid=creds.uid,
+                            error=f"uid {creds.uid} has {held} hand-overs in flight")
+                with contextlib.suppress(OSError):
+                    conn.setblocking(False)
+                    conn.send(fdmsg.error_reply(f"busy: uid {creds.uid} has {held} descriptor hand-overs in "
+                                                f"flight (most {MAX_INFLIGHT_PER_UID})"))
+                conn.close()
+                continue
             await self._slots.acquire()
-            task = asyncio.create_task(self._serve_one(conn), name="fd-handover")
+            self._per_uid[creds.uid] = held + 1
+            task = asyncio.create_task(self._serve_one(conn, creds), name="fd-handover")
             self._tasks.add(task)
-            task.add_done_callback(self._done)
+            task.add_done_callback(functools.partial(self._done, uid=creds.uid))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None], uid: int) -> None:
         self._tasks.discard(task)
         self._slots.release()
+        left = self._per_uid.get(uid, 1) - 1
+        if left > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
         if not task.cancelled() and task.exception() is not None:
             self._count("fd_handover_bug")
             log.error("fd_handover_bug", error=repr(task.exception()))
 
-    async def _serve_one(self, conn: socket.socket) -> None:
-        creds = peer_credentials(conn)
+    async def _serve_one(self, conn: socket.socket, creds: Credentials) -> None:
         fds: list[int] = []
         reply = b""
         try:
@@ -148,4 +175,4 @@ class FdInbox:
             os.unlink(self.path)
 
 
-__all__ = ["FdInbox", "MAX_INFLIGHT", "RECV_TIMEOUT_S"]
+__all__ = ["FdInbox", "MAX_INFLIGHT", "MAX_INFLIGHT_PER_UID", "RECV_TIMEOUT_S"]
