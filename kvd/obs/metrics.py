@@ -9,8 +9,10 @@ so executor threads may call them; nothing here blocks except ``start_http``'s b
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -60,7 +62,9 @@ _SPEED_BUCKETS = tuple(float(1e6 * 2**i) for i in range(0, 20))
 #: closed at once and counted (``metrics_busy``), so nobody who reaches the port can make the
 #: daemon start a thread per connection it holds open.
 HTTP_MAX_CONNECTIONS = 8
-#: Seconds a /metrics connection may stay silent while its request is read or its reply written.
+#: Seconds a /metrics connection may stay silent while its request is read or its reply written,
+#: and, in all, that it may take to send its request and take its reply: a client that drips a
+#: byte now and then is cut off too (a scrape takes milliseconds).
 HTTP_TIMEOUT_S = 5.0
 
 
@@ -83,6 +87,8 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
         self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM,
                                                  flags=socket.AI_PASSIVE)[0][0]
         self._slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
+        self._deadlines: dict[Any, float] = {}  # connection being served -> when it is cut off
+        self._deadlines_lock = threading.Lock()
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -90,9 +96,12 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
             self.on_refused()
             self.shutdown_request(request)
             return
+        with self._deadlines_lock:
+            self._deadlines[request] = time.monotonic() + HTTP_TIMEOUT_S
         try:
             super().process_request(request, client_address)
         except BaseException:
+            self._forget(request)
             self._slots.release()
             raise
 
@@ -100,7 +109,22 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self._forget(request)
             self._slots.release()
+
+    def _forget(self, request: Any) -> None:
+        with self._deadlines_lock:
+            self._deadlines.pop(request, None)
+
+    def service_actions(self) -> None:
+        """Between accepts (serve_forever's loop, every poll interval): cut off connections past
+        their deadline; the read or write their thread waits in then ends at once."""
+        now = time.monotonic()
+        with self._deadlines_lock:
+            late = [r for r, deadline in self._deadlines.items() if deadline < now]
+        for request in late:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that timed out or went away: nothing to print on the daemon's stderr
