@@ -389,6 +389,14 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             return
         link = rr.senders.get(msg.sender_rank)
         if link is not None and link.daemon == msg.src:
+            if not link.aborted:
+                # Not an answer to an abort (none was sent): it vouches for nothing, or a sender
+                # could acknowledge ahead, while it writes, and have the room's pages released
+                # without the fence the moment the room fails.
+                self.ctx.count_error("bad_peer_message")
+                if msg.unsure:  # a write of it may land: fencing it off is safe whoever asked
+                    self._unsure(rr, link)
+                return
             link.acked = True
             if msg.unsure:
                 self._unsure(rr, link)
@@ -422,6 +430,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self._tell(rr)
         for link in rr.senders.values():
             if not link.final and not link.dummy:
+                link.aborted = True
                 self.ctx.send_peer(link.daemon, wp.AbortTransfer(
                     room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key, sender_rank=link.rank,
                     reason=reason))

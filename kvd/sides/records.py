@@ -140,6 +140,7 @@ class SenderLink:
     daemon: str
     dummy: bool
     final: bool = False      # sent a final status: it will write nothing more
+    aborted: bool = False    # we sent it an AbortTransfer for the room
     acked: bool = False      # answered our abort
     revoked: bool = False    # its daemon's receive session was revoked: nothing of it can land
     unsure: bool = False     # it said a failed write of its may still land: only revocation fences it
