@@ -39,8 +39,12 @@ def hand_over(socket_path: str, fd: int, timeout: float = 10.0) -> str:
         except OSError as exc:
             raise FdPassError(f"cannot reach kvd's fd hand-over socket {path}: {exc.strerror or exc} "
                               "(is the daemon new enough, and may this user open it?)") from None
-        socket.send_fds(sock, [fdmsg.MAGIC], [fd])
-        reply = sock.recv(fdmsg.MAX_REPLY)
+        try:
+            socket.send_fds(sock, [fdmsg.MAGIC], [fd])
+            reply = sock.recv(fdmsg.MAX_REPLY)
+        except OSError as exc:  # a timeout included: an engine catches one error type for this
+            raise FdPassError(f"kvd's fd hand-over socket {path} did not take the descriptor: "
+                              f"{exc.strerror or exc or type(exc).__name__}") from None
     finally:
         sock.close()
     status, value = fdmsg.parse_reply(reply)

@@ -490,3 +490,25 @@ def test_host_pool_name_is_sanitised() -> None:
         assert "/" not in pool.name and " " not in pool.name
         pool.fill(7)
         assert int(pool.buffer(0)[0, 0, 0]) == 7
+
+
+def test_a_hand_over_kvd_never_answers_is_a_registration_error(tmp_path: Path) -> None:
+    """Red team round 5: a daemon whose hand-over socket takes the connection and never answers
+    (busy behind other users' hand-overs, say) made register_pool raise a bare TimeoutError,
+    not the KvdRegistrationError an engine catches for a pool kvd did not take."""
+    import socket
+
+    from kvd.engineclient.fdpass import FdPassError, hand_over
+    from kvd.wire import fdmsg
+
+    sock_path = str(tmp_path / "kvd.sock")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mute.bind(fdmsg.fd_socket_path(sock_path))
+    mute.listen(4)  # never accepted: the connection waits in the backlog
+    fd = os.memfd_create("kvd-test", os.MFD_ALLOW_SEALING)
+    try:
+        with pytest.raises(FdPassError, match="did not take the descriptor"):
+            hand_over(sock_path, fd, timeout=0.3)
+    finally:
+        os.close(fd)
+        mute.close()
