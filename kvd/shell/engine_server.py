@@ -43,7 +43,7 @@ from kvd.shell.local_access import Credentials, LocalAccess
 from kvd.shell.peer_hub import PeerAddressError, check_peer_address
 from kvd.transfer.base import TransportError
 from kvd.wire.codec import Message, ProtocolError, decode
-from kvd.wire.engine import ENGINE_REQUESTS, ErrorReply, PoolRegistered, RecvRoom, RegisterPool
+from kvd.wire.engine import ENGINE_REQUESTS, ErrorReply, PoolRegistered, RecvRoom, RegisterPool, request_id
 from kvd.wire.framing import FrameBuffer, frame
 
 log = structlog.get_logger("kvd.engine_api")
@@ -352,11 +352,13 @@ class EngineServer:
             reply = self.handler.on_engine_request(conn_id, msg)
             return reply if isinstance(reply, Message) else _Pending(msg, reply)
         except Exception as exc:
-            return self._refuse(conn_id, exc, msg)
+            return self._refuse(conn_id, exc, msg, payload)
 
-    def _refuse(self, conn_id: int, exc: Exception, msg: Message | None) -> ErrorReply:
-        """The ErrorReply for a failed request, counted and logged by its kind."""
-        req_id = getattr(msg, "req_id", 0)
+    def _refuse(self, conn_id: int, exc: Exception, msg: Message | None, payload: bytes = b"") -> ErrorReply:
+        """The ErrorReply for a failed request, counted and logged by its kind. A request whose
+        fields did not decode is answered under the req_id its raw frame shows, so the engine
+        waiting on it hears the refusal instead of waiting out its timeout."""
+        req_id = getattr(msg, "req_id", 0) if msg is not None else request_id(payload)
         room = getattr(msg, "room", -1)
         if isinstance(exc, ProtocolError):
             kind, text, room = "protocol", str(exc), -1

@@ -170,6 +170,22 @@ def decode(data: bytes) -> Message:
     return msg
 
 
+def leading_items(data: bytes, count: int) -> list[Any]:
+    """The first ``count`` items of a frame's array (fewer where the frame has fewer, none where
+    it is no array), read one by one: what a frame whose later bytes or fields are broken still
+    shows, e.g. its type and first field, so a refusal can name the request it answers."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(data), 1))
+    out: list[Any] = []
+    try:
+        unpacker.feed(data)
+        size = unpacker.read_array_header()
+        for _ in range(min(size, count)):
+            out.append(unpacker.unpack())
+    except Exception:  # msgpack raises several unrelated exception types: what was read is the answer
+        pass
+    return out
+
+
 #: Per message class, (name, to-wire function) per wire field: encode's loop, built on first use.
 _ENCODERS: dict[type[Message], tuple[tuple[str, Any], ...]] = {}
 #: Per message class, (name, check, required) per wire field: decode's loop, built on first use.
@@ -179,4 +195,4 @@ _DECODERS: dict[type[Message], tuple[tuple[str, Any, bool], ...]] = {}
 _HAS_POST_INIT: dict[type[Message], bool] = {}
 
 
-__all__ = ["Message", "ProtocolError", "decode", "encode", "field_names", "message_types"]
+__all__ = ["Message", "ProtocolError", "decode", "encode", "field_names", "leading_items", "message_types"]

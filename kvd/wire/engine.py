@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvd.wire.codec import Message
+from kvd.wire.codec import Message, leading_items
 from kvd.wire.fields import Indices, Map
 
 
@@ -142,8 +142,21 @@ class RoomEvent(Message):
 ENGINE_REQUESTS = (RegisterPool, SendChunk, RecvRoom, PollRoom, AbortRoom, StatusRequest)
 """What an engine (or kvctl) may send a daemon."""
 
+def request_id(payload: bytes) -> int:
+    """The req_id a request frame carries, read from the raw bytes (0: none to be found), for a
+    frame whose fields do not decode: its refusal then answers the request the engine waits on.
+    Every engine request is ``[version, type, req_id, ...]``."""
+    items = leading_items(payload, 3)
+    if len(items) < 3 or type(items[1]) is not int or items[1] not in _REQUEST_TYPES:
+        return 0
+    req_id = items[2]
+    return req_id if type(req_id) is int and 0 < req_id < 1 << 63 else 0
+
+
+_REQUEST_TYPES = frozenset(cls.TYPE for cls in ENGINE_REQUESTS)
+
 ENGINE_REPLIES = (PoolRegistered, StatusReply, Ok, ErrorReply, RoomEvent)
 """What a daemon sends an engine: replies, and RoomEvent pushed unasked."""
 
 __all__ = ["ENGINE_REPLIES", "ENGINE_REQUESTS", "AbortRoom", "ErrorReply", "Ok", "PollRoom", "PoolRegistered",
-           "RecvRoom", "RegisterPool", "RoomEvent", "SendChunk", "StatusReply", "StatusRequest"]
+           "RecvRoom", "RegisterPool", "RoomEvent", "SendChunk", "StatusReply", "StatusRequest", "request_id"]

@@ -259,3 +259,30 @@ async def test_a_reply_that_cannot_be_encoded_costs_that_reply_not_the_connectio
     ok = await c.ask(we.PollRoom(req_id=8, room=3))
     assert isinstance(ok, we.ErrorReply) and ok.req_id == 8  # the connection still answers
     assert isinstance(await c.ask(we.StatusRequest(req_id=9)), we.Ok)
+
+
+@pytest.mark.parametrize("offload", [1 << 20, 16], ids=["on_loop", "offloaded"])
+async def test_a_request_whose_fields_do_not_decode_is_refused_under_its_own_req_id(server, offload):
+    """A request whose header and req_id are fine but whose fields are not (pages as a string, a
+    truncated frame, a broken byte after the req_id) was refused under req_id 0: the engine
+    waiting on its request id read past the refusal and waited out its whole timeout."""
+    import msgpack
+
+    _, handler, path = await server(socket_offload_bytes=offload)
+    c = await Conn.open(path)
+    bad_fields = msgpack.packb([1, we.SendChunk.TYPE, 41, 1, 3, "not pages", True], use_bin_type=True)
+    truncated = msgpack.packb([1, we.RecvRoom.TYPE, 42, 1, 3], use_bin_type=True)
+    broken_tail = msgpack.packb([1, we.PollRoom.TYPE, 43, 5], use_bin_type=True)[:-1] + b"\xc1"
+    for payload, req_id in ((bad_fields, 41), (truncated, 42), (broken_tail, 43)):
+        c.writer.write(frame(payload))
+        reply = await c.reply()
+        assert isinstance(reply, we.ErrorReply) and reply.kind == "protocol", reply
+        assert reply.req_id == req_id, f"refused under req_id {reply.req_id}, the request was #{req_id}"
+    # No req_id to be found: garbage, an unknown type, a req_id that is no integer -> 0, as before.
+    for payload in (b"\x93\x01", msgpack.packb([1, 99, 44, "x"]), msgpack.packb([1, 5, "45", 1])):
+        c.writer.write(frame(payload))
+        reply = await c.reply()
+        assert isinstance(reply, we.ErrorReply) and reply.req_id == 0, reply
+    assert handler.requests == [] and handler.errors["protocol"] == 6
+    assert isinstance(await c.ask(we.StatusRequest(req_id=46)), we.Ok)  # and the connection goes on
+    c.close()
