@@ -469,6 +469,7 @@ class Daemon:
 
     async def stop(self) -> None:
         stopping()
+        self.registry.stopping = True  # from now on the registrar refuses what is queued
         await self.tasks.close()
         await self.engines.stop()
         await self.peers.stop()

@@ -23,8 +23,9 @@ import structlog
 
 from kvd.core.config import Config
 from kvd.core.layout import LayoutError, PoolLayout
+from kvd.mem.fdpool import ReceivedFd
 from kvd.mem.memory import open_pool
-from kvd.mem.opened import OpenedPool
+from kvd.mem.opened import OpenedPool, PoolMemoryError
 from kvd.mem.pools import LocalPool, RemotePool
 from kvd.transfer.base import Transport
 
@@ -60,6 +61,8 @@ class PoolRegistry:
         self.drop_hooks: list[Callable[[LocalPool], None]] = []
         #: The one thread that opens, registers, unregisters and closes engine memory, in order.
         self.registrar = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvd-registrar")
+        #: Set once the daemon stops: registrations still queued are refused, not carried out.
+        self.stopping = False
 
     # --- lookups (what the room sides see) ---------------------------------------------------
     def prefill_pool(self, engine_id: str, rank: int) -> LocalPool | None:
@@ -114,7 +117,14 @@ class PoolRegistry:
 
     def prepare(self, layout: PoolLayout, memory: dict[str, Any]) -> PreparedPool:
         """Open and register an engine's memory (blocking: run it on ``registrar``); raises
-        PoolMemoryError / TransportError, with nothing left open or registered."""
+        PoolMemoryError / TransportError, with nothing left open or registered. Once the daemon
+        stops, refused at once: a stop waits for the registrar, and each queued registration of
+        GPU memory would hold it up to seconds (one per region) with the event loop blocked."""
+        if self.stopping:
+            held = memory.get("fd") if isinstance(memory, dict) else None
+            if isinstance(held, ReceivedFd):
+                held.close()
+            raise PoolMemoryError("kvd is shutting down: the pool was not registered")
         opened = open_pool(layout, memory)
         transport = self._transport()
         registered: list[int] = []
@@ -206,6 +216,7 @@ class PoolRegistry:
         return [stage.stats() for stage in self.staging.values()]
 
     def close(self) -> None:
+        self.stopping = True  # queued registrations are refused; only the one under way is waited for
         self.registrar.shutdown(wait=True)  # every queued release done before the transport closes
         for stage in self.staging.values():
             stage.close()

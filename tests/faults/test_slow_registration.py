@@ -92,3 +92,45 @@ def test_a_slow_registration_does_not_hold_other_engines(daemons, tmp_path: Path
     finally:
         for pool in pools:
             pool.close()
+
+
+def test_a_stop_does_not_wait_for_every_queued_registration(daemons, tmp_path: Path) -> None:
+    """SIGTERM while engines' registrations queue on the registrar: the stop waited for every one
+    of them (2 s each here, up to a second per GPU region on the H100 host), with the event loop
+    blocked in the registrar's shutdown, so the 10-s stop bound and a second signal did nothing.
+    Only the registration under way is waited for; the queued ones are refused."""
+    flag = tmp_path / "slow"
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "slow_register"),
+                                          os.environ.get("PYTHONPATH", "")]),
+           "SLOW_REGISTER_FLAG": str(flag), "SLOW_REGISTER_S": str(SLOW_S)}
+    dec = daemons("decode", *FLAGS, env=env)
+    layouts = [PoolLayout(f"E{i}", "decode", 1, 0, **SHAPE) for i in range(5)]
+    pools = [HostPool.create(x) for x in layouts]
+    outcome: dict[int, str] = {}
+
+    def register(i: int) -> None:
+        try:
+            with dec.client(timeout=60) as c:
+                outcome[i] = f"pool {c.register_pool(layouts[i], pools[i])}"
+        except (KvdError, OSError) as exc:
+            outcome[i] = f"{type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(len(layouts))]
+    try:
+        flag.touch()
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # one registration under way, four queued
+        t0 = time.monotonic()
+        dec.proc.terminate()
+        dec.proc.wait(30)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(10)
+        assert dec.proc.returncode == 0, dec.log_tail(10)
+        assert took < SLOW_S + 2.5, f"the stop took {took:.1f} s behind {len(layouts)} queued registrations"
+        assert len(outcome) == len(layouts), outcome  # every engine heard an answer
+        assert "kvd is shutting down" in dec.log()
+    finally:
+        for pool in pools:
+            pool.close()
