@@ -10,6 +10,8 @@ the sides see and the one owner of every background task. Nothing blocking runs 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import os
 import secrets
@@ -29,13 +31,14 @@ from kvd.core.layout import LayoutError, PoolLayout
 from kvd.core.planner import PlanError, check_token_indices
 from kvd.core.rooms import RoomError, RoomState
 from kvd.core.staging import StagingError
+from kvd.mem.fdpool import ReceivedFd
 from kvd.mem.pools import LocalPool
 from kvd.obs.metrics import Metrics
 from kvd.obs.sdnotify import Watchdog, ready, stopping, watchdog_interval
 from kvd.shell.directory import Directory
 from kvd.shell.engine_server import EngineServer, RequestError, prepare_socket_path
 from kvd.shell.peer_hub import PeerHub
-from kvd.shell.pool_registry import PoolRegistry
+from kvd.shell.pool_registry import PoolRegistry, PreparedPool
 from kvd.shell.status import StatusSources, room_counts, snapshot
 from kvd.shell.trust import Trust, trust_gate
 from kvd.sides.lifecycle import room_event
@@ -274,8 +277,15 @@ class Daemon:
         memory = self.trust.resolve_memory(conn_id, msg.memory)  # a handed-over fd, never a name
         self._registering[conn_id] = self._registering.get(conn_id, 0) + 1
         try:
-            prepared = await asyncio.get_running_loop().run_in_executor(
-                self.registry.registrar, self.registry.prepare, layout, memory)
+            job = self.registry.registrar.submit(self.registry.prepare, layout, memory)
+            try:
+                prepared = await asyncio.wrap_future(job)
+            except asyncio.CancelledError:  # the engine went away (kvd.shell.engine_server)
+                if job.cancel():  # still queued: never carried out
+                    _close_held_fd(memory)
+                else:  # under way: undone once done
+                    job.add_done_callback(self._undo_registration)
+                raise
             try:
                 if conn_id in self._gone_registering:
                     raise RequestError("gone", "the engine's connection closed during the registration")
@@ -300,6 +310,15 @@ class Daemon:
             self.registry.drop(pool)
             raise
         return pool
+
+    def _undo_registration(self, job: concurrent.futures.Future[PreparedPool]) -> None:
+        """A registration nobody waits for any more, once done: its memory released (on the registrar)."""
+        if job.cancelled() or job.exception() is not None:
+            return
+        log.info("pool_registration_undone", reason="the engine closed its connection during its registration")
+        # A registrar shut down (RuntimeError): the daemon is stopping, and the memory goes with it.
+        with contextlib.suppress(RuntimeError):
+            self.registry.registrar.submit(self.registry.release, job.result().opened)
 
     def _admit_pool(self, conn_id: int, layout: PoolLayout) -> None:
         """RequestError / LayoutError unless this connection may register this rank now."""
@@ -507,6 +526,13 @@ class Daemon:
         if self._stop.is_set():
             os._exit(1)
         self._stop.set()
+
+
+def _close_held_fd(memory: Any) -> None:
+    """Close the descriptor a registration that never ran was handed (a ReceivedFd)."""
+    held = memory.get("fd") if isinstance(memory, dict) else None
+    if isinstance(held, ReceivedFd):
+        held.close()
 
 
 __all__ = ["Daemon"]

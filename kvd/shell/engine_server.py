@@ -99,6 +99,8 @@ class EngineHandler(Protocol):
 MAX_NAME = 256
 #: Seconds one connection's requests may hold the event loop before it lets the others run.
 YIELD_S = 0.005
+#: How often a request still being worked on (a pool's registration) looks whether its engine left.
+GONE_POLL_S = 0.05
 
 
 def check_request(msg: Message) -> None:
@@ -281,7 +283,7 @@ class EngineServer:
                 conn.last_active = passed = time.monotonic()
                 frames.feed(data)
                 while (payload := frames.next_payload()) is not None:
-                    reply = await self._handle_async(conn_id, payload)
+                    reply = await self._handle_async(conn_id, payload, reader)
                     if isinstance(reply, PoolRegistered):
                         conn.pooled = True
                     conn.queue(self._encoded(reply))
@@ -320,9 +322,13 @@ class EngineServer:
             conn.flush()  # what was queued for it (the last replies) goes before the close
             writer.close()
 
-    async def _handle_async(self, conn_id: int, payload: bytes) -> Message:
+    async def _handle_async(self, conn_id: int, payload: bytes,
+                            reader: asyncio.StreamReader | None = None) -> Message:
         """:meth:`_handle`, with a large request decoded in a worker thread first, and a reply
-        the handler must still work for awaited (its failure refused like any other)."""
+        the handler must still work for awaited (its failure refused like any other). An engine
+        that closes its connection meanwhile (it crashed, or gave up waiting) has that work
+        cancelled (a registration still queued is never carried out) and the connection ends
+        (ConnectionResetError), as it would have once the work was done."""
         decoded: Message | Exception | None = None
         if len(payload) > self.config.socket_offload_bytes:
             try:
@@ -332,8 +338,16 @@ class EngineServer:
         reply = self._handle(conn_id, payload, decoded)
         if not isinstance(reply, _Pending):
             return reply
+        work = asyncio.ensure_future(reply.work)
         try:
-            return await reply.work
+            gone = await _engine_left(work, reader)
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        if gone:
+            raise ConnectionResetError("the engine closed its connection during its request")
+        try:
+            return work.result()
         except Exception as exc:
             return self._refuse(conn_id, exc, reply.msg)
 
@@ -381,6 +395,19 @@ class EngineServer:
                                                                kind=kind, error=text)
         return ErrorReply(req_id=req_id if isinstance(req_id, int) else 0, kind=kind, message=text,
                           room=room if isinstance(room, int) else -1)
+
+
+async def _engine_left(work: asyncio.Future[Message], reader: asyncio.StreamReader | None) -> bool:
+    """Wait for ``work``; True (and the work cancelled) if the engine closed its connection first
+    (end of stream with nothing more it asked for unread)."""
+    while not work.done():
+        await asyncio.wait({work}, timeout=GONE_POLL_S if reader is not None else None)
+        if reader is not None and not work.done() and reader.at_eof():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            return True
+    return False
 
 
 @dataclass(frozen=True)
