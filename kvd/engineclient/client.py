@@ -101,7 +101,9 @@ class KvdClient:
 
     def _broken(self, what: str, exc: BaseException | None = None) -> KvdConnectionError:
         self.close()
-        return _conn_error(self.socket_path, what, exc)
+        error = _conn_error(self.socket_path, what, exc)
+        self._t.connection_lost(str(error))
+        return error
 
     def _pump(self, deadline: float | None, what: str, req_id: int = -1) -> Message | None:
         """Read one message. Pushed events go to the stash (None is returned); so does a
@@ -351,6 +353,7 @@ class AsyncKvdClient:
     async def _fail_all(self, error: KvdError) -> None:
         """The connection is gone: every pending request and room waiter gets ``error``."""
         self._error = self._error or error
+        self._t.connection_lost(str(error))
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(error)

@@ -124,6 +124,10 @@ class RoomStatus:
 
 # --- shared, I/O-free reply handling -----------------------------------------------------------
 
+#: Rooms begun and not ended that a client keeps track of (the oldest is dropped past it).
+MAX_LIVE_TRACKED = 1 << 16
+
+
 class ReplyTracker:
     """Bookkeeping both clients share: request ids, reply checking and the pushed-event stash.
 
@@ -143,6 +147,9 @@ class ReplyTracker:
         self._unacked: dict[int, int | None] = {}
         self._unacked_rooms: Counter[int] = Counter()  # room -> its entries in _unacked
         self._refused: dict[int, str] = {}  # room -> why the daemon refused one of its chunks
+        # Rooms begun (a recv, a first chunk) whose final event has not come, oldest first: what
+        # fails here if the connection is lost (the daemon will push nothing more for them).
+        self._live: dict[int, None] = {}
         self.max_released = max_released
 
     def next_req_id(self) -> int:
@@ -176,6 +183,8 @@ class ReplyTracker:
         if ev.room in self._refused:  # a refused chunk failed the room here: it stays failed
             new = replace(new, state="failed", reason=self._refused[ev.room])
         self._stash[ev.room] = new  # re-insert: dict order is then oldest-first
+        if new.done:
+            self._live.pop(ev.room, None)
         if len(self._stash) > 2 * self.max_released:
             released = [room for room, st in self._stash.items() if st.released]
             for room in released[:max(0, len(released) - self.max_released)]:
@@ -199,6 +208,9 @@ class ReplyTracker:
             self._stash.pop(room, None)
             self._refused.pop(room, None)
             self._end_use(room)
+        self._live[room] = None
+        if len(self._live) > MAX_LIVE_TRACKED:  # an engine that never forgets refused rooms: bounded
+            del self._live[next(iter(self._live))]
         if sending and not is_last:
             self._sending.add(room)
         else:
@@ -215,8 +227,20 @@ class ReplyTracker:
     def released(self, room: int) -> RoomStatus | None:
         return st if (st := self._stash.get(room)) is not None and st.released else None
 
+    def connection_lost(self, why: str) -> None:
+        """The connection to the daemon is gone: every room begun and not ended fails here, as a
+        pushed failure would (the daemon pushes nothing more, and an engine that reads its rooms'
+        states from the pushed view, as the SGLang backend does, would see them in flight forever).
+        Not released: whether a write can still land is the daemon's to say (a daemon that is
+        gone writes nothing; one still running fences the rooms of a connection that closed)."""
+        rooms = [*self._live, *(r for r, st in self._stash.items() if not st.done)]
+        self._live.clear()
+        for room in dict.fromkeys(rooms):
+            self.on_push(RoomEvent(req_id=0, room=room, state="failed", reason=f"kvd connection lost: {why}"))
+
     def forget(self, room: int) -> None:
         """Drop what is known of a room (the engine is done with it)."""
+        self._live.pop(room, None)
         self._stash.pop(room, None)
         self._sending.discard(room)
         self._sent_pages.pop(room, None)

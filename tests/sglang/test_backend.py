@@ -159,3 +159,42 @@ def test_dp_rank_resolves_through_bootstrap_server(pair):
         for rk in (p, d):
             rk.close()
         server.close()
+
+
+@pytest.mark.e2e
+def test_a_daemon_that_goes_away_fails_every_room_in_flight(pair):
+    """The decode daemon dies mid-room: the backend's polls answer from the pushed-event view, and
+    a dead connection pushes nothing more, so every room in flight stayed Transferring/
+    WaitingForInput forever (SGLang's scheduler has no deadline of its own once kvd rules the
+    room). Each must reach Failed with a reason; with no daemon left, no write of it can land."""
+    from sglang.srt.disaggregation.base.conn import KVPoll
+    from sglang.srt.disaggregation.common.conn import KVTransferError
+
+    C, server, addr, (p, d) = _pair_managers(pair)
+    try:
+        rv = C["receiver"](d.mgr, addr, 91)
+        rv.init(0)
+        rv.send_metadata([1, 2, 3], 0)
+        s = C["sender"](p.mgr, addr, 91)
+        s.init(3, 0)
+        s.send([4])  # first chunk only: the room is mid-transfer
+        time.sleep(0.5)
+        assert rv.poll() in (KVPoll.WaitingForInput, KVPoll.Transferring)
+        queued = C["receiver"](d.mgr, addr, 92)  # one more, metadata only
+        queued.init(0)
+        queued.send_metadata([5], 0)
+        pair[1].kill()  # the decode daemon goes away
+        for room in (rv, queued):
+            assert _wait(room, (KVPoll.Failed, KVPoll.Success), timeout=5) == KVPoll.Failed
+            with pytest.raises(KVTransferError, match="kvd"):
+                room.failure_exception()  # no hang in the release fence either: the daemon is gone
+        late = C["receiver"](d.mgr, addr, 93)  # a room begun after: refused at once, not hung
+        late.init(0)
+        late.send_metadata([6], 0)
+        assert _wait(late, (KVPoll.Failed, KVPoll.Success), timeout=5) == KVPoll.Failed
+        # and the prefill side ends by kvd's own deadlines (the decode peer is dead)
+        assert _wait(s, (KVPoll.Failed, KVPoll.Success), timeout=20) == KVPoll.Failed
+    finally:
+        for rk in (p, d):
+            rk.close()
+        server.close()
