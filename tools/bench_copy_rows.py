@@ -70,9 +70,15 @@ def run_case(torch, name: str, heads: int, stp: int, rtp: int, tokens: int, tile
     perm = np.random.default_rng(0).permutation(pages)  # the receiver's pages are not the sender's
     hb = lay["prefill"].head_bytes
 
+    # Addresses and page lists made once, on the device: the timings are the kernel's, not the
+    # host's building of 128 addresses per call (which took longer than a 256-byte-run launch).
+    src_addrs = {r: [int(src[r][b].data_ptr()) for b in range(nb)] for r in senders}
+    dst_addrs = [int(dst[b].data_ptr()) for b in range(nb)]
+    rows_dev = torch.as_tensor(rows, device=dev)
+    perm_dev = torch.as_tensor(perm, device=dev)
+
     def launch(sl, block_bytes: int, buffer_major: bool | None = None) -> None:
-        copy_rows_triton([int(src[sl.sender_rank][b].data_ptr()) for b in range(nb)],
-                         [int(dst[b].data_ptr()) for b in range(nb)], rows, perm, s_row, d_row,
+        copy_rows_triton(src_addrs[sl.sender_rank], dst_addrs, rows_dev, perm_dev, s_row, d_row,
                          sl.src_head_offset * hb, sl.dst_head_offset * lay["decode"].head_bytes, sl.num_heads * hb,
                          dev, block_bytes=block_bytes, rows_per_index=page, buffer_major=buffer_major)
 

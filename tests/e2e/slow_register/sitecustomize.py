@@ -1,4 +1,4 @@
-"""Loaded at start-up by the daemons of tests/faults/test_slow_registration.py (through
+"""Loaded at start-up by the daemons of tests/e2e/test_slow_registration.py (through
 PYTHONPATH): while the file named by ``SLOW_REGISTER_FLAG`` exists, every Mooncake memory
 registration takes ``SLOW_REGISTER_S`` seconds, as a GPU pool's region does on the H100 host
 (0.46 s each, cProfile of ``tools/gpu_e2e.py --profile``)."""
