@@ -50,6 +50,10 @@ class SenderSide(SideBase[SenderRoom]):
         #: Requests in flight per decode pool key (the pools no room may forget), kept with
         #: ``_requests``: the directory asks at every announce past peer.max_pools, not a pass over the rooms.
         self.pool_requests: Counter[str] = Counter()
+        #: Rooms whose engine was told they ended while a batch of theirs is still in flight
+        #: (every receiver gone): out of ``rooms``, so the engine may use the room id again at
+        #: once, and kept here, their pool busy, until that batch has ended (:meth:`_finish`).
+        self._retiring: dict[int, SenderRoom] = {}
         self._pairings = Pairings()
         self.staged_path = StagedSender(ctx, self)
         self.direct_path = DirectSender(ctx, self)
@@ -279,8 +283,12 @@ class SenderSide(SideBase[SenderRoom]):
         if sr.requests and all(r.aborted for r in sr.requests.values()):
             # Every receiver is gone (dead, fenced us off, or gave up): none waits on our fence,
             # so the engine hears now, not when a batch stuck on a dead link times out. The room
-            # stays (its pool busy, never unmapped) until that batch has ended.
+            # stays (its pool busy, never unmapped) until that batch has ended, but no longer
+            # under its id: the engine heard the room ended, so a room it starts with the same
+            # id (a retry after a peer's restart or a healed partition) is a new room, not a
+            # chunk or request refused by this one.
             self._tell_engine(sr)
+            self._retire(sr)
         # Tell receivers only once no batch of this room is in flight.
         self.ctx.spawn(self._fail_after_fence(sr, reason), f"fence-{sr.room}")
 
@@ -308,7 +316,14 @@ class SenderSide(SideBase[SenderRoom]):
                     del self.pool_requests[req.msg.pool_key]
         if self.rooms.get(sr.key) is sr:
             del self.rooms[sr.key]
+        self._retiring.pop(id(sr), None)
         self._tell_engine(sr)
+
+    def _retire(self, sr: SenderRoom) -> None:
+        """Take an ended room out of ``rooms`` (its id is free) until :meth:`_finish`."""
+        if self.rooms.get(sr.key) is sr:
+            del self.rooms[sr.key]
+            self._retiring[id(sr)] = sr
 
     def _tell_engine(self, sr: SenderRoom) -> None:
         if not sr.engine_told:
@@ -352,11 +367,11 @@ class SenderSide(SideBase[SenderRoom]):
         return {r.msg.src for sr in self.rooms.values() for r in sr.requests.values()}
 
     def busy_pools(self) -> set[int]:
-        return {sr.pool.pool_id for sr in self.rooms.values()}
+        return {sr.pool.pool_id for sr in (*self.rooms.values(), *self._retiring.values())}
 
     def snapshot(self) -> list[dict[str, object]]:
         out = []
-        for sr in self.rooms.values():
+        for sr in (*self.rooms.values(), *self._retiring.values()):
             peers = sorted({r.msg.src for r in sr.requests.values()})
             out.append(self.snapshot_base(sr, ",".join(peers) or "-", sr.machine.state.value)
                        | {"senders_required": [], "senders_reported": []})

@@ -7,6 +7,7 @@ everywhere else) and on the events the engines get.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -381,6 +382,50 @@ async def test_a_stalled_sender_is_fenced_off_and_no_byte_lands_after_release(cl
     assert (arrays.array == 0x5A).all(), "bytes of the dead room landed after release"
     prefill_final = [ev for _, ev in t.prefill.events if ev.released]
     assert prefill_final and prefill_final[0].state == "failed", "prefill told success for a failed room"
+
+
+async def _spin(rounds: int = 300) -> None:
+    """Let queued messages and tasks run, without waiting for a held write to end."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def test_a_room_id_reissued_after_a_healed_partition_is_a_new_room(cluster):
+    """Red team round 7: a partition (both daemons declare the other dead) while a sender's write
+    is in flight. The prefill engine hears the room failed at once, but the room stayed in the
+    sender's table under its id until that write ended (a transport timeout later), so the same
+    room id re-issued after the heal was refused ("chunk at page offset 0, expected N") or its
+    request joined the dead room ("asked twice"). Re-issued, it is a new room: exact, and the
+    stalled write of the old one lands nothing in the same pages."""
+    t = Transfer(cluster, 1, 1)
+    t.recv()
+    await cluster.settle()
+    t.prefill.transport.hold()  # the write is on the wire when the link goes down
+    t.send(chunks=1)
+    await _spin()  # settle() waits out a held write (seconds)
+    t.prefill.senders.peer_dead(t.decode.address, "decode daemon")  # heartbeats missed, both ways
+    t.decode.receivers.peer_dead(t.prefill.address, "prefill daemon")
+    await _spin()
+    src_pool, _ = t.src[0]
+    told = [ev for pid, ev in t.prefill.events if pid == src_pool.pool_id and ev.room == 1 and ev.released]
+    assert told and told[0].state == "failed", "the prefill engine must hear the failure at once"
+    pool, arrays = t.dst[0]
+    ev = t.decode.final_event(pool, 1)
+    assert ev is not None and ev.state == "failed" and t.decode.revoked == [t.prefill.address]
+    assert t.prefill.senders.busy_pools() == {src_pool.pool_id}, "the stalled write keeps its pool busy"
+    # The link heals; both engines issue room 1 again, the same decode pages, other source pages.
+    t.src_pages = np.setdiff1d(np.arange(32), t.src_pages)[:len(t.src_pages)]
+    t.recv()
+    t.send(chunks=1)
+    await _spin()
+    t.prefill.transport.release()  # the old write resumes: its session is revoked
+    await cluster.settle()
+    evs = [e for pid, e in t.decode.events if pid == pool.pool_id and e.room == 1 and e.released]
+    assert [e.state for e in evs] == ["failed", "success"], evs
+    assert t.verify() == []
+    told = [ev for pid, ev in t.prefill.events if pid == src_pool.pool_id and ev.room == 1 and ev.released]
+    assert [e.state for e in told] == ["failed", "success"], told
+    assert not t.prefill.senders.rooms and not t.prefill.senders.busy_pools() and not t.decode.receivers.rooms
 
 
 async def test_the_prefill_engine_hears_the_receivers_verdict_not_its_own(cluster):
