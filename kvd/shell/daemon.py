@@ -275,6 +275,11 @@ class Daemon:
             log.warning("torch_import_off_loop", hint="set pools.gpu = true (KVD_POOLS_GPU=1) to import "
                                                       "torch at start-up instead of on this registration")
         memory = self.trust.resolve_memory(conn_id, msg.memory)  # a handed-over fd, never a name
+        try:  # a bad descriptor is refused as such first, then a rank already registered
+            self.registry.check_new(layout)
+        except BaseException:
+            _close_held_fd(memory)
+            raise
         self._registering[conn_id] = self._registering.get(conn_id, 0) + 1
         try:
             job = self.registry.registrar.submit(self.registry.prepare, layout, memory)
@@ -290,6 +295,7 @@ class Daemon:
                 if conn_id in self._gone_registering:
                     raise RequestError("gone", "the engine's connection closed during the registration")
                 self._admit_pool(conn_id, layout)  # another registration may have won meanwhile
+                self.registry.check_new(layout)
                 pool = self.registry.adopt(conn_id, layout, prepared, msg.bootstrap,
                                            f"{self.address}#{self.boot_id}")
             except BaseException:
@@ -337,7 +343,6 @@ class Daemon:
             # Mid-restart (no rank registered): the name is still its last user's for a while.
             self.count_error("engine_name_held")
             raise RequestError("forbidden", refused)
-        self.registry.check_new(layout)
 
     def engine_gone(self, conn_id: int) -> None:
         """An engine went away: fail its rooms; unregister each pool once nothing can write into it."""

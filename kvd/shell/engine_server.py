@@ -346,10 +346,15 @@ class EngineServer:
             raise
         if gone:
             raise ConnectionResetError("the engine closed its connection during its request")
-        try:
+        # Read, not re-raised: a re-raised exception's traceback would take this frame, whose
+        # ``work`` holds the exception (a cycle that kept each refused request, a 16 MiB layout
+        # map included, until the cyclic collector ran: test_layout_cache_hoard).
+        failure = work.exception()
+        if failure is None:
             return work.result()
-        except Exception as exc:
-            return self._refuse(conn_id, exc, reply.msg)
+        if not isinstance(failure, Exception):
+            raise failure
+        return self._refuse(conn_id, failure, reply.msg)
 
     def _handle(self, conn_id: int, payload: bytes,
                 decoded: Message | Exception | None = None) -> Message | _Pending:
