@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import os
 import secrets
@@ -31,14 +30,13 @@ from kvd.core.layout import LayoutError, PoolLayout
 from kvd.core.planner import PlanError, check_token_indices
 from kvd.core.rooms import RoomError, RoomState
 from kvd.core.staging import StagingError
-from kvd.mem.fdpool import ReceivedFd
 from kvd.mem.pools import LocalPool
 from kvd.obs.metrics import Metrics
 from kvd.obs.sdnotify import Watchdog, ready, stopping, watchdog_interval
 from kvd.shell.directory import Directory
 from kvd.shell.engine_server import EngineServer, RequestError, prepare_socket_path
 from kvd.shell.peer_hub import PeerHub
-from kvd.shell.pool_registry import PoolRegistry, PreparedPool
+from kvd.shell.pool_registry import PoolRegistry, PreparedPool, close_held_fd
 from kvd.shell.status import StatusSources, room_counts, snapshot
 from kvd.shell.trust import Trust, trust_gate
 from kvd.sides.lifecycle import room_event
@@ -94,9 +92,6 @@ class Daemon:
             **self.directory.handlers(), **self.senders.handlers(), **self.receivers.handlers()}  # type: ignore[dict-item]
         # Per engine connection, the final events of its latest ended rooms (bounded).
         self._ended_rooms: dict[int, OrderedDict[int, we.RoomEvent]] = {}
-        #: Registrations in flight per engine connection, and the connections that closed meanwhile.
-        self._registering: dict[int, int] = {}
-        self._gone_registering: set[int] = set()
         self._ended_bytes: dict[int, int] = {}  # aux bytes of each connection's ended events
         self._stop = asyncio.Event()
 
@@ -278,35 +273,24 @@ class Daemon:
         try:  # a bad descriptor is refused as such first, then a rank already registered
             self.registry.check_new(layout)
         except BaseException:
-            _close_held_fd(memory)
+            close_held_fd(memory)
             raise
-        self._registering[conn_id] = self._registering.get(conn_id, 0) + 1
+        job = self.registry.registrar.submit(self.registry.prepare, layout, memory)
         try:
-            job = self.registry.registrar.submit(self.registry.prepare, layout, memory)
-            try:
-                prepared = await asyncio.wrap_future(job)
-            except asyncio.CancelledError:  # the engine went away (kvd.shell.engine_server)
-                if job.cancel():  # still queued: never carried out
-                    _close_held_fd(memory)
-                else:  # under way: undone once done
-                    job.add_done_callback(self._undo_registration)
-                raise
-            try:
-                if conn_id in self._gone_registering:
-                    raise RequestError("gone", "the engine's connection closed during the registration")
-                self._admit_pool(conn_id, layout)  # another registration may have won meanwhile
-                self.registry.check_new(layout)
-                pool = self.registry.adopt(conn_id, layout, prepared, msg.bootstrap,
-                                           f"{self.address}#{self.boot_id}")
-            except BaseException:
-                self.registry.registrar.submit(self.registry.release, prepared.opened)
-                raise
-        finally:
-            left = self._registering.pop(conn_id, 1) - 1
-            if left:
-                self._registering[conn_id] = left
-            else:
-                self._gone_registering.discard(conn_id)
+            prepared = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:  # the engine went away (kvd.shell.engine_server)
+            if job.cancel():  # still queued: never carried out
+                close_held_fd(memory)
+            else:  # under way: undone once done
+                job.add_done_callback(self._undo_registration)
+            raise
+        try:
+            self._admit_pool(conn_id, layout)  # another registration may have won meanwhile
+            self.registry.check_new(layout)
+            pool = self.registry.adopt(conn_id, layout, prepared, msg.bootstrap, f"{self.address}#{self.boot_id}")
+        except BaseException:
+            self.registry.release_later(prepared.opened)
+            raise
         try:  # from here on a refusal must not leave the pool registered
             if layout.role == "prefill":
                 self.directory.announce_rank(layout, msg.bootstrap or self.address, pool.key)
@@ -322,9 +306,7 @@ class Daemon:
         if job.cancelled() or job.exception() is not None:
             return
         log.info("pool_registration_undone", reason="the engine closed its connection during its registration")
-        # A registrar shut down (RuntimeError): the daemon is stopping, and the memory goes with it.
-        with contextlib.suppress(RuntimeError):
-            self.registry.registrar.submit(self.registry.release, job.result().opened)
+        self.registry.release_later(job.result().opened)
 
     def _admit_pool(self, conn_id: int, layout: PoolLayout) -> None:
         """RequestError / LayoutError unless this connection may register this rank now."""
@@ -346,8 +328,6 @@ class Daemon:
 
     def engine_gone(self, conn_id: int) -> None:
         """An engine went away: fail its rooms; unregister each pool once nothing can write into it."""
-        if conn_id in self._registering:
-            self._gone_registering.add(conn_id)  # its registration in flight gets no pool
         self._ended_rooms.pop(conn_id, None)
         self._ended_bytes.pop(conn_id, None)
         pools = self.registry.pools_of(conn_id)
@@ -531,13 +511,6 @@ class Daemon:
         if self._stop.is_set():
             os._exit(1)
         self._stop.set()
-
-
-def _close_held_fd(memory: Any) -> None:
-    """Close the descriptor a registration that never ran was handed (a ReceivedFd)."""
-    held = memory.get("fd") if isinstance(memory, dict) else None
-    if isinstance(held, ReceivedFd):
-        held.close()
 
 
 __all__ = ["Daemon"]

@@ -104,12 +104,6 @@ class PoolRegistry:
         return {k: round(v, 4) for k, v in (self._kernels.busy_s.items() if self._kernels else ())}
 
     # --- engine pools ------------------------------------------------------------------------
-    def open(self, conn_id: int, layout: PoolLayout, memory: dict[str, Any], bootstrap: str,
-             key_prefix: str) -> LocalPool:
-        """:meth:`prepare` and :meth:`adopt` in one call (a caller with nothing else to serve)."""
-        self.check_new(layout)
-        return self.adopt(conn_id, layout, self.prepare(layout, memory), bootstrap, key_prefix)
-
     def check_new(self, layout: PoolLayout) -> None:
         """LayoutError if the rank this pool would be is already registered."""
         if layout.role == "prefill" and self.prefill_pool(layout.engine_id, layout.tp_rank):
@@ -121,9 +115,7 @@ class PoolRegistry:
         stops, refused at once: a stop waits for the registrar, and each queued registration of
         GPU memory would hold it up to seconds (one per region) with the event loop blocked."""
         if self.stopping:
-            held = memory.get("fd") if isinstance(memory, dict) else None
-            if isinstance(held, ReceivedFd):
-                held.close()
+            close_held_fd(memory)
             raise PoolMemoryError("kvd is shutting down: the pool was not registered")
         opened = open_pool(layout, memory)
         transport = self._transport()
@@ -157,6 +149,15 @@ class PoolRegistry:
         self.local[pool_id] = pool
         return pool
 
+    def release_later(self, opened: OpenedPool) -> None:
+        """:meth:`release` on the registrar, after what is queued there (a failure is logged; a
+        registrar already shut down means the daemon is stopping, and the memory goes with it)."""
+        try:
+            future = self.registrar.submit(self.release, opened)
+        except RuntimeError:
+            return
+        future.add_done_callback(_log_release_failure)
+
     def release(self, opened: OpenedPool) -> None:
         """Unregister and unmap memory nothing can use any more (blocking: run it on ``registrar``)."""
         transport = self._transport()
@@ -180,8 +181,7 @@ class PoolRegistry:
         registrar, after any registration queued before (an address reused by a new pool is
         registered after the old one is gone, in that order)."""
         self.local.pop(pool.pool_id, None)
-        future = self.registrar.submit(self.release, pool.opened)
-        future.add_done_callback(_log_release_failure)
+        self.release_later(pool.opened)
         for hook in self.drop_hooks:
             try:
                 hook(pool)
@@ -227,10 +227,17 @@ class PoolRegistry:
             pool.opened.close()
 
 
+def close_held_fd(memory: Any) -> None:
+    """Close the descriptor a registration that never ran was handed (a ReceivedFd)."""
+    held = memory.get("fd") if isinstance(memory, dict) else None
+    if isinstance(held, ReceivedFd):
+        held.close()
+
+
 def _log_release_failure(future: concurrent.futures.Future[None]) -> None:
     exc = future.exception()
     if exc is not None:
         log.error("pool_release_failed", error=f"{type(exc).__name__}: {exc}")
 
 
-__all__ = ["PoolRegistry", "PreparedPool"]
+__all__ = ["PoolRegistry", "PreparedPool", "close_held_fd"]
