@@ -135,16 +135,23 @@ class ReplyTracker:
     set, because a released room can never become unreleased. Released entries beyond
     ``max_released`` are forgotten oldest first, so a long-lived engine does not grow without
     bound; rooms still in flight are never forgotten.
+
+    One connection may serve several pools (the ranks of one engine in one process), each with
+    the same room id. Events name their pool, so the room's status is then the merge over the
+    pools that began it: final once every one of them is (failed if any failed), released once
+    every one is. A pool that begins the id again starts a new use of it.
     """
 
     def __init__(self, max_released: int = 4096) -> None:
         self._next_id = 0
         self._stash: dict[int, RoomStatus] = {}
-        self._sending: set[int] = set()
-        self._sent_pages: dict[int, int] = {}  # pages sent so far per prefill room in flight
-        # Chunks sent without waiting for their reply (``send(wait=False)``): req_id -> room.
+        # Per room: each pool that began its current use -> that pool's latest status (None: none yet).
+        self._pools: dict[int, dict[int, RoomStatus | None]] = {}
+        self._sending: set[tuple[int, int]] = set()  # (pool, room): prefill rooms with chunks still to come
+        self._sent_pages: dict[tuple[int, int], int] = {}  # pages sent so far per (pool, room) in flight
+        # Chunks sent without waiting for their reply (``send(wait=False)``): req_id -> (room, pool).
         # (None: a chunk of a room use that ended, forgotten or its id reused: its reply touches nothing)
-        self._unacked: dict[int, int | None] = {}
+        self._unacked: dict[int, tuple[int, int] | None] = {}
         self._unacked_rooms: Counter[int] = Counter()  # room -> its entries in _unacked
         self._refused: dict[int, str] = {}  # room -> why the daemon refused one of its chunks
         # Rooms begun (a recv, a first chunk) whose final event has not come, oldest first: what
@@ -177,6 +184,22 @@ class ReplyTracker:
     def on_push(self, ev: RoomEvent) -> RoomStatus:
         """Stash a pushed event and return the room's merged status."""
         new = RoomStatus.from_event(ev)
+        pools = self._pools.get(ev.room)
+        if pools is not None and ev.pool_id >= 0 and ev.pool_id not in pools:
+            # A pool outside the id's current use (its own use of the id ended, and another pool
+            # began the id since): its late events say nothing of this use.
+            current = self._stash.get(ev.room)
+            return current if current is not None else new
+        if pools is not None and ev.pool_id in pools:
+            before = pools[ev.pool_id]
+            if before is not None and before.released and not new.released:
+                new = replace(new, released=True)
+            pools[ev.pool_id] = new
+            if len(pools) > 1:
+                new = _merged(ev.room, pools)
+        elif pools is not None and ev.pool_id < 0:  # an older daemon's event, or a failure made here
+            for pool in pools:
+                pools[pool] = new
         old = self._stash.pop(ev.room, None)
         if old is not None and old.released and not new.released:
             new = replace(new, released=True)
@@ -201,20 +224,31 @@ class ReplyTracker:
                                    kind="protocol")
         return reply
 
-    def start_room(self, room: int, is_last: bool = True, sending: bool = False) -> None:
+    def start_room(self, room: int, is_last: bool = True, sending: bool = False, pool_id: int = -1) -> None:
         """A room id is (re)used: drop the previous use's events. Only a prefill room's first
-        chunk does, so a failure pushed between chunks still reaches ``wait()``."""
-        if not sending or room not in self._sending:
+        chunk does, so a failure pushed between chunks still reaches ``wait()``. Another pool of
+        this connection beginning the same id joins its use (the ranks of one engine)."""
+        key = (pool_id, room)
+        pools = self._pools.get(room)
+        joining = pools is not None and pool_id >= 0 and pool_id not in pools
+        if joining and pools is not None:
+            pools[pool_id] = None
+            if room in self._stash:  # what the other pools reported, no longer final
+                self._stash[room] = _merged(room, pools)
+        elif not sending or key not in self._sending:
             self._stash.pop(room, None)
             self._refused.pop(room, None)
             self._end_use(room)
+            self._pools.pop(room, None)
+            if pool_id >= 0:
+                self._pools[room] = {pool_id: None}
         self._live[room] = None
         if len(self._live) > MAX_LIVE_TRACKED:  # an engine that never forgets refused rooms: bounded
             del self._live[next(iter(self._live))]
         if sending and not is_last:
-            self._sending.add(room)
+            self._sending.add(key)
         else:
-            self._sending.discard(room)
+            self._sending.discard(key)
 
     def final(self, room: int) -> RoomStatus | None:
         """The room's final status if one was pushed, else None."""
@@ -242,8 +276,11 @@ class ReplyTracker:
         """Drop what is known of a room (the engine is done with it)."""
         self._live.pop(room, None)
         self._stash.pop(room, None)
-        self._sending.discard(room)
-        self._sent_pages.pop(room, None)
+        for pool in self._pools.pop(room, None) or ():
+            self._sending.discard((pool, room))
+            self._sent_pages.pop((pool, room), None)
+        self._sending.discard((-1, room))
+        self._sent_pages.pop((-1, room), None)
         self._refused.pop(room, None)
         self._end_use(room)
 
@@ -252,13 +289,13 @@ class ReplyTracker:
         taken but touch nothing (not the stash of a forgotten room, not the id's next use)."""
         if self._unacked_rooms.pop(room, 0):
             for req_id, r in self._unacked.items():
-                if r == room:
+                if r is not None and r[0] == room:
                     self._unacked[req_id] = None
 
     # --- chunks sent without waiting for their reply ------------------------------------------
     def expect_later(self, msg: p.SendChunk) -> None:
         """``msg`` went out with no one waiting for its reply (:meth:`on_late_reply` takes it)."""
-        self._unacked[msg.req_id] = msg.room
+        self._unacked[msg.req_id] = (msg.room, msg.pool_id)
         self._unacked_rooms[msg.room] += 1
 
     @property
@@ -273,16 +310,17 @@ class ReplyTracker:
         req_id = getattr(msg, "req_id", -1)
         if req_id not in self._unacked:
             return False
-        room = self._unacked.pop(req_id)
-        if room is None:
+        sent = self._unacked.pop(req_id)
+        if sent is None:
             return True
+        room, pool_id = sent
         self._unacked_rooms[room] -= 1
         if self._unacked_rooms[room] <= 0:
             del self._unacked_rooms[room]
         if isinstance(msg, ErrorReply):
             reason = f"kvd refused a chunk [{msg.kind}]: {msg.message}"
             self._refused[room] = reason
-            self.on_push(RoomEvent(req_id=0, room=room, state="failed", reason=reason))
+            self.on_push(RoomEvent(req_id=0, room=room, state="failed", reason=reason, pool_id=pool_id))
         return True
 
     def on_undecodable(self, exc: _UndecodableFrame) -> bool:
@@ -290,9 +328,9 @@ class ReplyTracker:
         unknown, so the room fails as for a refusal, and the chunk is no longer unanswered."""
         if not exc.req_id or exc.req_id not in self._unacked:
             return False
-        room = self._unacked[exc.req_id]
+        sent = self._unacked[exc.req_id]
         return self.on_late_reply(ErrorReply(req_id=exc.req_id, kind="protocol", message=str(exc),
-                                             room=-1 if room is None else room))
+                                             room=-1 if sent is None else sent[0]))
 
     @staticmethod
     def check_final(status: RoomStatus) -> RoomStatus:
@@ -312,15 +350,16 @@ class ReplyTracker:
     def send(self, pool_id: int, room: int, pages: Pages, is_last: bool,
              aux: bytes) -> tuple[Message, type[p.Ok]]:
         arr = _pages(pages)
-        offset = self._sent_pages.get(room, 0) if room in self._sending else 0
+        key = (pool_id, room)
+        offset = self._sent_pages.get(key, 0) if key in self._sending else 0
         msg = p.SendChunk(req_id=self.next_req_id(), pool_id=pool_id, room=room, pages=arr,
                           is_last=bool(is_last), aux=bytes(aux), page_offset=offset)
-        self.start_room(room, is_last=is_last, sending=True)
+        self.start_room(room, is_last=is_last, sending=True, pool_id=pool_id)
         # The page offset tells kvd a late chunk of an ended room from a new room's first chunk.
         if is_last:
-            self._sent_pages.pop(room, None)
+            self._sent_pages.pop(key, None)
         else:
-            self._sent_pages[room] = offset + len(arr)
+            self._sent_pages[key] = offset + len(arr)
         return msg, p.Ok
 
     def recv(self, pool_id: int, room: int, bootstrap_addr: str, prefill_engine_id: str, pages: Pages,
@@ -329,7 +368,7 @@ class ReplyTracker:
                          bootstrap_addr=bootstrap_addr, prefill_engine_id=prefill_engine_id,
                          pages=_pages(pages), timeout_s=float(timeout_s),
                          enable_hisparse=bool(enable_hisparse))
-        self.start_room(room)
+        self.start_room(room, pool_id=pool_id)
         return msg, p.Ok
 
     def poll(self, room: int) -> tuple[Message, type[RoomEvent]]:
@@ -340,6 +379,25 @@ class ReplyTracker:
 
     def status(self) -> tuple[Message, type[p.StatusReply]]:
         return p.StatusRequest(req_id=self.next_req_id()), p.StatusReply
+
+
+def _merged(room: int, pools: dict[int, RoomStatus | None]) -> RoomStatus:
+    """One room's status over the pools of a connection that began it: final once every pool's
+    is (failed if any failed), released once every pool's is, bytes summed."""
+    seen = [st for st in pools.values() if st is not None]
+    failed = next((st for st in seen if st.state == "failed"), None)
+    every = len(seen) == len(pools)
+    if failed is not None:
+        state, reason = "failed", failed.reason
+    elif every and all(st.state == "success" for st in seen):
+        state, reason = "success", ""
+    else:
+        state = next((st.state for st in seen if not st.done), "waiting_for_input")
+        reason = ""
+    return RoomStatus(room=room, state=state, reason=reason,
+                      aux=next((st.aux for st in seen if st.aux), b""),
+                      bytes_done=sum(st.bytes_done for st in seen), bytes_total=sum(st.bytes_total for st in seen),
+                      released=every and all(st.released for st in seen))
 
 
 def _pages(pages: Pages) -> np.ndarray:

@@ -88,7 +88,8 @@ class RoomTable(dict[tuple[int, int], R]):
 def room_event(rm: Room, *, req_id: int = 0, released: bool = False, aux: bytes = b"") -> RoomEvent:
     """A room's state as the engine sees it (pushed on final states, or a poll's reply)."""
     return RoomEvent(req_id=req_id, room=rm.room, state=rm.machine.state.value, reason=rm.machine.reason,
-                     aux=aux, bytes_done=rm.bytes_done, bytes_total=rm.bytes_total, released=released)
+                     aux=aux, bytes_done=rm.bytes_done, bytes_total=rm.bytes_total, released=released,
+                     pool_id=rm.pool.pool_id)
 
 
 class SideBase(Generic[R]):

@@ -70,12 +70,6 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         if key in self.rooms:
             raise RoomError(f"room {msg.room} is still in flight on this pool (state "
                             f"{self.rooms[key].machine.state.value}); wait for its release")
-        for other in self.rooms.with_room_id(msg.room):
-            if other.pool.conn_id == pool.conn_id:
-                # An engine's events, polls and waits name a room by its id alone: two decode rooms
-                # of one id on one connection would take each other's verdict and release.
-                raise RoomError(f"room {msg.room} is still in flight on pool {other.pool.pool_id} of this "
-                                "connection; a connection's decode rooms need distinct ids")
         self.rooms.check_room_for(pool, msg.room)
         c = self.ctx.config
         if len(msg.pages) * 8 + 4096 > c.peer_max_message_bytes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvd.wire.codec import Message, leading_items
-from kvd.wire.fields import Indices, Map
+from kvd.wire.fields import Indices, Map, wire
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -126,7 +126,9 @@ class ErrorReply(Message):
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class RoomEvent(Message):
-    """A room's state, pushed on every final state (req_id 0) or sent as a reply to PollRoom."""
+    """A room's state, pushed on every final state (req_id 0) or sent as a reply to PollRoom.
+    pool_id: the pool the room is on (-1: an older daemon), so that the ranks of one engine
+    sharing a connection, each with the same room id, are told apart."""
 
     TYPE = 11
     req_id: int
@@ -137,6 +139,7 @@ class RoomEvent(Message):
     bytes_done: int = 0
     bytes_total: int = 0
     released: bool = False
+    pool_id: int = wire(-1, since=6)
 
 
 ENGINE_REQUESTS = (RegisterPool, SendChunk, RecvRoom, PollRoom, AbortRoom, StatusRequest)

@@ -104,6 +104,65 @@ def test_start_room_clears_previous_use_but_not_between_chunks() -> None:
     assert t.final(8) is None
 
 
+def pev(room: int, pool: int, state: str, released: bool = False, reason: str = "", aux: bytes = b"",
+        done: int = 0) -> p.RoomEvent:
+    return p.RoomEvent(req_id=0, room=room, state=state, reason=reason, aux=aux, released=released, pool_id=pool,
+                       bytes_done=done, bytes_total=done)
+
+
+def test_pools_sharing_a_connection_and_a_room_id_merge() -> None:
+    """The ranks of one engine on one connection, each beginning room 7: the room is final once
+    every pool's is (failed if any failed), released once every pool's is."""
+    t = ReplyTracker()
+    for pool in (1, 2):
+        t.recv(pool, 7, "tcp://x", "P", [3], 0.0, False)
+    t.on_push(pev(7, 1, "success", aux=b"kv", done=10))
+    assert t.final(7) is None and not t.pushed(7).done  # pool 2 is still in flight
+    merged = t.on_push(pev(7, 2, "success", done=5))
+    assert t.final(7) == merged and merged.aux == b"kv" and merged.bytes_done == 15 and not merged.released
+    t.on_push(pev(7, 1, "success", released=True))
+    assert t.released(7) is None
+    t.on_push(pev(7, 2, "success", released=True))
+    assert t.released(7) is not None
+    # A failure of one rank fails the engine's room, once the other has ended too.
+    for pool in (1, 2):
+        t.recv(pool, 8, "tcp://x", "P", [3], 0.0, False)
+    t.on_push(pev(8, 2, "failed", reason="peer gone"))
+    t.on_push(pev(8, 1, "success"))
+    st = t.final(8)
+    assert st is not None and st.state == "failed" and st.reason == "peer gone"
+
+
+def test_a_pool_beginning_the_id_again_starts_a_new_use_and_late_events_of_others_are_ignored() -> None:
+    t = ReplyTracker()
+    for pool in (1, 2):
+        t.recv(pool, 7, "tcp://x", "P", [3], 0.0, False)
+    for pool in (1, 2):
+        t.on_push(pev(7, pool, "success"))
+    t.recv(2, 7, "tcp://x", "P", [4], 0.0, False)  # pool 2 reuses the id: a new use, pool 2 alone
+    assert t.final(7) is None
+    t.on_push(pev(7, 1, "success", released=True))  # pool 1's release of the old use
+    assert t.final(7) is None and t.released(7) is None
+    t.on_push(pev(7, 2, "failed", reason="new use failed"))
+    st = t.final(7)
+    assert st is not None and st.reason == "new use failed"
+
+
+def test_prefill_pools_sharing_a_connection_count_their_own_page_offsets() -> None:
+    t = ReplyTracker()
+    a1, _ = t.send(1, 7, [0, 1], is_last=False, aux=b"")
+    a2, _ = t.send(1, 7, [2], is_last=False, aux=b"")
+    b1, _ = t.send(2, 7, [0, 1, 2], is_last=False, aux=b"")  # rank 2's first chunk of the same room
+    b2, _ = t.send(2, 7, [3], is_last=True, aux=b"")
+    a3, _ = t.send(1, 7, [3], is_last=True, aux=b"")
+    assert [m.page_offset for m in (a1, a2, b1, b2, a3)] == [0, 2, 0, 3, 3]
+    t.expect_later(b2)
+    t.on_late_reply(p.ErrorReply(req_id=b2.req_id, kind="bad_request", message="refused", room=7))
+    t.on_push(pev(7, 1, "success"))
+    st = t.final(7)
+    assert st is not None and st.state == "failed" and "refused" in st.reason
+
+
 def test_a_refused_chunk_sent_without_waiting_fails_its_room_for_good() -> None:
     t = ReplyTracker()
     first, _ = t.send(1, 7, [0], is_last=False, aux=b"")
