@@ -231,8 +231,10 @@ class KvdClient:
                                         timeout_s, enable_hisparse))
 
     def poll(self, room: int) -> RoomStatus:
-        """The room's state now, asked of the daemon."""
-        return RoomStatus.from_event(self._request(*self._t.poll(room)))
+        """The room's state now, asked of the daemon (every pool of this connection that began
+        the room id: merged as ``wait`` merges their events)."""
+        return self._t.merge_polls(room, {pool: RoomStatus.from_event(self._request(*self._t.poll(room, pool)))
+                                          for pool in self._t.pools(room)})
 
     def wait(self, room: int, timeout: float | None = None) -> RoomStatus:
         """Block until the room succeeds (returned) or fails (RoomFailed); KvdTimeout after
@@ -428,7 +430,8 @@ class AsyncKvdClient:
                                           timeout_s, enable_hisparse))
 
     async def poll(self, room: int) -> RoomStatus:
-        return RoomStatus.from_event(await self._request(*self._t.poll(room)))
+        return self._t.merge_polls(room, {pool: RoomStatus.from_event(await self._request(*self._t.poll(room, pool)))
+                                          for pool in self._t.pools(room)})
 
     async def wait(self, room: int, timeout: float | None = None) -> RoomStatus:
         return ReplyTracker.check_final(await self._wait_for(room, timeout, self._t.final))

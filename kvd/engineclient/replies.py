@@ -371,8 +371,18 @@ class ReplyTracker:
         self.start_room(room, pool_id=pool_id)
         return msg, p.Ok
 
-    def poll(self, room: int) -> tuple[Message, type[RoomEvent]]:
-        return p.PollRoom(req_id=self.next_req_id(), room=room), RoomEvent
+    def poll(self, room: int, pool_id: int = -1) -> tuple[Message, type[RoomEvent]]:
+        return p.PollRoom(req_id=self.next_req_id(), room=room, pool_id=pool_id), RoomEvent
+
+    def pools(self, room: int) -> list[int]:
+        """The pools of this connection that began the current use of ``room`` (none known: [-1])."""
+        return list(self._pools.get(room) or ()) or [-1]
+
+    @staticmethod
+    def merge_polls(room: int, polled: dict[int, RoomStatus]) -> RoomStatus:
+        """One room's status from a poll of each of its pools (see the class docstring)."""
+        only = next(iter(polled.values()))
+        return only if len(polled) == 1 else _merged(room, dict(polled))
 
     def abort(self, pool_id: int, room: int) -> tuple[Message, type[p.Ok]]:
         return p.AbortRoom(req_id=self.next_req_id(), pool_id=pool_id, room=room), p.Ok

@@ -91,7 +91,7 @@ class Daemon:
         self._routes: dict[type, Callable[[Any], None]] = {
             **self.directory.handlers(), **self.senders.handlers(), **self.receivers.handlers()}  # type: ignore[dict-item]
         # Per engine connection, the final events of its latest ended rooms (bounded).
-        self._ended_rooms: dict[int, OrderedDict[int, we.RoomEvent]] = {}
+        self._ended_rooms: dict[int, OrderedDict[tuple[int, int], we.RoomEvent]] = {}  # by (pool, room)
         self._ended_bytes: dict[int, int] = {}  # aux bytes of each connection's ended events
         self._stop = asyncio.Event()
 
@@ -145,9 +145,9 @@ class Daemon:
         # rooms of an engine that has gone (they end after it did: keeping them would leak).
         if event.released and not pool.closing:
             ended = self._ended_rooms.setdefault(pool.conn_id, OrderedDict())
-            before = ended.pop(event.room, None)
+            before = ended.pop((pool.pool_id, event.room), None)
             kept = self._ended_bytes.get(pool.conn_id, 0) - (len(before.aux) if before else 0) + len(event.aux)
-            ended[event.room] = event
+            ended[(pool.pool_id, event.room)] = event
             # Bounded in bytes too: an aux (a peer's, up to a peer message) is kept with its event.
             while len(ended) > ENDED_ROOMS_KEPT or (kept > ENDED_AUX_BYTES and len(ended) > 1):
                 kept -= len(ended.popitem(last=False)[1].aux)
@@ -212,16 +212,7 @@ class Daemon:
                 self.receivers.start(pool, msg)
                 return we.Ok(req_id=msg.req_id)
             case we.PollRoom():
-                rr = self.receivers.find(conn_id, msg.room)
-                if rr is not None:
-                    return room_event(rr, req_id=msg.req_id, released=rr.released)
-                sr = self.senders.find(conn_id, msg.room)
-                if sr is not None:
-                    return room_event(sr, req_id=msg.req_id)
-                ended = self._ended_rooms[conn_id].get(msg.room) if conn_id in self._ended_rooms else None
-                if ended is not None:
-                    return replace(ended, req_id=msg.req_id)
-                raise RequestError("unknown_room", f"no room {msg.room} in flight on this connection", msg.room)
+                return self._poll(conn_id, msg)
             case we.AbortRoom():
                 owned = self.registry.local.get(msg.pool_id)
                 if owned is None or owned.conn_id != conn_id:
@@ -235,6 +226,30 @@ class Daemon:
                 return we.StatusReply(req_id=msg.req_id, status=self.trust.access.filter_status(
                     self.snapshot(), conn_id, self._owned_by_uid(conn_id)))
         raise RequestError("protocol", f"unhandled request {type(msg).__name__}")
+
+    def _poll(self, conn_id: int, msg: we.PollRoom) -> we.RoomEvent:
+        """A room's state now: the room of that id on the named pool, or (pool_id -1, an older
+        client) on any pool of the connection; an ended room's final event while it is kept."""
+        if msg.pool_id >= 0:
+            owned = self.registry.local.get(msg.pool_id)
+            if owned is None or owned.conn_id != conn_id:
+                raise RequestError("unknown_pool", f"pool {msg.pool_id} is not registered on this connection")
+            key = (msg.pool_id, msg.room)
+            rr, sr = self.receivers.rooms.get(key), self.senders.rooms.get(key)
+            pool_ids = [msg.pool_id]
+        else:
+            rr, sr = self.receivers.find(conn_id, msg.room), self.senders.find(conn_id, msg.room)
+            pool_ids = [pool.pool_id for pool in self.registry.pools_of(conn_id)]
+        if rr is not None:
+            return room_event(rr, req_id=msg.req_id, released=rr.released)
+        if sr is not None:
+            return room_event(sr, req_id=msg.req_id)
+        ended_rooms = self._ended_rooms.get(conn_id)
+        for pool_id in pool_ids if ended_rooms else ():
+            ended = ended_rooms.get((pool_id, msg.room)) if ended_rooms else None
+            if ended is not None:
+                return replace(ended, req_id=msg.req_id)
+        raise RequestError("unknown_room", f"no room {msg.room} in flight on this connection", msg.room)
 
     def _engine_pool(self, conn_id: int, pool_id: int, role: str) -> LocalPool:
         pool = self.registry.local.get(pool_id)

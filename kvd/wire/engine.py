@@ -71,11 +71,13 @@ class RecvRoom(Message):
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class PollRoom(Message):
-    """Ask for a room's state now."""
+    """Ask for a room's state now; pool_id -1 (an older client): the room of that id on any pool
+    of the connection."""
 
     TYPE = 5
     req_id: int
     room: int
+    pool_id: int = wire(-1, since=6)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

@@ -7,9 +7,9 @@ by its id alone: two decode rooms of one id on one connection took each other's 
 second was refused), and two prefill ranks sending several chunks of one room on one connection
 shared one page offset (the second rank's first chunk was refused as out of order).
 
-Invariants: every rank's room runs; ``wait(room)`` returns only once every pool of the
-connection that began the id has ended (failed if any failed), ``wait_released`` once every one
-is released; bytes are exact in every decode rank and nothing outside the rooms' pages changes;
+Invariants: every rank's room runs; ``wait(room)`` and ``poll(room)`` report the room ended only
+once every pool of the connection that began the id has ended (failed if any failed),
+``wait_released`` once every one is released; bytes are exact in every decode rank and nothing outside the rooms' pages changes;
 a pool that ends its use of the id may begin it again (a new use) while the other is idle."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from kvd.engineclient.hostpool import HostPool
+from kvd.engineclient.replies import KvdUnknownError
 from kvd.layout import PoolLayout
 from tools.kvpattern import fill_canary, fill_prefill, pages_to_tokens, verify_decode
 
@@ -49,12 +50,17 @@ def test_ranks_sharing_a_connection_share_a_room_id(daemons) -> None:
             for i in range(0, 6, 2):
                 pc.send(pids[0], 7, src[i:i + 2], i == 4, aux=b"seven" if i == 4 else b"", wait=False)
             assert not (st := dc.pushed(7)) or not st.done
+            assert not dc.poll(7).done  # a poll asks after each pool that began the id, merged the same way
             for i in range(0, 6, 2):
                 pc.send(pids[1], 7, src[i:i + 2], i == 4, aux=b"seven" if i == 4 else b"")
             assert pc.wait(7, timeout=20).state == "success"
             done = dc.wait(7, timeout=20)
             assert done.aux == b"seven" and done.bytes_done == done.bytes_total > 0
             assert dc.wait_released(7, timeout=20).released
+            with dec.client() as other, pytest.raises(KvdUnknownError, match="not registered on this connection"):
+                other._request(*other._t.poll(7, dids[0]))  # another connection's pool: no peeking at its rooms
+            polled = dc.poll(7)
+            assert polled.state == "success" and polled.released and polled.bytes_done == done.bytes_done
             for dh, lay in zip(dhs, dls, strict=True):
                 assert verify_decode(dh, lay, pages_to_tokens(src, 4), pages_to_tokens(dst, 4), SEED, CANARY) == []
             # A new use of the id on one rank's pools only: one decode rank, the prefill rank it reads from.
