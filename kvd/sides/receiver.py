@@ -72,6 +72,14 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                             f"{self.rooms[key].machine.state.value}); wait for its release")
         self.rooms.check_room_for(pool, msg.room)
         c = self.ctx.config
+        capacity = pool.layout.num_tokens if msg.enable_hisparse else pool.layout.num_pages
+        if len(msg.pages) > capacity:
+            # Every destination page (HiSparse: token slot) of a room is its own: more of them than
+            # the pool has is a bug, and the room keeps its indices (and sends them to every
+            # sender) until it ends: up to a frame's worth a room, times the pool's rooms (memory).
+            raise RoomError(f"room {msg.room}: {len(msg.pages)} destination "
+                            f"{'tokens' if msg.enable_hisparse else 'pages'}, more than the {capacity} of "
+                            "its pool")
         if len(msg.pages) * 8 + 4096 > c.peer_max_message_bytes:
             # The indices ride in every TransferRequest: a peer message they do not fit is dropped unseen.
             raise RoomError(f"room {msg.room}: {len(msg.pages)} destination indices do not fit a request to "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from kvd.engineclient.hostpool import HostPool
@@ -54,14 +55,16 @@ def test_an_aux_too_big_for_a_peer_message_is_refused_at_once(daemons) -> None:
 def test_destination_indices_too_many_for_a_peer_message_are_refused_at_once(daemons) -> None:
     """The same for a decode room: its indices ride in the TransferRequest (8 bytes each)."""
     pre, dec = daemons("prefill", *FLAGS, *PEER_MAX), daemons("decode", *FLAGS, *PEER_MAX)
-    pl, dl = PoolLayout("P", "prefill", 1, 0, **SHAPE), PoolLayout("D", "decode", 1, 0, **SHAPE)
+    # A pool of 600,000 tiny pages: the room's indices are all its own, just too many to send.
+    big = dict(SHAPE, total_kv_heads=1, head_dim=1, dtype="uint8", page_size=1, num_pages=600_000)
+    pl, dl = PoolLayout("P", "prefill", 1, 0, **big), PoolLayout("D", "decode", 1, 0, **big)
     ph, dh = HostPool.create(pl), HostPool.create(dl)
     try:
         with pre.client() as pc, dec.client() as dc:
             pc.register_pool(pl, ph, bootstrap=pre.address)
             did = dc.register_pool(dl, dh)
             with pytest.raises(KvdError) as refused:  # 4.8 MB of indices (every one a valid page)
-                dc.recv(did, 4, pre.address, "P", [1] * 600_000)
+                dc.recv(did, 4, pre.address, "P", np.arange(600_000))
             assert "max_message_bytes" in str(refused.value), refused.value
         assert dec.status()["daemon"]["errors"].get("bad_request", 0) >= 1
     finally:
