@@ -371,7 +371,16 @@ class Daemon:
         self.receivers.peer_dead(peer, "prefill daemon")
 
     def active_peers(self) -> set[str]:
-        return self.receivers.active_peers() | self.senders.active_peers()
+        return self.receivers.active_peers() | self.senders.active_peers() | self.directory.rank_owners()
+
+    def announce_ranks_again(self) -> None:
+        """Announce every local prefill rank to its engine's directory on another daemon again: an
+        announce is not answered, so one a restarted directory never got, or one refused while the
+        rank's previous daemon (a lost node) was not yet declared dead, is made good here."""
+        for pool in self.registry.local.values():
+            if pool.layout.role == "prefill" and pool.bootstrap and pool.bootstrap != self.address \
+                    and not pool.closing:
+                self.directory.announce_rank(pool.layout, pool.bootstrap, pool.key)
 
     # --- status ----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -433,6 +442,7 @@ class Daemon:
 
         self.peers.restart_hooks.append(rooms_of_old_incarnation)
         self.directory.current = self.peers.current
+        self.directory.alive = self.peers.alive
         self.registry.drop_hooks.append(lambda pool: self.directory.withdraw_rank(
             pool.layout, pool.bootstrap or self.address, pool.key) if pool.layout.role == "prefill" else None)
         self.registry.drop_hooks.append(self.directory.pool_dropped)
@@ -460,6 +470,7 @@ class Daemon:
         The watchdog is pinged only after a pass whose every step succeeded, and only while the
         peer receive loop reports passes too (Watchdog)."""
         guard, last_beat, last_pools = self.tasks.guard, float("-inf"), self.now()
+        last_ranks = self.now()
         steps = ("housekeeping.senders", "housekeeping.receivers", "housekeeping.peers", "housekeeping.gauges")
         while True:
             now = self.now()
@@ -471,6 +482,10 @@ class Daemon:
                 last_beat = now
                 with guard(steps[2]):
                     self.peers.heartbeat(self.active_peers(), now)
+            if now - last_ranks >= self.config.heartbeat_timeout_s:
+                last_ranks = now
+                with guard(steps[2]):
+                    self.announce_ranks_again()
             if now - last_pools >= 1.0:  # pools peers announced that no room used for a while
                 last_pools = now
                 with guard(steps[2]):

@@ -98,6 +98,9 @@ class Directory:
         #: Whether a peer was heard from (same incarnation) within some seconds; the daemon wires
         #: the peer hub's in. Cached answers of a peer not heard from lately are asked again.
         self.current: Callable[[str, float], bool] = lambda peer, within: True
+        #: Whether a peer is alive (heard from, not declared dead, not forgotten); the daemon wires
+        #: the peer hub's in. A rank whose serving daemon is not may change hands, or shape.
+        self.alive: Callable[[str], bool] = lambda peer: True
         #: Whether this daemon's transport reaches a peer's receive session on this machine, and
         #: whether addresses are device memory it can copy GPU to GPU (the daemon wires the
         #: same-node transport's in; off: never). Both hold: head slices go in one pass.
@@ -161,7 +164,19 @@ class Directory:
             if not ranks:
                 self.ranks.pop(engine, None)
             return
+        if ranks.get(rank) == (layout, msg.src) and self._rank_pool.get((engine, rank)) == msg.pool_key:
+            return  # announced again (its daemon does so now and then): nothing changed
         shape = _shape(layout)
+        gone = [r for r, (other, daemon) in ranks.items()
+                if r != rank and _shape(other) != shape and daemon not in (self.address, msg.src)
+                and not self.alive(daemon)]
+        for other_rank in gone:
+            # The engine came back in another shape after the node that served these ranks was
+            # lost: a daemon that is dead (or forgotten) withdraws nothing, so they go here.
+            log.info("rank_forgotten", engine=engine, rank=other_rank, daemon=ranks[other_rank][1],
+                     reason="its daemon is dead")
+            del ranks[other_rank]
+            self._rank_pool.pop((engine, other_rank), None)
         for other_rank, (other, _) in ranks.items():
             if other_rank != rank and _shape(other) != shape:
                 self._count_error("layout")
@@ -177,6 +192,11 @@ class Directory:
         if before is not None and before != (layout, msg.src):
             log.info("rank_replaced", engine=engine, rank=rank, daemon=msg.src, previous=before[1])
         self._engine_changed(engine)
+
+    def rank_owners(self) -> set[str]:
+        """Other daemons serving ranks of engines this daemon is the directory of: watched by
+        heartbeat, so that a lost one is declared dead and its ranks may move."""
+        return {daemon for ranks in self.ranks.values() for _, daemon in ranks.values()} - {self.address}
 
     def _engine_changed(self, engine_id: str) -> None:
         """Tell everyone who waits for the engine, or holds an answer about it, what it looks like now."""

@@ -323,6 +323,10 @@ class PeerHub:
         self.dead.discard(src)
         return True
 
+    def alive(self, peer: str) -> bool:
+        """Heard from, neither declared dead since nor forgotten (idle past ``peer.idle_s``)."""
+        return peer in self.last_seen and peer not in self.dead
+
     def current(self, peer: str, within: float) -> bool:
         """True if ``peer`` (in the incarnation we know) was heard from in the last ``within`` s:
         what it told us before then may be stale (it may have restarted since)."""

@@ -108,10 +108,8 @@ def trust_gate(daemon: Any) -> PeerGate:
         entry = daemon.directory.ranks.get(engine, {}).get(rank)
         return entry[1] if entry is not None else None
 
-    def alive(peer: str) -> bool:
-        return peer in daemon.peers.last_seen and peer not in daemon.peers.dead
-
-    return PeerGate(lambda: daemon.address, daemon.registry, rank_owner, daemon.senders.request_srcs, alive,
+    return PeerGate(lambda: daemon.address, daemon.registry, rank_owner, daemon.senders.request_srcs,
+                    lambda peer: daemon.peers.alive(peer),
                     daemon.count_error)
 
 
