@@ -28,6 +28,7 @@ __all__ = [
     "PlanError",
     "TpMapping",
     "WriteOps",
+    "check_distinct",
     "check_ops_within",
     "check_ranges_within",
     "check_token_indices",
@@ -309,6 +310,19 @@ class DirectPlanner:
         return WriteOps((sbufs[:, None] + src_off[None, :]).reshape(-1),
                         (rbufs[:, None] + dst_off[None, :]).reshape(-1),
                         np.tile(lengths, sbufs.shape[0]))
+
+
+def check_distinct(indices: np.ndarray, what: str) -> None:
+    """Refuse indices of which one occurs twice: two writes into one page (or HiSparse token) of
+    a room leave whichever lands last, never a valid request. The planners check each chunk's;
+    a room's destination indices, all known at once, are checked whole here."""
+    if indices.size > 1 and _repeats(indices):
+        if indices.size <= SMALL:
+            first = next(x for i, x in enumerate(indices.tolist()) if x in indices.tolist()[:i])
+        else:
+            ordered = np.sort(indices)
+            first = int(ordered[1:][ordered[1:] == ordered[:-1]][0])
+        raise PlanError(f"{what} repeat index {first} (two writes into one row: each must be the room's own)")
 
 
 def _repeats(indices: np.ndarray) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 
 from kvd.core.inline import check_within_indices, unpack_ops
 from kvd.core.layout import LayoutError, PoolLayout, check_compatible
-from kvd.core.planner import PlanError, TpMapping, map_heads
+from kvd.core.planner import PlanError, TpMapping, check_distinct, map_heads
 from kvd.core.rooms import (
     CompletionTracker,
     Deadlines,
@@ -80,6 +80,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             raise RoomError(f"room {msg.room}: {len(msg.pages)} destination "
                             f"{'tokens' if msg.enable_hisparse else 'pages'}, more than the {capacity} of "
                             "its pool")
+        check_distinct(msg.pages, f"room {msg.room}: destination {'tokens' if msg.enable_hisparse else 'pages'}")
         if len(msg.pages) * 8 + 4096 > c.peer_max_message_bytes:
             # The indices ride in every TransferRequest: a peer message they do not fit is dropped unseen.
             raise RoomError(f"room {msg.room}: {len(msg.pages)} destination indices do not fit a request to "
