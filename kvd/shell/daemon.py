@@ -192,6 +192,8 @@ class Daemon:
                         error=f"{type(exc).__name__}: {exc}")
 
     def on_engine_request(self, conn_id: int, msg: Message) -> Message | Awaitable[Message]:
+        if self.registry.stopping and isinstance(msg, we.SendChunk | we.RecvRoom):
+            raise RequestError("busy", "kvd is shutting down: no new room or chunk is taken", msg.room)
         match msg:
             case we.RegisterPool():
                 return self._pool_registered(conn_id, msg)  # awaited by the engine server
@@ -345,6 +347,11 @@ class Daemon:
         """An engine went away: fail its rooms; unregister each pool once nothing can write into it."""
         self._ended_rooms.pop(conn_id, None)
         self._ended_bytes.pop(conn_id, None)
+        if self.registry.stopping:
+            # The stop closes the engine connections after the task owner: no room may start its
+            # fence or a pool its reaper now; rooms end with the process and the stop unregisters
+            # every pool (peers learn of it by the new incarnation, or their heartbeats).
+            return
         pools = self.registry.pools_of(conn_id)
         for pool in pools:
             pool.closing = True
