@@ -349,6 +349,7 @@ class ReplyTracker:
 
     def send(self, pool_id: int, room: int, pages: Pages, is_last: bool,
              aux: bytes) -> tuple[Message, type[p.Ok]]:
+        pool_id, room = _wire_int(pool_id, "pool_id"), _wire_int(room, "room")
         arr = _pages(pages)
         key = (pool_id, room)
         offset = self._sent_pages.get(key, 0) if key in self._sending else 0
@@ -364,6 +365,7 @@ class ReplyTracker:
 
     def recv(self, pool_id: int, room: int, bootstrap_addr: str, prefill_engine_id: str, pages: Pages,
              timeout_s: float, enable_hisparse: bool) -> tuple[Message, type[p.Ok]]:
+        pool_id, room = _wire_int(pool_id, "pool_id"), _wire_int(room, "room")
         msg = p.RecvRoom(req_id=self.next_req_id(), pool_id=pool_id, room=room,
                          bootstrap_addr=bootstrap_addr, prefill_engine_id=prefill_engine_id,
                          pages=_pages(pages), timeout_s=float(timeout_s),
@@ -372,7 +374,8 @@ class ReplyTracker:
         return msg, p.Ok
 
     def poll(self, room: int, pool_id: int = -1) -> tuple[Message, type[RoomEvent]]:
-        return p.PollRoom(req_id=self.next_req_id(), room=room, pool_id=pool_id), RoomEvent
+        return p.PollRoom(req_id=self.next_req_id(), room=_wire_int(room, "room"),
+                          pool_id=_wire_int(pool_id, "pool_id")), RoomEvent
 
     def pools(self, room: int) -> list[int]:
         """The pools of this connection that began the current use of ``room`` (none known: [-1])."""
@@ -385,7 +388,8 @@ class ReplyTracker:
         return only if len(polled) == 1 else _merged(room, dict(polled))
 
     def abort(self, pool_id: int, room: int) -> tuple[Message, type[p.Ok]]:
-        return p.AbortRoom(req_id=self.next_req_id(), pool_id=pool_id, room=room), p.Ok
+        return p.AbortRoom(req_id=self.next_req_id(), pool_id=_wire_int(pool_id, "pool_id"),
+                           room=_wire_int(room, "room")), p.Ok
 
     def status(self) -> tuple[Message, type[p.StatusReply]]:
         return p.StatusRequest(req_id=self.next_req_id()), p.StatusReply
@@ -408,6 +412,15 @@ def _merged(room: int, pools: dict[int, RoomStatus | None]) -> RoomStatus:
                       aux=next((st.aux for st in seen if st.aux), b""),
                       bytes_done=sum(st.bytes_done for st in seen), bytes_total=sum(st.bytes_total for st in seen),
                       released=every and all(st.released for st in seen))
+
+
+def _wire_int(value: Any, what: str) -> int:
+    """A room or pool id as the wire carries it (msgpack: -2**63 .. 2**64 - 1); a numpy integer is
+    taken as the int it is. Anything else is the caller's mistake, refused before it is sent."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not -(1 << 63) <= int(value) < 1 << 64:
+        raise KvdBadRequest(f"{what} must be an integer in [-2**63, 2**64), got {str(value)[:40]!r}",
+                            kind="bad_request")
+    return int(value)
 
 
 def _pages(pages: Pages) -> np.ndarray:

@@ -571,3 +571,17 @@ def test_a_hand_over_kvd_never_answers_is_a_registration_error(tmp_path: Path) -
     finally:
         os.close(fd)
         mute.close()
+
+
+@pytest.mark.parametrize("room", [1 << 64, -(1 << 63) - 1, 1.5, True, "7", None])
+def test_a_room_id_the_wire_cannot_carry_is_refused_before_it_is_sent(room) -> None:
+    """msgpack carries integers in [-2**63, 2**64): a larger one raised a bare OverflowError from
+    the encoder (no KvdError), after the tracker had already begun the room."""
+    t = ReplyTracker()
+    for build in (lambda: t.send(1, room, [0], True, b""), lambda: t.recv(1, room, "tcp://x", "P", [0], 0.0, False),
+                  lambda: t.poll(room), lambda: t.abort(1, room)):
+        with pytest.raises(KvdBadRequest, match="room must be an integer"):
+            build()
+    assert t.pushed(7) is None and t.pools(7) == [-1]
+    msg, _ = t.send(np.int64(1), np.int64(7), [0], True, b"")  # numpy integers are the ints they hold
+    assert p.decode(msg.encode()).room == 7
