@@ -87,6 +87,17 @@ class KvdKVManager(BaseKVManager):
         self.socket_path = os.environ.get("KVD_SOCKET", getattr(server_args, "kvd_socket", DEFAULT_SOCKET))
         self.room_timeout_s = float(os.environ.get("KVD_ROOM_TIMEOUT_S", "0"))
         self.client = BackgroundKvdClient(self.socket_path)
+        try:
+            self._start(args)
+        except BaseException:
+            # A manager refused here (rank taken, bad pool, bootstrap server down) must not keep
+            # its daemon connection: each one counts against socket.max_connections_per_uid.
+            self.client.close()
+            raise
+
+    def _start(self, args: KVArgs) -> None:
+        """Register the pool (and, on prefill, the rank with SGLang's bootstrap server)."""
+        server_args = self.server_args
         daemon = self.client.status().get("daemon", {})
         self.daemon_address: str = daemon.get("peer_address", "")
         self.directory = os.environ.get("KVD_DIRECTORY", "") or self.daemon_address
@@ -200,6 +211,13 @@ class _Room:
         self.state: int = KVPoll.Bootstrapping
         self.conclude_state: int | None = None
         self.aborted = False
+        # Whether this object handed the room to the daemon (a recv, a first chunk): until then
+        # what the client holds under this room id belongs to an earlier use of the id (SGLang
+        # never clear()s a failed prefill sender, and a client may re-issue a bootstrap_room), so
+        # it is dropped here and not read by poll().
+        self.started = False
+        mgr.client.forget(self.bootstrap_room)
+        mgr.pop_failure(self.bootstrap_room, "")
 
     def _fail(self, reason: str) -> int:
         self.kv_mgr.record_failure(self.bootstrap_room, reason)
@@ -217,6 +235,8 @@ class _Room:
     def poll(self) -> int:
         if self.conclude_state is not None:
             return self.conclude_state
+        if not self.started:
+            return self.state
         pushed, st = self.kv_mgr.state_of(self.bootstrap_room)
         if pushed == KVPoll.Failed:
             return self._fail(f"kvd: {st.reason or 'room failed'}")
@@ -238,6 +258,8 @@ class _Room:
 
     def is_abort_release_safe(self) -> bool:
         """kvd's release fence: True once no write into this room's pages can still land."""
+        if not self.started:
+            return True  # the daemon was never given this room's pages
         st = self.kv_mgr.client.pushed(self.bootstrap_room)
         return st is not None and (st.released or st.state == "success")
 
@@ -315,7 +337,7 @@ class KvdKVSender(_Room, BaseKVSender):
             aux = aux_row(self.kv_mgr.aux_ptrs, self.kv_mgr.aux_item_lens, int(self.aux_index))
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        self.has_sent = True
+        self.has_sent = self.started = True
         # Not waiting for the daemon's reply: the scheduler goes on at once, and a refused chunk
         # fails the room at the next poll (the client stashes the refusal as a pushed failure).
         if self._daemon_call("send", functools.partial(self.kv_mgr.client.send, wait=False), self.kv_mgr.pool_id,
@@ -381,6 +403,7 @@ class KvdKVReceiver(_Room, BaseKVReceiver):
         port = self.bootstrap_addr.rpartition(":")[2]
         engine = prefill_engine_id(port, self.prefill_dp_rank)
         pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1)
+        self.started = True
         self.daemon_room = self._daemon_call("recv", self.kv_mgr.client.recv, self.kv_mgr.pool_id,
                                              self.bootstrap_room, self.directory, engine, pages,
                                              self.kv_mgr.room_timeout_s)

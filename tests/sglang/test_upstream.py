@@ -345,6 +345,7 @@ def test_failure_latches_and_carries_the_local_reason_once():
 
     mgr = offline_manager("decode")
     rv = kv_classes()["receiver"](mgr, "127.0.0.1:1", 42)
+    rv.started = True  # send_metadata handed the room to the daemon
     mgr.client.push(42, "failed", reason="transfer timed out after 8s")
     assert rv.poll() == KVPoll.Failed
     mgr.client.push(42, "success")
@@ -369,6 +370,7 @@ def test_receiver_success_lands_aux_before_it_reports():
         t.zero_()
     rv = kv_classes()["receiver"](mgr, "127.0.0.1:1", 7)
     rv.aux_index = 2
+    rv.started = True  # send_metadata handed the room to the daemon
     mgr.client.push(7, "success", aux=aux_row(src.aux_ptrs, src.aux_item_lens, 11))
     assert rv.poll() == KVPoll.Success
     assert aux_row(mgr.aux_ptrs, mgr.aux_item_lens, 2) == aux_row(src.aux_ptrs, src.aux_item_lens, 11)
@@ -392,6 +394,7 @@ def _consensus_rank(rank: int, init_file: str, out: Any) -> None:
         mgr = offline_manager("decode")
         rv = kv_classes()["receiver"](mgr, "127.0.0.1:1", 1)
         rv.state = KVPoll.WaitingForInput
+        rv.started = True  # send_metadata handed the room to the daemon
         first = poll_and_all_reduce([rv], dist.group.WORLD)
         if rank == 0:  # only rank 0's daemon reports the failure
             mgr.client.push(1, "failed", reason="kvd: waiting timeout")

@@ -1,0 +1,200 @@
+"""Red team round 9: the SGLang backend's contract at its edges, SGLang's real classes over two
+real kvd daemons (module-scoped: one pair for the file).
+
+* A bootstrap room id used again after a failed use: SGLang never ``clear()``s a failed prefill
+  sender, so the client's view kept the old use's ``failed`` event under the id, and the next
+  sender of the same room polled Failed at once (before sending anything), with the old reason.
+  A new sender or receiver now drops what the client held under its id and reads the daemon's
+  view only once it handed the room over itself.
+* A manager refused at start (here: its rank is registered already) kept its daemon connection
+  and client thread, each counted against ``socket.max_connections_per_uid``.
+* Held: two decode engines asking for one prefill room (one gets exact bytes, the other fails
+  with its pages untouched); polls, aborts and failures of rooms never handed to the daemon.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from tests.sglang.harness import Rank, check_room, fill_room, free_port, kv_classes, server_args
+from tools.cluster import DaemonProc, start_daemon
+
+pytestmark = pytest.mark.e2e
+
+GEO = dict(layers=2, total_heads=4, head_dim=16, page_size=4, num_pages=16)
+SENTINEL = 0x5A5A
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from tests.support import PAIR_FLAGS
+
+    tmp = tmp_path_factory.mktemp("sglang-edges")
+    daemons: list[DaemonProc] = []
+    ranks: list[Rank] = []
+    server = None
+    try:
+        daemons += [start_daemon(tmp, "prefill", *PAIR_FLAGS), start_daemon(tmp, "decode", *PAIR_FLAGS)]
+        C = kv_classes()
+        bport = free_port()
+        server = C["bootstrap_server"]("127.0.0.1", bport)
+
+        def make(role: str, sock: str, port: int = 30001) -> Rank:
+            from sglang.srt.disaggregation.utils import DisaggregationMode
+
+            rk = Rank(role, 1, 0, **GEO)  # type: ignore[arg-type]
+            rk.allocate()
+            ranks.append(rk)
+            sa = server_args(1, bport, sock)
+            sa.port = port
+            mode = DisaggregationMode.PREFILL if role == "prefill" else DisaggregationMode.DECODE
+            rk.mgr = C["manager"](rk.kv_args(), mode, sa, False)
+            return rk
+
+        p = make("prefill", daemons[0].socket_path)
+        d1 = make("decode", daemons[1].socket_path, 30001)
+        d2 = make("decode", daemons[1].socket_path, 30002)
+        yield {"C": C, "addr": f"127.0.0.1:{bport}", "p": p, "d1": d1, "d2": d2, "make": make,
+               "daemons": daemons}
+    finally:
+        for rk in ranks:
+            rk.close()
+        if server is not None:
+            server.close()
+        for d in daemons:
+            d.stop()
+
+
+def _end(obj: Any, timeout: float = 15.0) -> int:
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    deadline = time.monotonic() + timeout
+    while (st := obj.poll()) not in (KVPoll.Success, KVPoll.Failed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return st
+
+
+def _fail_reason(obj: Any) -> str:
+    from sglang.srt.disaggregation.common.conn import KVTransferError
+
+    with pytest.raises(KVTransferError) as ei:
+        obj.failure_exception()
+    return str(ei.value)
+
+
+def _fill_sentinel(rank: Rank) -> None:
+    for b in rank.bufs:
+        b.view(torch.int16).fill_(SENTINEL)
+
+
+def _untouched(rank: Rank) -> bool:
+    return all(bool((b.view(torch.int16) == SENTINEL).all()) for b in rank.bufs)
+
+
+def test_a_room_id_used_again_after_a_failed_use(env) -> None:
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    C, addr, p, d = env["C"], env["addr"], env["p"], env["d1"]
+    room = 0x7E57_0001
+    # first use: the prefill aborts mid-room; SGLang calls failure_exception() and no clear()
+    rv = C["receiver"](d.mgr, addr, room)
+    rv.init(0)
+    rv.send_metadata([1, 2, 3], 0)
+    s = C["sender"](p.mgr, addr, room)
+    s.init(3, 0)
+    s.send([4])
+    time.sleep(0.3)  # the daemons pair the room (an abort before that leaves the decode to its deadline)
+    s.abort()
+    assert _end(s) == KVPoll.Failed
+    assert "Abort" in _fail_reason(s)
+    assert _end(rv) == KVPoll.Failed
+    _fail_reason(rv)
+    rv.clear()
+    # second use of the id: a fresh pair of objects must not inherit the old use's outcome
+    rv = C["receiver"](d.mgr, addr, room)
+    assert rv.poll() == KVPoll.Bootstrapping
+    rv.init(0)
+    rv.send_metadata([8, 9, 10], 1)
+    s = C["sender"](p.mgr, addr, room)
+    assert s.poll() == KVPoll.WaitingForInput
+    s.init(3, 1)
+    assert s.poll() == KVPoll.WaitingForInput
+    g = fill_room([p], [5, 6, 7], seed=9)
+    s.send([5, 6])
+    s.send([7])
+    assert (_end(rv), _end(s)) == (KVPoll.Success, KVPoll.Success)
+    assert check_room(d, [8, 9, 10], g) > 0
+    rv.clear()
+    s.clear()
+
+
+def test_a_refused_manager_keeps_no_daemon_connection(env) -> None:
+    from kvd.engineclient.replies import KvdError
+
+    def client_threads() -> int:
+        return sum(t.name == "kvd-client-loop" and t.is_alive() for t in threading.enumerate())
+
+    before = client_threads()
+    with pytest.raises(KvdError, match="already registered"):
+        env["make"]("prefill", env["daemons"][0].socket_path)  # the same prefill rank again
+    assert client_threads() == before
+    st = env["daemons"][0].status()
+    assert st["daemon"].get("errors", {}).get("loop_crash", 0) == 0
+
+
+def test_two_decode_engines_one_prefill_room(env) -> None:
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    C, addr, p, d1, d2 = env["C"], env["addr"], env["p"], env["d1"], env["d2"]
+    room = 0x7E57_0002
+    for d in (d1, d2):
+        _fill_sentinel(d)
+        d.mgr.room_timeout_s = 1.5  # the receiver left out waits this long, not the daemon's 8 s
+    r1 = C["receiver"](d1.mgr, addr, room)
+    r2 = C["receiver"](d2.mgr, addr, room)
+    for rv, dst in ((r1, [1, 2]), (r2, [5, 6])):
+        rv.init(0)
+        rv.send_metadata(dst, 0)
+    s = C["sender"](p.mgr, addr, room)
+    s.init(2, 0)
+    g = fill_room([p], [3, 4], seed=10)
+    s.send([3, 4])
+    ends = {id(r1): _end(r1), id(r2): _end(r2)}
+    assert _end(s) in (KVPoll.Success, KVPoll.Failed)
+    for rv, d, dst in ((r1, d1, [1, 2]), (r2, d2, [5, 6])):
+        if ends[id(rv)] == KVPoll.Success:
+            assert check_room(d, dst, g) > 0
+        else:
+            assert ends[id(rv)] == KVPoll.Failed
+            _fail_reason(rv)  # the release fence: no write of it can land after this
+            assert _untouched(d)
+        rv.clear()
+    assert list(ends.values()).count(KVPoll.Success) <= 1
+    s.clear()
+    for d in (d1, d2):
+        d.mgr.room_timeout_s = 0.0
+
+
+def test_rooms_never_handed_to_the_daemon(env) -> None:
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    C, addr, p, d = env["C"], env["addr"], env["p"], env["d1"]
+    rv = C["receiver"](d.mgr, addr, 0x7E57_0003)
+    assert rv.poll() == KVPoll.Bootstrapping
+    assert rv.is_abort_release_safe()  # kvd never had its pages
+    rv.abort()
+    assert rv.poll() == KVPoll.Failed
+    assert "Abort" in _fail_reason(rv)
+    s = C["sender"](p.mgr, addr, 0x7E57_0004)
+    assert s.poll() == KVPoll.WaitingForInput
+    s.abort()
+    assert s.poll() == KVPoll.Failed
+    s.send([1])  # a send after the abort changes nothing
+    assert s.poll() == KVPoll.Failed
+    assert "Abort" in _fail_reason(s)
