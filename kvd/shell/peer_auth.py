@@ -19,8 +19,10 @@ address it is not bound to, and never logs or shows a secret key.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,7 +114,7 @@ class KeyRing:
         self._by_key: dict[bytes, PeerKey] = {}
         self._by_address: dict[str, bytes] = {}
         self._scanned = float("-inf")
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[object, ...] | None = None
         self.problems: list[str] = []
 
     def __len__(self) -> int:
@@ -132,6 +134,11 @@ class KeyRing:
                 continue
             path = os.path.join(self.directory, name)
             try:
+                st = os.stat(path)
+                if not stat.S_ISREG(st.st_mode):  # a FIFO would block the loop, a device read forever
+                    raise ValueError("not a regular file")
+                if st.st_size > MAX_CERT_BYTES:
+                    raise ValueError(f"{st.st_size} bytes, more than a certificate ({MAX_CERT_BYTES})")
                 public, _ = zmq.auth.load_certificate(path)
                 meta = certificate_metadata(path)
             except (OSError, ValueError) as exc:
@@ -160,14 +167,27 @@ class KeyRing:
         if now - self._scanned < RESCAN_S:
             return
         self._scanned = now
-        try:
-            st = os.stat(self.directory)
-            stamp: tuple[float, int] | None = (st.st_mtime, len(os.listdir(self.directory)))
-        except OSError:
-            stamp = None
+        stamp = self.stamp()
         if stamp != self._stamp:
             self._stamp = stamp
             self.load()
+
+    def stamp(self) -> tuple[object, ...] | None:
+        """What a change of the directory changes: its own times and each key file's identity,
+        size and modification time. A file rewritten in place (a rotated key copied over the
+        old one, a file emptied to revoke it) leaves the directory's mtime and its entry count
+        as they were, so those alone missed it and the old key stayed trusted."""
+        try:
+            st = os.stat(self.directory)
+            files: list[tuple[str, int, int, int, int]] = []
+            for name in sorted(os.listdir(self.directory)):
+                if name.endswith(PUBLIC_SUFFIX):
+                    with contextlib.suppress(OSError):  # gone meanwhile: the next scan sees that
+                        f = os.stat(os.path.join(self.directory, name))
+                        files.append((name, f.st_ino, f.st_size, f.st_mtime_ns, f.st_ctime_ns))
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, tuple(files))
 
     def get(self, public: bytes) -> PeerKey | None:
         # Rescanned on hits too (at most once per RESCAN_S, a stat when nothing changed): a key
@@ -301,6 +321,14 @@ class PeerAuth:
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret)
         return ""
+
+    def server_key(self, address: str) -> bytes | None:
+        """The key a DEALER to ``address`` must expect now (None: none known, or not secure).
+        The hub compares it with the one its cached socket was made with (a rescan at most once
+        per RESCAN_S, a dict lookup otherwise)."""
+        if not self.secure or self.ring is None:
+            return None
+        return self.ring.key_for(address)
 
     # --- checks -----------------------------------------------------------------------------------
     def knows(self, public: bytes) -> bool:

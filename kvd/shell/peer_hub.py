@@ -94,6 +94,7 @@ class PeerHub:
         self._router: zmq.asyncio.Socket | None = None
         self._dealers: OrderedDict[str, zmq.asyncio.Socket] = OrderedDict()  # least recently used first
         self._plain: dict[str, zmq.Socket[bytes]] = {}  # each DEALER without zmq.asyncio's futures
+        self._dealer_keys: dict[str, bytes | None] = {}  # the server key each DEALER was made with
         self._last_sent: dict[str, float] = {}
         self.last_seen: OrderedDict[str, float] = OrderedDict()
         self._watch_since: dict[str, float] = {}
@@ -138,6 +139,7 @@ class PeerHub:
             sock.close(linger=0)
         self._dealers.clear()
         self._plain.clear()
+        self._dealer_keys.clear()
         if self._router is not None:
             self._router.close(linger=0)
 
@@ -174,8 +176,15 @@ class PeerHub:
     def _dealer(self, addr: str, what: str) -> zmq.asyncio.Socket | None:
         sock = self._dealers.get(addr)
         if sock is not None:
-            self._dealers.move_to_end(addr)
-            return sock
+            if self.auth is None or self.auth.server_key(addr) == self._dealer_keys.get(addr):
+                self._dealers.move_to_end(addr)
+                return sock
+            # The peer's key was replaced or removed since this socket was made: a socket that
+            # still expects the old key would fail every handshake with a re-keyed peer, and go on
+            # talking to a revoked one. Made again below (or refused, with no key).
+            self.handler.count_error("peer_key_changed")
+            log.warning("peer_key_changed", peer=addr, msg=what)
+            self._close(addr)
         try:
             check_peer_address(addr)
         except PeerAddressError as exc:
@@ -204,6 +213,8 @@ class PeerHub:
             return None
         self._dealers[addr] = sock
         self._plain[addr] = zmq.Socket.shadow(sock.underlying)
+        if self.auth is not None:
+            self._dealer_keys[addr] = self.auth.server_key(addr)
         return sock
 
     def _evict_one(self) -> None:
@@ -216,6 +227,7 @@ class PeerHub:
     def _close(self, addr: str) -> None:
         sock = self._dealers.pop(addr, None)
         self._plain.pop(addr, None)
+        self._dealer_keys.pop(addr, None)
         self._last_sent.pop(addr, None)
         if sock is not None:
             sock.close(linger=0)
