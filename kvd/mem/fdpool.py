@@ -110,8 +110,12 @@ def open_fd_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
                               f"(layers x K/V), got {str(offsets)[:80]}")
     fd = handle.take()
     try:
-        st = check_fd(fd)
-        size = st.st_size
+        check_fd(fd)
+        # Sealed first, measured after: an engine that shrinks its memfd between a size check
+        # and the seal leaves kvd a mapping past the end of the file, and the first touch of it
+        # (the prefault below, in the daemon) dies of SIGBUS.
+        sealed = _seal_shrink(fd)
+        size = os.fstat(fd).st_size
         end = max(offsets) + layout.buffer_bytes
         if size < end:
             raise PoolMemoryError(f"the pool descriptor has {size} bytes but the layout needs {end} "
@@ -120,11 +124,16 @@ def open_fd_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
         for a, b in zip(ordered, ordered[1:], strict=False):
             if b - a < layout.buffer_bytes:
                 raise PoolMemoryError(f"buffers at offsets {a} and {b} overlap")
-        sealed = _seal_shrink(fd)
         # Only what the layout names is mapped and touched: a descriptor may be far larger than
         # the pool (a sparse memfd costs its engine nothing), and prefaulting all of it would
         # allocate every page in kvd's memory.
-        mapping = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mapping = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as exc:
+            # OSError: e.g. a memfd sealed against writes (F_SEAL_WRITE / F_SEAL_FUTURE_WRITE);
+            # ValueError: mmap's own size check, when a file that cannot be sealed shrank meanwhile
+            raise PoolMemoryError(f"the pool descriptor cannot be mapped shared for reading and writing: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
     finally:
         os.close(fd)
     base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
