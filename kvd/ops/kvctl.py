@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,11 +28,23 @@ _DASH = "-"
 # --- formatting helpers: every one accepts anything and falls back to "-" ---
 
 
+def _finite(value: object) -> float | None:
+    """``value`` as a finite float; None for anything else (bools, NaN, infinities, ints too
+    large for a float: a daemon's status is read as it is, whatever it holds)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        n = float(value)
+    except OverflowError:
+        return None
+    return n if math.isfinite(n) else None
+
+
 def human_bytes(value: object) -> str:
     """``1536`` -> ``"1.5 KiB"``; not a number -> ``"-"``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    n = _finite(value)
+    if n is None:
         return _DASH
-    n = float(value)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
@@ -41,9 +54,9 @@ def human_bytes(value: object) -> str:
 
 def human_duration(value: object) -> str:
     """Seconds as ``"0.25s"``, ``"42.0s"``, ``"5m03s"``, ``"2h01m"``, ``"3d04h"``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    s = _finite(value)
+    if s is None or s < 0:
         return _DASH
-    s = float(value)
     if s < 10:
         return f"{s:.2f}s"
     if s < 60:
@@ -73,6 +86,11 @@ def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _dicts(value: object) -> list[dict[str, Any]]:
+    """The maps in a list (anything else: none)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list | tuple) else []
+
+
 def _ranks(value: object) -> list[Any] | None:
     return list(value) if isinstance(value, list | tuple) else None
 
@@ -83,7 +101,7 @@ def _senders(room: dict[str, Any]) -> str:
     reported = _ranks(room.get("senders_reported"))
     if not required and not reported:
         return _DASH  # a sending room, or an old daemon: nothing to count
-    done = ",".join(str(r) for r in reported or [])
+    done = ",".join(_text(r) for r in reported or [])
     total = str(len(required)) if required is not None else "?"
     return f"{len(reported or [])}/{total} [{done}]"
 
@@ -133,7 +151,7 @@ def _header(daemon: dict[str, Any]) -> str:
 def _totals(daemon: dict[str, Any]) -> str:
     bytes_total = daemon.get("bytes_total")
     if isinstance(bytes_total, dict):  # a daemon that reports both directions
-        moved = ", ".join(f"{human_bytes(v)} {k}" for k, v in bytes_total.items())
+        moved = ", ".join(f"{human_bytes(v)} {_text(k)}" for k, v in bytes_total.items())
     else:
         moved = human_bytes(bytes_total)
         moved = moved if moved == _DASH else f"{moved} sent"
@@ -151,9 +169,12 @@ def _trust(daemon: dict[str, Any]) -> list[str]:
     trust = daemon.get("trust")
     if not isinstance(trust, dict):
         return []
-    if trust.get("peer_auth") == "insecure":
+    mode = trust.get("peer_auth")
+    if mode == "insecure":
         return ["trust: INSECURE (peer.insecure = true): peers are neither authenticated nor encrypted"
                 + (", shared token on" if trust.get("token") else "")]
+    if mode != "curve":  # never shown as authenticated unless the daemon says so in words kvctl knows
+        return [f"trust: UNKNOWN peer authentication ({_text(mode)}): not known to authenticate peers"]
     refused = trust.get("peer_messages_refused", 0)
     return [f"trust: peers curve ({_text(trust.get('authorized_keys'))} authorized keys), "
             f"{_text(refused)} peer messages refused, local allow-list "
@@ -165,7 +186,7 @@ def render_status(st: dict[str, Any]) -> str:
     daemon = _dict(st.get("daemon"))
     lines = [_header(daemon), _totals(daemon), *_trust(daemon), ""]
 
-    rooms = [r for r in st.get("rooms") or [] if isinstance(r, dict)]
+    rooms = _dicts(st.get("rooms"))
     room_rows = [
         [
             _text(r.get("room")),
@@ -174,7 +195,8 @@ def render_status(st: dict[str, Any]) -> str:
             _text(r.get("rank")),
             _text(r.get("peer")),
             _text(r.get("state")),
-            _text(r.get("path")) + (f" {r['chunks_done']}/{r['chunks_total']}" if r.get("chunks_total") else ""),
+            _text(r.get("path")) + (f" {_text(r.get('chunks_done'))}/{_text(r.get('chunks_total'))}"
+                                    if r.get("chunks_total") else ""),
             _progress(r.get("bytes_done"), r.get("bytes_total")),
             human_duration(r.get("age_s")),
             _senders(r),
@@ -185,7 +207,7 @@ def render_status(st: dict[str, Any]) -> str:
     lines += _table(room_headers, room_rows) if room_rows else ["no rooms in flight"]
     lines.append("")
 
-    peers = [p for p in st.get("peers") or [] if isinstance(p, dict)]
+    peers = _dicts(st.get("peers"))
     peer_rows = [
         [
             _text(p.get("peer")),
@@ -207,7 +229,7 @@ def _paths(daemon: dict[str, Any]) -> list[str]:
     every fallback with its reason: a fallback is never silent."""
     paths = _dict(daemon.get("peer_paths"))
     rows = []
-    for session, info in sorted(paths.items()):
+    for session, info in sorted(paths.items(), key=lambda item: str(item[0])):
         if not isinstance(info, dict):
             continue
         fallbacks = _dict(info.get("fallbacks"))
@@ -215,7 +237,7 @@ def _paths(daemon: dict[str, Any]) -> list[str]:
         path = _text(info.get("path")) + (f" (one pass x{one_pass})" if isinstance(one_pass, int) and one_pass else "")
         rows.append([_text(session), path, _text(info.get("reason")),
                      human_bytes(sum(v for v in _dict(info.get("bytes")).values() if isinstance(v, int))),
-                     "; ".join(f"{k} x{v}" for k, v in fallbacks.items()) or "-"])
+                     "; ".join(f"{_text(k)} x{_text(v)}" for k, v in fallbacks.items()) or "-"])
     if not rows:
         return []
     return ["", *_table(["PEER SESSION", "PATH", "WHY", "BYTES", "FALLBACKS"], rows)]
