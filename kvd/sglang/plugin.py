@@ -67,7 +67,11 @@ def register() -> None:
     if BACKEND not in choices.DISAGG_TRANSFER_BACKEND_CHOICES:
         choices.add_disagg_transfer_backend_choices([BACKEND])
     add_backend_member(TransferBackend)
-    if _TARGET not in HookRegistry._hooks:
+    # Idempotent by kvd's own hook, not by the target: another plug-in's hook on get_kv_class
+    # (or a mere read of the registry's defaultdict) made the target known, and kvd's wrapper was
+    # then never registered, so ``--disaggregation-transfer-backend kvd`` resolved to nothing.
+    hooks = HookRegistry._hooks.get(_TARGET, ())
+    if not any(entry[1] is _around_get_kv_class for entry in hooks):
         HookRegistry.register(_TARGET, _around_get_kv_class, HookType.AROUND)
     log.info("kvd transfer backend registered with SGLang")
 

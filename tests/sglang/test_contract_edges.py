@@ -8,6 +8,8 @@ real kvd daemons (module-scoped: one pair for the file).
   view only once it handed the room over itself.
 * A manager refused at start (here: its rank is registered already) kept its daemon connection
   and client thread, each counted against ``socket.max_connections_per_uid``.
+* The plug-in counted itself registered when *any* hook was registered on ``get_kv_class``
+  (another plug-in's, or an empty entry of SGLang's defaultdict), so kvd's classes never resolved.
 * Held: two decode engines asking for one prefill room (one gets exact bytes, the other fails
   with its pages untouched); polls, aborts and failures of rooms never handed to the daemon.
 """
@@ -198,3 +200,28 @@ def test_rooms_never_handed_to_the_daemon(env) -> None:
     s.send([1])  # a send after the abort changes nothing
     assert s.poll() == KVPoll.Failed
     assert "Abort" in _fail_reason(s)
+
+
+def test_plugin_registers_beside_another_plugins_hook_and_only_once() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from kvd.sglang import plugin
+
+    kv_classes()  # registered the way SGLang does it
+    saved = list(HookRegistry._hooks.get(plugin._TARGET, []))
+
+    def foreign(original, *args, **kwargs):  # another backend's plug-in, loaded first
+        return original(*args, **kwargs)
+
+    try:
+        HookRegistry._hooks[plugin._TARGET] = [(HookType.AROUND, foreign, None)]
+        plugin.register()
+        plugin.register()
+        mine = [h for _, h, _ in HookRegistry._hooks[plugin._TARGET] if h is plugin._around_get_kv_class]
+        assert len(mine) == 1
+        assert [h for _, h, _ in HookRegistry._hooks[plugin._TARGET]][0] is foreign
+        HookRegistry._hooks[plugin._TARGET] = []  # an entry the defaultdict made on a read
+        plugin.register()
+        assert [h for _, h, _ in HookRegistry._hooks[plugin._TARGET]] == [plugin._around_get_kv_class]
+    finally:
+        HookRegistry._hooks[plugin._TARGET] = saved
