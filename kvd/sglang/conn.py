@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import requests
+from aiohttp import web
 from sglang.srt.disaggregation.base.conn import (
     BaseKVManager,
     BaseKVReceiver,
@@ -36,7 +37,7 @@ from sglang.srt.disaggregation.common.conn import CommonKVBootstrapServer, KVTra
 
 from kvd.engineclient.background import BackgroundKvdClient
 from kvd.engineclient.replies import KvdError
-from kvd.sglang import UnsupportedSGLang, check_sglang_version
+from kvd.sglang import UnsupportedSGLang, bootstrap, check_sglang_version
 from kvd.sglang.pool import aux_row, pool_layout, pool_memory, refusals, write_aux_row
 
 log = logging.getLogger("kvd.sglang")
@@ -452,7 +453,48 @@ class KvdKVReceiver(_Room, BaseKVReceiver):
 
 
 class KvdKVBootstrapServer(CommonKVBootstrapServer):
-    """SGLang's own rendezvous server: ranks register their kvd directory; DP ranks resolve here."""
+    """SGLang's own rendezvous server: ranks register their kvd directory; DP ranks resolve here.
+
+    Its requests are checked first (:mod:`kvd.sglang.bootstrap`): a malformed one is a 400 that
+    changes nothing, and a rank registering again is counted once."""
+
+    @staticmethod
+    async def _body(request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except ValueError:  # not JSON, not UTF-8
+            return None
+
+    async def _handle_route_put(self, request: web.Request) -> web.Response:
+        problem = bootstrap.route_put_problem(await self._body(request), vars(self))
+        if problem:
+            return web.Response(text=f"bad registration: {problem}", status=400)
+        reply: web.Response = await super()._handle_route_put(request)
+        async with self.lock:  # a rank registered twice is one rank
+            self._registered_count = sum(len(tp) for dp in self.prefill_port_table.values()
+                                         for cp in dp.values() for tp in cp.values())
+        return reply
+
+    async def _handle_route_get(self, request: web.Request) -> web.Response:
+        problem = bootstrap.route_get_problem(request.query)
+        if problem:
+            return web.Response(text=f"bad query: {problem}", status=400)
+        reply: web.Response = await super()._handle_route_get(request)
+        return reply
+
+    async def _handle_register_dp_rank(self, request: web.Request) -> web.Response:
+        problem = bootstrap.dp_register_problem(await self._body(request))
+        if problem:
+            return web.Response(text=f"bad request: {problem}", status=400)
+        reply: web.Response = await super()._handle_register_dp_rank(request)
+        return reply
+
+    async def _handle_query_dp_ranks(self, request: web.Request) -> web.Response:
+        problem = bootstrap.dp_query_problem(await self._body(request))
+        if problem:
+            return web.Response(text=f"bad request: {problem}", status=400)
+        reply: web.Response = await super()._handle_query_dp_ranks(request)
+        return reply
 
 
 __all__ = ["KvdKVBootstrapServer", "KvdKVManager", "KvdKVReceiver", "KvdKVSender", "POLL", "prefill_engine_id"]

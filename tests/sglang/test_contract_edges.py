@@ -10,12 +10,17 @@ real kvd daemons (module-scoped: one pair for the file).
   and client thread, each counted against ``socket.max_connections_per_uid``.
 * The plug-in counted itself registered when *any* hook was registered on ``get_kv_class``
   (another plug-in's, or an empty entry of SGLang's defaultdict), so kvd's classes never resolved.
+* SGLang's bootstrap server (kvd's is SGLang's) stored the first registration's sizes as they
+  came: ``attn_tp_size: "1"`` made every later GET a 500, 0 made it ready with no rank, a huge
+  one never ready; a rank registering twice counted twice (ready before the others); malformed
+  GET / DP-rank requests were 500s. Each is now a 400 that changes nothing.
 * Held: two decode engines asking for one prefill room (one gets exact bytes, the other fails
   with its pages untouched); polls, aborts and failures of rooms never handed to the daemon.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -225,3 +230,49 @@ def test_plugin_registers_beside_another_plugins_hook_and_only_once() -> None:
         assert [h for _, h, _ in HookRegistry._hooks[plugin._TARGET]] == [plugin._around_get_kv_class]
     finally:
         HookRegistry._hooks[plugin._TARGET] = saved
+
+
+def test_bootstrap_server_refuses_malformed_requests_and_counts_a_rank_once() -> None:
+    import requests
+
+    C = kv_classes()
+    port = free_port()
+    server = C["bootstrap_server"]("127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
+    whole = "/route?prefill_dp_rank=-1&prefill_cp_rank=-1&target_tp_rank=-1&target_pp_rank=-1"
+    good = {"attn_tp_size": 2, "attn_tp_rank": 0, "attn_cp_size": 1, "attn_cp_rank": 0, "attn_dp_size": 1,
+            "attn_dp_rank": 0, "pp_size": 1, "pp_rank": 0, "system_dp_size": 1, "system_dp_rank": 0,
+            "rank_ip": "127.0.0.1", "rank_port": 5000, "page_size": 4, "kv_cache_dtype": "bfloat16"}
+    try:
+        for _ in range(50):  # the server starts on its own thread
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.05)
+        for bad in ({**good, "attn_tp_size": "2"}, {**good, "attn_tp_size": 0}, {**good, "attn_tp_size": 10**6},
+                    {**good, "attn_tp_rank": 2}, {**good, "rank_port": "x"}, {**good, "rank_ip": "a b/c"},
+                    {**good, "attn_dp_rank": [0]}, [1, 2], "x"):
+            assert requests.put(url + "/route", json=bad, timeout=3).status_code == 400, bad
+        assert requests.put(url + "/route", data=b"\xff\x00", timeout=3).status_code == 400
+        for q in ("/route?prefill_dp_rank=x&prefill_cp_rank=0&target_tp_rank=0&target_pp_rank=0",
+                  "/route?prefill_dp_rank=0&prefill_cp_rank=0&target_tp_rank=0.5&target_pp_rank=0"):
+            assert requests.get(url + q, timeout=3).status_code == 400
+        for body in ({"bootstrap_rooms": 5}, {"bootstrap_rooms": ["x"]}, {}, [1]):
+            assert requests.post(url + "/query_dp_ranks", json=body, timeout=3).status_code == 400
+        for body in ({"bootstrap_room": "x", "dp_rank": 0}, {"bootstrap_room": 1, "dp_rank": -1}, {}):
+            assert requests.post(url + "/register_dp_rank", json=body, timeout=3).status_code == 400
+        assert requests.get(url + whole, timeout=3).status_code == 503  # nothing registered yet
+        # rank 0 of a TP-2 engine registers twice (a retried PUT): still one of two ranks
+        for _ in range(2):
+            assert requests.put(url + "/route", json=good, timeout=3).status_code == 200
+        assert requests.get(url + whole, timeout=3).status_code == 503
+        assert requests.put(url + "/route", json={**good, "attn_tp_size": 1}, timeout=3).status_code == 400
+        assert requests.put(url + "/route", json={**good, "attn_tp_rank": 1, "rank_port": 5001},
+                            timeout=3).status_code == 200
+        info = requests.get(url + whole, timeout=3)
+        assert info.status_code == 200 and info.json()["attn_tp_size"] == 2
+        assert requests.post(url + "/register_dp_rank", json={"bootstrap_room": 7, "dp_rank": 0},
+                             timeout=3).status_code == 200
+        assert requests.post(url + "/query_dp_ranks", json={"bootstrap_rooms": [7, 8]}, timeout=3).json() == {"7": 0}
+    finally:
+        server.close()
