@@ -38,7 +38,7 @@ from sglang.srt.disaggregation.common.conn import CommonKVBootstrapServer, KVTra
 from kvd.engineclient.background import BackgroundKvdClient
 from kvd.engineclient.replies import KvdError
 from kvd.sglang import UnsupportedSGLang, bootstrap, check_sglang_version
-from kvd.sglang.pool import aux_row, pool_layout, pool_memory, refusals, write_aux_row
+from kvd.sglang.pool import aux_row, check_aux_index, pool_layout, pool_memory, refusals, write_aux_row
 
 log = logging.getLogger("kvd.sglang")
 
@@ -85,6 +85,7 @@ class KvdKVManager(BaseKVManager):
         self.kv_cache_dtype_str = getattr(args, "kv_cache_dtype_str", None)
         self.aux_ptrs = list(getattr(args, "aux_data_ptrs", []) or [])
         self.aux_item_lens = list(getattr(args, "aux_item_lens", []) or [])
+        self.aux_data_lens: list[int] | None = list(getattr(args, "aux_data_lens", None) or []) or None
         self.socket_path = os.environ.get("KVD_SOCKET", getattr(server_args, "kvd_socket", DEFAULT_SOCKET))
         self.room_timeout_s = float(os.environ.get("KVD_ROOM_TIMEOUT_S", "0"))
         self.client = BackgroundKvdClient(self.socket_path)
@@ -335,7 +336,14 @@ class KvdKVSender(_Room, BaseKVSender):
         is_last = self.curr_idx == self.num_kv_indices  # SGLang's own rule
         aux = b""
         if is_last and self.aux_index is not None and self.kv_mgr.aux_ptrs:
-            aux = aux_row(self.kv_mgr.aux_ptrs, self.kv_mgr.aux_item_lens, int(self.aux_index))
+            mgr = self.kv_mgr
+            try:
+                aux = aux_row(mgr.aux_ptrs, mgr.aux_item_lens, int(self.aux_index), mgr.aux_data_lens)
+            except ValueError as exc:  # never read past the engine's aux buffers
+                if self.has_sent:  # the daemon holds the room's earlier chunks: end it there too
+                    self._daemon_call("abort", mgr.client.abort, mgr.pool_id, self.bootstrap_room)
+                self._fail(f"kvd: {exc}")
+                return
         if self._t0 is None:
             self._t0 = time.perf_counter()
         self.has_sent = self.started = True
@@ -400,6 +408,12 @@ class KvdKVReceiver(_Room, BaseKVReceiver):
         if destination != KVTransferDestination.DEVICE:
             self._fail(f"kvd does not support KV destination {destination}")
             return
+        if aux_index is not None and self.kv_mgr.aux_ptrs:
+            try:  # refused before the daemon writes a page: the row could never land
+                check_aux_index(self.kv_mgr.aux_item_lens, int(aux_index), self.kv_mgr.aux_data_lens)
+            except ValueError as exc:
+                self._fail(f"kvd: {exc}")
+                return
         self.aux_index = aux_index
         port = self.bootstrap_addr.rpartition(":")[2]
         engine = prefill_engine_id(port, self.prefill_dp_rank)
@@ -438,7 +452,7 @@ class KvdKVReceiver(_Room, BaseKVReceiver):
         mgr = self.kv_mgr
         if self.aux_index is not None and mgr.aux_ptrs:
             try:  # the aux rows land before the room reports success
-                write_aux_row(mgr.aux_ptrs, mgr.aux_item_lens, int(self.aux_index), st.aux)
+                write_aux_row(mgr.aux_ptrs, mgr.aux_item_lens, int(self.aux_index), st.aux, mgr.aux_data_lens)
             except ValueError as exc:
                 return self._fail(f"kvd: {exc}")
         return super()._succeed(st)

@@ -118,17 +118,35 @@ def _is_cuda_pointer(ptr: int) -> bool:
         return False
 
 
-def aux_row(ptrs: list[int], item_lens: list[int], index: int) -> bytes:
+def check_aux_index(item_lens: list[int], index: int, data_lens: list[int] | None) -> None:
+    """ValueError unless row ``index`` lies inside every aux buffer (``data_lens``: their sizes,
+    as KVArgs gives them; None: unknown, unchecked). The rows are read and written by raw
+    pointer: an index out of range would read or write whatever lies beyond the buffer."""
+    if index < 0:
+        raise ValueError(f"aux row index {index} is negative")
+    if data_lens is None:
+        return
+    if len(data_lens) != len(item_lens):
+        raise ValueError(f"{len(item_lens)} aux buffers but {len(data_lens)} sizes")
+    for i, (n, size) in enumerate(zip(item_lens, data_lens, strict=True)):
+        if n < 0 or n * (index + 1) > size:
+            raise ValueError(f"aux row {index} ({n} bytes) lies outside aux buffer {i} of {size} bytes")
+
+
+def aux_row(ptrs: list[int], item_lens: list[int], index: int, data_lens: list[int] | None = None) -> bytes:
     """One request's aux rows (MetadataBuffers), concatenated buffer by buffer."""
     import ctypes
 
+    check_aux_index(item_lens, index, data_lens)
     return b"".join(ctypes.string_at(p + n * index, n) for p, n in zip(ptrs, item_lens, strict=True))
 
 
-def write_aux_row(ptrs: list[int], item_lens: list[int], index: int, data: bytes) -> None:
+def write_aux_row(ptrs: list[int], item_lens: list[int], index: int, data: bytes,
+                  data_lens: list[int] | None = None) -> None:
     """Land ``data`` (as made by :func:`aux_row` on the prefill) in the decode's aux rows."""
     import ctypes
 
+    check_aux_index(item_lens, index, data_lens)
     if len(data) != sum(item_lens):
         raise ValueError(f"aux rows of {len(data)} bytes do not match this engine's {sum(item_lens)} "
                          "(MetadataBuffers differ between prefill and decode)")
@@ -138,4 +156,4 @@ def write_aux_row(ptrs: list[int], item_lens: list[int], index: int, data: bytes
         pos += n
 
 
-__all__ = ["aux_row", "dtype_of", "pool_layout", "pool_memory", "refusals", "write_aux_row"]
+__all__ = ["aux_row", "check_aux_index", "dtype_of", "pool_layout", "pool_memory", "refusals", "write_aux_row"]

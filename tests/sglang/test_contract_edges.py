@@ -14,6 +14,9 @@ real kvd daemons (module-scoped: one pair for the file).
   came: ``attn_tp_size: "1"`` made every later GET a 500, 0 made it ready with no rank, a huge
   one never ready; a rank registering twice counted twice (ready before the others); malformed
   GET / DP-rank requests were 500s. Each is now a 400 that changes nothing.
+* An aux (MetadataBuffers) row index outside the engine's aux buffers was read (prefill) or
+  written (decode) by raw pointer: a segfault of the engine, or a silent write before the
+  buffer for a negative index. Now the room fails, before the daemon is asked to write a page.
 * Held: two decode engines asking for one prefill room (one gets exact bytes, the other fails
   with its pages untouched); polls, aborts and failures of rooms never handed to the daemon.
 """
@@ -276,3 +279,22 @@ def test_bootstrap_server_refuses_malformed_requests_and_counts_a_rank_once() ->
         assert requests.post(url + "/query_dp_ranks", json={"bootstrap_rooms": [7, 8]}, timeout=3).json() == {"7": 0}
     finally:
         server.close()
+
+
+def test_aux_row_indices_outside_the_buffers_fail_the_room(env) -> None:
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    C, addr, p, d = env["C"], env["addr"], env["p"], env["d1"]
+    rows = p.meta.output_ids.shape[0]
+    for room, bad in ((0x7E57_0010, rows), (0x7E57_0011, -1), (0x7E57_0012, 10**9)):
+        before = [d.meta.output_ids.clone(), d.meta.bootstrap_room.clone()]
+        rv = C["receiver"](d.mgr, addr, room)
+        rv.init(0)
+        rv.send_metadata([1, 2], bad)
+        assert rv.poll() == KVPoll.Failed and "aux" in _fail_reason(rv)
+        assert torch.equal(before[0], d.meta.output_ids) and torch.equal(before[1], d.meta.bootstrap_room)
+        s = C["sender"](p.mgr, addr, room)
+        s.init(2, bad)
+        s.send([3])
+        s.send([4])  # the last chunk: its aux row would be read here
+        assert s.poll() == KVPoll.Failed and "aux" in _fail_reason(s)

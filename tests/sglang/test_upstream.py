@@ -134,6 +134,7 @@ def offline_manager(mode: str = "prefill", aux_rows: int = 16) -> Any:
                (torch.arange(aux_rows * 4, dtype=torch.int32) * 7).view(aux_rows, 4)]
     mgr.aux_ptrs = [t.data_ptr() for t in mgr.aux]
     mgr.aux_item_lens = [t[0].nbytes for t in mgr.aux]
+    mgr.aux_data_lens = [t.nbytes for t in mgr.aux]
     mgr.kv_args = types.SimpleNamespace(page_size=4, aux_data_ptrs=mgr.aux_ptrs, aux_item_lens=mgr.aux_item_lens)
     return mgr
 
