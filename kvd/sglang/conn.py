@@ -173,13 +173,25 @@ class KvdKVManager(BaseKVManager):
     def directory_for(self, bootstrap_addr: str, dp_rank: int) -> str:
         """The kvd directory daemon of one DP group of a prefill engine (cached)."""
         key = (bootstrap_addr, dp_rank)
-        if key not in self.directory_table:
+        with self.lock:
+            known = self.directory_table.get(key)
+        if known is None:
             r = requests.get(f"http://{bootstrap_addr}/route?prefill_dp_rank={dp_rank}&prefill_cp_rank=0"
                              "&target_tp_rank=0&target_pp_rank=0", timeout=5)
             r.raise_for_status()
             info = r.json()
-            self.directory_table[key] = f"tcp://{info['rank_ip']}:{info['rank_port']}"
-        return self.directory_table[key]
+            known = f"tcp://{info['rank_ip']}:{info['rank_port']}"
+            with self.lock:
+                self.directory_table[key] = known
+        return known
+
+    def forget_directory(self, bootstrap_addr: str, dp_rank: int, directory: str) -> None:
+        """A room resolved through ``directory`` failed: ask the bootstrap server again next
+        time (as SGLang's own receivers drop their cached prefill rank addresses on a failure),
+        so a prefill engine that came back elsewhere under the same bootstrap address is found."""
+        with self.lock:
+            if self.directory_table.get((bootstrap_addr, dp_rank)) == directory:
+                del self.directory_table[(bootstrap_addr, dp_rank)]
 
     def record_failure(self, room: int, reason: str) -> None:
         with self.lock:
@@ -388,7 +400,7 @@ class KvdKVReceiver(_Room, BaseKVReceiver):
         self.prefill_dp_rank = int(prefill_dp_rank)
         try:
             self.directory = self.kv_mgr.directory_for(self.bootstrap_addr, self.prefill_dp_rank)
-        except (requests.RequestException, KeyError, ValueError) as exc:
+        except (requests.RequestException, KeyError, TypeError, ValueError) as exc:
             self._fail(f"cannot resolve prefill dp rank {prefill_dp_rank} at {self.bootstrap_addr}: {exc}")
             return
         self.bootstrap_infos = [{"directory": self.directory}]
@@ -422,6 +434,11 @@ class KvdKVReceiver(_Room, BaseKVReceiver):
         self.daemon_room = self._daemon_call("recv", self.kv_mgr.client.recv, self.kv_mgr.pool_id,
                                              self.bootstrap_room, self.directory, engine, pages,
                                              self.kv_mgr.room_timeout_s)
+
+    def _fail(self, reason: str) -> int:
+        if self.directory and not self.aborted:
+            self.kv_mgr.forget_directory(self.bootstrap_addr, self.prefill_dp_rank, self.directory)
+        return super()._fail(reason)
 
     def failure_exception(self) -> None:
         self._fence_pages()

@@ -17,6 +17,10 @@ real kvd daemons (module-scoped: one pair for the file).
 * An aux (MetadataBuffers) row index outside the engine's aux buffers was read (prefill) or
   written (decode) by raw pointer: a segfault of the engine, or a silent write before the
   buffer for a negative index. Now the room fails, before the daemon is asked to write a page.
+* The decode kept the kvd directory it resolved for a bootstrap address forever: a prefill
+  engine that came back under the same bootstrap address on another node (daemon) was never
+  found again, every room failed until the decode restarted. A failed room now drops it (as
+  SGLang's own receivers drop their cached prefill addresses), and the next room asks again.
 * Held: two decode engines asking for one prefill room (one gets exact bytes, the other fails
   with its pages untouched); polls, aborts and failures of rooms never handed to the daemon.
 """
@@ -298,3 +302,51 @@ def test_aux_row_indices_outside_the_buffers_fail_the_room(env) -> None:
         s.send([3])
         s.send([4])  # the last chunk: its aux row would be read here
         assert s.poll() == KVPoll.Failed and "aux" in _fail_reason(s)
+
+
+def test_a_prefill_engine_back_elsewhere_under_the_same_bootstrap_address(env) -> None:
+    from sglang.srt.disaggregation.base.conn import KVPoll
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    C, d = env["C"], env["d1"]
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+
+    def prefill_on(daemon: DaemonProc) -> tuple[Any, Rank]:
+        server = C["bootstrap_server"]("127.0.0.1", port)
+        rk = Rank("prefill", 1, 0, **GEO)  # type: ignore[arg-type]
+        rk.allocate()
+        rk.mgr = C["manager"](rk.kv_args(), DisaggregationMode.PREFILL,
+                              server_args(1, port, daemon.socket_path), False)
+        return server, rk
+
+    def room(n: int, p: Rank) -> tuple[int, int]:
+        rv = C["receiver"](d.mgr, addr, 0x7E57_0100 + n)
+        assert d.mgr.try_ensure_parallel_info(addr)
+        rv.init(0)
+        rv.send_metadata([1, 2], 0)
+        s = C["sender"](p.mgr, addr, 0x7E57_0100 + n)
+        s.init(2, 0)
+        s.send([3, 4])
+        got = _end(rv)
+        if got == KVPoll.Failed:
+            _fail_reason(rv)
+            s.abort()  # nobody asked the prefill for it: it would wait out its own deadline
+        ends = (got, _end(s))
+        rv.clear()
+        return ends
+
+    server, p = prefill_on(env["daemons"][0])
+    d.mgr.room_timeout_s = 1.5
+    try:
+        assert room(0, p) == (KVPoll.Success, KVPoll.Success)
+        p.close()
+        server.close()
+        server, p = prefill_on(env["daemons"][1])  # back on the other node, same bootstrap address
+        first = room(1, p)
+        assert first[0] in (KVPoll.Success, KVPoll.Failed)  # the stale directory may cost one room
+        assert room(2, p) == (KVPoll.Success, KVPoll.Success)
+    finally:
+        d.mgr.room_timeout_s = 0.0
+        p.close()
+        server.close()
