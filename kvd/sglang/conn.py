@@ -157,7 +157,11 @@ class KvdKVManager(BaseKVManager):
             return False
         if r.status_code != 200:
             return False
-        info = PrefillServerInfo(**r.json())
+        try:  # an answer that is not SGLang's (another service on the port, a proxy's page): retried
+            info = PrefillServerInfo(**r.json())
+        except (TypeError, ValueError) as exc:
+            log.error("kvd: bootstrap server %s answered no prefill topology: %s", bootstrap_addr, exc)
+            return False
         if info.page_size is not None and info.page_size != self.kv_args.page_size:
             raise RuntimeError(f"Page size mismatch: prefill page_size={info.page_size}, decode "
                                f"page_size={self.kv_args.page_size}")

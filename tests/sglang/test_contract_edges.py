@@ -21,6 +21,9 @@ real kvd daemons (module-scoped: one pair for the file).
   engine that came back under the same bootstrap address on another node (daemon) was never
   found again, every room failed until the decode restarted. A failed room now drops it (as
   SGLang's own receivers drop their cached prefill addresses), and the next room asks again.
+* A bootstrap answer that was not SGLang's topology (200 with HTML, a JSON list, unknown keys)
+  raised out of ``try_ensure_parallel_info`` into the decode scheduler; SGLang's own receivers
+  log it and try again later (False), and so does kvd's now.
 * Held: two decode engines asking for one prefill room (one gets exact bytes, the other fails
   with its pages untouched); polls, aborts and failures of rooms never handed to the daemon.
 """
@@ -350,3 +353,25 @@ def test_a_prefill_engine_back_elsewhere_under_the_same_bootstrap_address(env) -
         d.mgr.room_timeout_s = 0.0
         p.close()
         server.close()
+
+
+@pytest.mark.parametrize("body", [b"<html>proxy</html>", b"[1, 2]", b'{"attn_tp_size": 1, "surprise": 2}', b"null"])
+def test_a_bootstrap_answer_that_is_not_a_topology_is_retried_not_raised(env, body: bytes) -> None:
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        assert env["d1"].mgr.try_ensure_parallel_info(f"127.0.0.1:{httpd.server_address[1]}") is False
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
