@@ -136,8 +136,11 @@ class KvdKVManager(BaseKVManager):
         delay = 0.2
         for attempt in range(8):
             try:
-                if requests.put(url, json=payload, timeout=5).status_code == 200:
+                r = requests.put(url, json=payload, timeout=5)
+                if r.status_code == 200:
                     return
+                if r.status_code == 400:  # refused as it is (sizes differ from the engine's other ranks)
+                    raise RuntimeError(f"kvd: SGLang bootstrap server {url} refused the registration: {r.text[:300]}")
             except requests.RequestException as exc:
                 if attempt == 7:
                     raise RuntimeError(f"kvd: cannot register with SGLang bootstrap server {url}: {exc}") from exc

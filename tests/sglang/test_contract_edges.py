@@ -375,3 +375,32 @@ def test_a_bootstrap_answer_that_is_not_a_topology_is_retried_not_raised(env, bo
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_rank_the_bootstrap_server_refuses_fails_at_once(env) -> None:
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    C = env["C"]
+    port = free_port()
+    server = C["bootstrap_server"]("127.0.0.1", port)
+    ranks = []
+    try:
+        first = Rank("prefill", 1, 0, **GEO)  # type: ignore[arg-type]
+        first.allocate()
+        ranks.append(first)
+        first.mgr = C["manager"](first.kv_args(), DisaggregationMode.PREFILL,
+                                 server_args(1, port, env["daemons"][0].socket_path), False)
+        other = Rank("prefill", 2, 1, **GEO)  # type: ignore[arg-type]
+        other.allocate()
+        ranks.append(other)
+        threads = sum(t.name == "kvd-client-loop" for t in threading.enumerate())
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="refused the registration"):  # TP 2 beside a TP-1 rank
+            C["manager"](other.kv_args(), DisaggregationMode.PREFILL,  # on the other daemon, which
+                         server_args(2, port, env["daemons"][1].socket_path), False)  # has no rank 0 to differ from
+        assert time.monotonic() - t0 < 3.0  # not ~16 s of retries of a refusal
+        assert sum(t.name == "kvd-client-loop" for t in threading.enumerate()) == threads
+    finally:
+        for rk in ranks:
+            rk.close()
+        server.close()
