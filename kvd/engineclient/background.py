@@ -18,7 +18,14 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from kvd.core.layout import PoolLayout
-from kvd.engineclient.client import AsyncKvdClient, HostPool, KvdTimeout, Pages, RoomStatus
+from kvd.engineclient.client import (
+    AsyncKvdClient,
+    HostPool,
+    KvdConnectionError,
+    KvdTimeout,
+    Pages,
+    RoomStatus,
+)
 
 R = TypeVar("R")
 
@@ -43,7 +50,11 @@ class BackgroundKvdClient:
         """Run ``coro`` on the loop; a safety net past its own limit (``limit``: the caller's
         wait, None: none; by default the request timeout)."""
         limit = self.timeout if limit is not None and limit < 0 else limit
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # closed: a request after close() is refused like one on a lost connection
+            coro.close()
+            raise KvdConnectionError(f"kvd at {self.socket_path}: client is closed", kind="connection") from None
         try:
             return fut.result(None if limit is None else limit + 5.0)
         except TimeoutError:
@@ -114,7 +125,10 @@ class BackgroundKvdClient:
 
     def forget(self, room: int) -> None:
         """Drop what is known of a room the engine is done with."""
-        self._loop.call_soon_threadsafe(self._client.forget, room)
+        try:
+            self._loop.call_soon_threadsafe(self._client.forget, room)
+        except RuntimeError:  # the client was closed: its loop runs no more, nothing races this
+            self._client.forget(room)
 
     @property
     def connected(self) -> bool:

@@ -24,6 +24,9 @@ real kvd daemons (module-scoped: one pair for the file).
 * A bootstrap answer that was not SGLang's topology (200 with HTML, a JSON list, unknown keys)
   raised out of ``try_ensure_parallel_info`` into the decode scheduler; SGLang's own receivers
   log it and try again later (False), and so does kvd's now.
+* A room begun on a manager after its ``close()`` raised RuntimeError ("Event loop is closed")
+  into the scheduler, from the constructor's cleanup and from every daemon call; it now fails
+  with a KvdConnectionError like a room on a lost connection.
 * Held: two decode engines asking for one prefill room (one gets exact bytes, the other fails
   with its pages untouched); polls, aborts and failures of rooms never handed to the daemon.
 """
@@ -415,3 +418,17 @@ def test_a_rank_the_bootstrap_server_refuses_fails_at_once(env) -> None:
         for rk in ranks:
             rk.close()
         server.close()
+
+
+def test_rooms_of_a_closed_manager_neither_raise_nor_hang(env) -> None:
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    C, addr = env["C"], env["addr"]
+    d = env["make"]("decode", env["daemons"][1].socket_path, 30003)
+    d.mgr.close()  # teardown, then a late request of the scheduler
+    rv = C["receiver"](d.mgr, addr, 0x7E57_0200)
+    assert rv.poll() == KVPoll.Bootstrapping
+    rv.init(0)
+    rv.send_metadata([1], 0)
+    assert rv.poll() == KVPoll.Failed and "kvd" in _fail_reason(rv)
+    rv.clear()
