@@ -124,6 +124,7 @@ class KeyRing:
         by_key: dict[bytes, PeerKey] = {}
         by_address: dict[str, bytes] = {}
         problems: list[str] = []
+        found: list[tuple[str, bytes, frozenset[str]]] = []  # (file, key, addresses) of each certificate
         try:
             names = sorted(os.listdir(self.directory))
         except OSError as exc:
@@ -148,13 +149,27 @@ class KeyRing:
             if not addresses:
                 problems.append(f"{name}: no address in its metadata (kvd keygen --address tcp://host:port)")
                 continue
-            taken = [a for a in addresses if by_address.get(a, public) != public]
-            if taken:
-                problems.append(f"{name}: address {taken[0]} is bound to another key already; skipped")
-                continue
-            by_key[public] = PeerKey(public, addresses | by_key.get(public, PeerKey(public, frozenset(), "")).addresses,
-                                     path)
+            found.append((name, public, addresses))
+        # An address two keys claim is trusted for neither: which file sorts first must not decide
+        # (a node's stale key left behind when its address went to a new node would win as often
+        # as not, and speak as the new node, locking its real key out).
+        claims: dict[str, set[bytes]] = {}
+        for _, public, addresses in found:
             for addr in addresses:
+                claims.setdefault(addr, set()).add(public)
+        contested = {addr for addr, keys in claims.items() if len(keys) > 1}
+        for addr in sorted(contested):
+            names_of = [n for n, _, addresses in found if addr in addresses]
+            problems.append(f"address {addr} is bound to {len(claims[addr])} different keys ({', '.join(names_of)}): "
+                            "none is trusted for it until one file is removed")
+        for name, public, addresses in found:
+            mine = addresses - contested
+            if not mine:
+                continue
+            old = by_key.get(public)
+            by_key[public] = PeerKey(public, mine | (old.addresses if old else frozenset()), old.path if old else
+                                     os.path.join(self.directory, name))
+            for addr in mine:
                 by_address[addr] = public
         for problem in problems:
             if problem not in self.problems:

@@ -269,6 +269,10 @@ class PeerHub:
         token = getattr(msg, "token", "")
         if self.auth is not None:  # the key it came with must be allowed to speak as its src
             refused = self.auth.admit(getattr(msg, "src", ""), token, user_id)
+            if not refused and user_id != LOCAL and getattr(msg, "src", "") == self.address:
+                # This daemon's own messages never come over ZMQ: a key bound to its address (a
+                # stale file of a node whose address it now has) must not speak as it to itself.
+                refused = "peer_identity"
             if refused:
                 self.handler.count_error(refused)
                 log.warning("peer_auth_failed", reason=refused, src=str(getattr(msg, "src", "?"))[:80],

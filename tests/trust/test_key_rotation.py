@@ -6,6 +6,11 @@
 * A hub's DEALER to a peer was made once with the peer's key and kept: after the peer was
   re-keyed it failed every handshake (rooms with that peer failed until a restart), and after
   the key was deleted it went on talking to the revoked peer.
+* Two key files binding one address: the file that sorted first won, so a node's stale key left
+  behind when its address went to a new node spoke as the new node (and locked its real key out)
+  half the time. Such an address is now trusted for neither key until one file goes.
+* A key bound to this daemon's own address could speak as this daemon *to itself* (its own
+  messages never come over ZMQ): refused as ``peer_identity``.
 * Malformed files in the directory (a FIFO, an oversized file, a key with no address, garbage)
   are skipped, and do not block or crash a rescan.
 """
@@ -110,3 +115,47 @@ def _no_leftover_fifo(tmp_path: Path):  # a FIFO left in tmp would trip tools th
     fifo = tmp_path / "authorized" / "fifo.key"
     if fifo.exists():
         fifo.unlink()
+
+
+@pytest.mark.parametrize("stale_name", ["0-old-node.key", "zz-old-node.key"])
+def test_an_address_two_keys_claim_is_trusted_for_neither(tmp_path: Path, stale_name: str) -> None:
+    new = trust(tmp_path, "new", "tcp://10.0.0.7:5")
+    old, _ = keygen(tmp_path / "old", "tcp://10.0.0.7:5,tcp://10.0.0.9:5")  # the address's former owner
+    shutil.copyfile(old, tmp_path / "authorized" / stale_name)
+    ring = KeyRing(str(tmp_path / "authorized"))
+    ring.load()
+    assert ring.key_for("tcp://10.0.0.7:5") is None
+    assert ring.get(zmq.auth.load_certificate(str(new))[0]) is None
+    old_key = zmq.auth.load_certificate(str(old))[0]
+    assert ring.key_for("tcp://10.0.0.9:5") == old_key  # its other, uncontested address stays
+    assert ring.get(old_key) is not None and ring.get(old_key).addresses == frozenset({"tcp://10.0.0.9:5"})
+    assert any("2 different keys" in p for p in ring.problems)
+
+
+async def test_a_key_bound_to_this_daemons_own_address_cannot_speak_as_it(tmp_path: Path) -> None:
+    import zmq.asyncio
+
+    from kvd.wire.peer import stamped
+
+    pa = _free()
+    keygen(tmp_path / "a", f"tcp://127.0.0.1:{pa}")  # a's own key is not in the directory
+    (tmp_path / "authorized").mkdir()
+    trust(tmp_path, "stale", f"tcp://127.0.0.1:{pa}")  # another key claims a's address
+    a, ra, ta = await _hub(tmp_path, "a", pa)
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(
+            str(tmp_path / "stale" / "kvd.key_secret"))
+        sock.curve_serverkey = zmq.auth.load_certificate(str(tmp_path / "a" / "kvd.key"))[0]
+        sock.connect(a.address)
+        await sock.send(stamped(wp.EngineQuery(engine_id="forged"), a.address, "").encode())
+        await _until(lambda: ra.errors.get("peer_identity"))
+        assert ra.errors.get("peer_identity") == 1
+        assert not any(getattr(m, "engine_id", "") == "forged" for m in ra.got)
+    finally:
+        sock.close()
+        await ta.close()
+        await a.stop()
+        assert a.auth is not None
+        a.auth.stop()
