@@ -396,6 +396,11 @@ class Daemon:
         out["daemon"]["trust"] = self.trust.describe()
         out["daemon"]["remote_pools"] = len(self.registry.remote_pools)  # peers' pools announced here
         out["daemon"]["pool_announces"] = self.directory.announces()  # ours, to peers
+        # Final events kept for late polls, per connection still open (bounded per connection,
+        # dropped when it goes: a gone engine's rooms end after it did and are not kept).
+        out["daemon"]["ended_events_kept"] = {"connections": len(self._ended_rooms),
+                                              "events": sum(len(kept) for kept in self._ended_rooms.values()),
+                                              "aux_bytes": sum(self._ended_bytes.values())}
         return out
 
     def _owned_by_uid(self, conn_id: int) -> list[tuple[int, str, int, str]]:
