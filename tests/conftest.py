@@ -26,6 +26,8 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
 
     yield make
     for d in started:
+        d.begin_stop()
+    for d in started:
         d.stop()
 
 

@@ -39,6 +39,7 @@ class DaemonProc:
     port: int
     proc: subprocess.Popen
     log_path: Path
+    _term_sent: bool = False
 
     @property
     def address(self) -> str:
@@ -60,9 +61,17 @@ class DaemonProc:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log().splitlines()[-lines:]) if self.log_path.exists() else ""
 
+    def begin_stop(self) -> None:
+        """SIGTERM, not waited for (a daemon's stop joins its Mooncake engines' threads, ~0.5 s
+        each: several daemons stop together, not one after the other). Sent once: a second
+        signal makes the daemon exit at once."""
+        if self.proc.poll() is None and not self._term_sent:
+            self._term_sent = True
+            self.proc.terminate()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.begin_stop()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
