@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -513,26 +514,24 @@ class KvdKVBootstrapServer(CommonKVBootstrapServer):
                                          for cp in dp.values() for tp in cp.values())
         return reply
 
-    async def _handle_route_get(self, request: web.Request) -> web.Response:
-        problem = bootstrap.route_get_problem(request.query)
+    @staticmethod
+    async def _checked(problem: str, what: str, handler: Callable[[], Awaitable[web.Response]]) -> web.Response:
+        """SGLang's handler, run only for a request whose check found no problem (else a 400)."""
         if problem:
-            return web.Response(text=f"bad query: {problem}", status=400)
-        reply: web.Response = await super()._handle_route_get(request)
-        return reply
+            return web.Response(text=f"{what}: {problem}", status=400)
+        return await handler()
+
+    async def _handle_route_get(self, request: web.Request) -> web.Response:
+        return await self._checked(bootstrap.route_get_problem(request.query), "bad query",
+                                   lambda: super(KvdKVBootstrapServer, self)._handle_route_get(request))
 
     async def _handle_register_dp_rank(self, request: web.Request) -> web.Response:
-        problem = bootstrap.dp_register_problem(await self._body(request))
-        if problem:
-            return web.Response(text=f"bad request: {problem}", status=400)
-        reply: web.Response = await super()._handle_register_dp_rank(request)
-        return reply
+        return await self._checked(bootstrap.dp_register_problem(await self._body(request)), "bad request",
+                                   lambda: super(KvdKVBootstrapServer, self)._handle_register_dp_rank(request))
 
     async def _handle_query_dp_ranks(self, request: web.Request) -> web.Response:
-        problem = bootstrap.dp_query_problem(await self._body(request))
-        if problem:
-            return web.Response(text=f"bad request: {problem}", status=400)
-        reply: web.Response = await super()._handle_query_dp_ranks(request)
-        return reply
+        return await self._checked(bootstrap.dp_query_problem(await self._body(request)), "bad request",
+                                   lambda: super(KvdKVBootstrapServer, self)._handle_query_dp_ranks(request))
 
 
 __all__ = ["KvdKVBootstrapServer", "KvdKVManager", "KvdKVReceiver", "KvdKVSender", "POLL", "prefill_engine_id"]

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -246,9 +246,9 @@ class Daemon:
             return room_event(rr, req_id=msg.req_id, released=rr.released)
         if sr is not None:
             return room_event(sr, req_id=msg.req_id)
-        ended_rooms = self._ended_rooms.get(conn_id)
-        for pool_id in pool_ids if ended_rooms else ():
-            ended = ended_rooms.get((pool_id, msg.room)) if ended_rooms else None
+        ended_rooms: Mapping[tuple[int, int], we.RoomEvent] = self._ended_rooms.get(conn_id) or {}
+        for pool_id in pool_ids:
+            ended = ended_rooms.get((pool_id, msg.room))
             if ended is not None:
                 return replace(ended, req_id=msg.req_id)
         raise RequestError("unknown_room", f"no room {msg.room} in flight on this connection", msg.room)
