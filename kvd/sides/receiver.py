@@ -331,9 +331,9 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             return
         link.final = True
         if not msg.ok:
-            self.fail(rr, f"sender rank {msg.sender_rank} failed: {msg.reason}")
-            if msg.unsure:
+            if msg.unsure:  # first: failing the room releases it at once unless a writer is left
                 self._unsure(rr, link)
+            self.fail(rr, f"sender rank {msg.sender_rank} failed: {msg.reason}")
             return
         if link.dummy:
             self.maybe_release(rr)

@@ -509,9 +509,20 @@ async def test_a_failed_write_is_fenced_by_revocation_not_by_the_senders_word(cl
     t = Transfer(cluster, 1, 1)
     t.recv()
     await cluster.settle()
+    released_before_revoke: list[bool] = []
+    revoke = t.decode.revoke_peer
+
+    async def revoke_and_look(peer: str, reason: str) -> None:
+        # The CI-found race (stalled_peer on HiSparse): the failed final status released the room
+        # before "unsure" was read, so the fence came after the pages were the engine's again.
+        released_before_revoke.append(t.decode.final_event(t.dst[0][0], 1) is not None)
+        await revoke(peer, reason)
+
+    t.decode.revoke_peer = revoke_and_look  # type: ignore[method-assign]
     t.prefill.transport.fail_next(1)
     t.send(chunks=1)
     await cluster.settle()
+    assert released_before_revoke == [False], "the room was released before its writer was fenced off"
     final = [m for m in cluster.sent(wp.TransferStatus) if m.final]
     assert final and not final[0].ok and final[0].unsure
     ev = t.decode_events()[0]
