@@ -274,6 +274,11 @@ class SenderSide(SideBase[SenderRoom]):
             if not req.aborted and not req.reported:
                 req.reported = True
                 self.ctx.send_peer(req.msg.src, self.status_message(req, ok=True, final=True, aux=sr.aux))
+        if any(r.aborted for r in sr.requests.values()):
+            # A receiver aborts only a room that failed on its side (its failed outcome may come
+            # after the abort, or never): the engine must not hear success for it.
+            self.fail(sr, "a receiver of the room aborted it")
+            return
         if any(r.msg.confirms and r.outcome is None and not r.aborted for r in sr.requests.values()):
             return  # written; the receivers' verdicts decide what the engine hears
         self.transition(sr, RoomInput.COMPLETED)
