@@ -239,6 +239,7 @@ class DirectSender:
         ops = plan.ops() if isinstance(plan, RowBatch) else plan
         data = b"".join([ctypes.string_at(src, n) for src, n in zip(ops.src.tolist(), ops.length.tolist(), strict=True)])
         req.inline_ops, req.inline_data = pack_ops(ops), data
+        req.inline_total += len(data)
         sr.bytes_done += len(data)
         req.bytes_written += len(data)
         self.ctx.observe_inline(len(data))

@@ -300,6 +300,14 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                 self.ctx.count_error("bad_peer_message")
                 self.fail(rr, f"sender rank {msg.sender_rank}: {exc if isinstance(exc, PlanError) else repr(exc)}")
                 return
+        if msg.ok and msg.inline_total >= 0 and msg.inline_total != link.inline_bytes \
+                and not rr.machine.state.final:
+            # A status with inline bytes never arrived: those rows are unwritten, so the room
+            # cannot succeed (its bytes_written counts them all the same).
+            self.ctx.count_error("lost_status")
+            self.fail(rr, f"sender rank {msg.sender_rank} sent {msg.inline_total} inline bytes, "
+                          f"{link.inline_bytes} arrived (a status was lost)")
+            return
         # Every path and a dummy too (it owes nothing): a peer's number must not outgrow what the
         # room is owed (a room's bytes_done past 2**64 cannot even be encoded for its engine).
         owed = 0 if link.dummy else link.bytes_owed

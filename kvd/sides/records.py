@@ -65,6 +65,7 @@ class ReceiverRequest:
     # Inline bytes of the last batch, held for the final status (kvd.core.inline).
     inline_ops: bytes = b""
     inline_data: bytes = b""
+    inline_total: int = 0  # inline bytes put in statuses to this receiver (the held ones included)
 
     @property
     def dummy(self) -> bool:

@@ -343,7 +343,8 @@ class SenderSide(SideBase[SenderRoom]):
         return wp.TransferStatus(room=m.room, transfer_id=m.transfer_id, pool_key=m.pool_key,
                                  sender_rank=m.sender_rank, ok=ok, reason=reason, aux=aux,
                                  bytes_written=req.bytes_written, final=final, unsure=req.unsure,
-                                 inline_ops=inline_ops, inline_data=inline_data)
+                                 inline_ops=inline_ops, inline_data=inline_data,
+                                 inline_total=req.inline_total if ok else -1)
 
     def _reply_failed(self, msg: wp.TransferRequest, reason: str, *, pool_unknown: bool = False) -> None:
         self.ctx.send_peer(msg.src, wp.TransferStatus(

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, TypeAlias, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 HEADER_VERSION = 1
 
 Map: TypeAlias = dict[str, Any]

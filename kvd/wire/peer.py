@@ -208,6 +208,11 @@ class TransferStatus(PeerMessage):
     # it, forgotten as idle, or it restarted since): the receiver announces the pool again and
     # asks once more, instead of failing the room.
     pool_unknown: bool = wire(False, since=5)
+    # Of ``bytes_written``, the inline bytes this sender's statuses to this receiver have carried,
+    # this one's included (-1: a sender of an older release, which does not say). Statuses can be
+    # lost (a full peer queue, a reconnect): a lost one with inline bytes must fail the room,
+    # never let it succeed with those rows unwritten.
+    inline_total: int = wire(-1, since=7)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

@@ -211,3 +211,39 @@ async def test_a_sender_cannot_write_the_heads_another_sender_owes(cluster):
     assert ev is not None and ev.state == "failed" and "heads" in ev.reason, ev
     assert (arrays.array == CANARY).all()
     await _next_room_is_exact(t, cluster)  # its own heads of the same rows are fine
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "hisparse"), [(1, 1, False), (2, 2, False), (1, 1, True)])
+async def test_a_lost_status_with_inline_bytes_fails_the_room(cluster, prefill_tp, decode_tp, hisparse):
+    """A progress status carrying inline bytes is lost (a full peer queue or a reconnect drops
+    it): the final status still counts those bytes in ``bytes_written``, so without the sender's
+    running total of inline bytes the room succeeded with its rows unwritten (found by the red
+    team's random orderings, TP 2->2). It must fail with the reason, and the engine's sentinel
+    rows stay as they were."""
+    t = Transfer(cluster, prefill_tp, decode_tp, hisparse=hisparse)
+    t.recv()
+    await cluster.settle()
+    dropped: list[wp.TransferStatus] = []
+
+    def drop_first_inline(d) -> bool:  # type: ignore[no-untyped-def]
+        msg = d.msg
+        if isinstance(msg, wp.TransferStatus) and msg.inline_data and not msg.final and not dropped:
+            dropped.append(msg)
+            return True
+        return False
+
+    cluster.hold = drop_first_inline
+    t.send(chunks=2)
+    await cluster.settle()
+    cluster.held.clear()  # lost
+    cluster.hold = lambda d: False
+    await cluster.settle()
+    assert dropped, "no progress status carried inline bytes"
+    events = t.decode_events()
+    assert any(ev is not None and ev.state == "failed" and "a status was lost" in ev.reason for ev in events), events
+    assert all(ev is None or ev.state != "success" or ev.bytes_done == ev.bytes_total for ev in events)
+    assert t.decode.errors["lost_status"] >= 1
+    # (Per rank: the other prefill ranks' receivers got all of theirs; SGLang reduces over ranks.)
+    lost_pool = t.src[dropped[0].sender_rank][0].pool_id
+    assert not any(ev.state == "success" for pid, ev in t.prefill.events if ev.released and pid == lost_pool), \
+        "the prefill rank whose status was lost heard success"
