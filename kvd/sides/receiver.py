@@ -468,11 +468,19 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self.ctx.spawn(self._fence(peer, reason), f"fence-peer-{peer}")
 
     async def _fence(self, peer: str, reason: str) -> None:
+        # The rooms whose requests went out before the fence began: theirs name the session it
+        # closes. A room still bootstrapping announces its pool anew once the revocation is done
+        # (the directory forgets the peer's announces first) and writes into the new session: it
+        # is not fenced off (closing a session takes ~1 s, and new rooms go on meanwhile).
+        requested = {id(rr) for rr in self.rooms.values() if rr.machine.state is not RoomState.BOOTSTRAPPING}
         try:
             await self.ctx.revoke_peer(peer, reason)
         finally:
             self._fencing.discard(peer)
         for rr in list(self.rooms.values()):
+            if id(rr) not in requested:
+                self.maybe_release(rr)
+                continue
             hit = [link for link in rr.senders.values() if link.daemon == peer and link.may_write]
             for link in hit:
                 link.revoked = True

@@ -96,6 +96,10 @@ class FakeDaemon:
     sessions: dict[str, MemcpyTransport] = field(default_factory=dict)  # per-peer receive sessions
     revoked: list[str] = field(default_factory=list)
     generation: int = 0
+    # Set: a revocation holds (its session already closed) until the gate opens, as closing a
+    # Mooncake engine takes ~1 s in the daemon; announces to that peer wait for it meanwhile.
+    revoke_gate: asyncio.Event | None = None
+    revoking: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.pools = self
@@ -195,6 +199,8 @@ class FakeDaemon:
                             deadline: float | None) -> PoolAccepted:
         peer = self.cluster.nodes[daemon]
         stage = self.staging_pool(pool)
+        if daemon in self.revoking:  # as SessionedTransport.receive_session: never the one being revoked
+            await self.revoking[daemon].wait()
         session = self.receive_session(daemon)
         peer.remote_pools[pool.key] = RemotePool(pool.key, pool.layout, list(pool.buffers), session,
                                                  self.address, staging_base=stage.base if stage else 0,
@@ -218,6 +224,13 @@ class FakeDaemon:
         self.revoked.append(peer)
         if session is not None:
             session.close()
+        if self.revoke_gate is not None:
+            done = self.revoking[peer] = asyncio.Event()
+            try:
+                await self.revoke_gate.wait()
+            finally:
+                del self.revoking[peer]
+                done.set()
 
     # --- set-up ---------------------------------------------------------------------------
     def enable_staging(self, nbytes: int = 8 << 20) -> None:

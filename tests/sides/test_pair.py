@@ -642,3 +642,39 @@ async def test_a_second_unknown_pool_refusal_fails_the_room_with_the_reason(clus
     events = t.decode_events(2)
     assert events[0] is not None and events[0].state == "failed" and "never announced" in events[0].reason
     assert t.decode.errors["pool_announced_again"] == 1
+
+
+async def test_a_room_that_bootstraps_while_its_sender_is_fenced_goes_on(cluster):
+    """A fence revokes a peer's session (closing it takes ~1 s in the daemon); a room that starts
+    meanwhile announces its pool anew once the revocation is done, and its requests name the
+    new session. The fence must fail only the rooms whose requests went out before it began,
+    not this one (it did: every link that could write was marked after the revocation).
+    Found by the red team; the in-memory pair holds the revocation open with a gate."""
+    t = Transfer(cluster, 1, 1)
+    t.recv(timeout_s=3.0)
+    await cluster.settle()
+    t.prefill.transport.hold()  # room 1's write stalls
+    cluster.hold = lambda d: isinstance(d.msg, wp.AbortAck)  # and its abort is never answered
+    t.send(chunks=1)
+    await cluster.settle(50)
+    gate = t.decode.revoke_gate = asyncio.Event()
+    cluster.clock.advance(3.5)
+    cluster.expire()
+    await cluster.settle(50)
+    cluster.clock.advance(cluster.config.abort_fence_s + 0.1)
+    cluster.expire()
+    await _spin()
+    assert t.decode.revoking, "the fence did not start"
+    # Room 2 starts while the revocation is under way.
+    t.prefill.transport.release()  # room 1's stalled write resumes into the closed session
+    cluster.hold = lambda d: False
+    t.recv(room=2)
+    await _spin()
+    gate.set()
+    await cluster.settle()
+    t.send(chunks=1, room=2)
+    await cluster.settle()
+    pool, _ = t.dst[0]
+    first, second = t.decode.final_event(pool, 1), t.decode.final_event(pool, 2)
+    assert first is not None and first.state == "failed" and first.released
+    assert second is not None and second.state == "success", second
