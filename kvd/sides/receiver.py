@@ -252,7 +252,10 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                         sender_rank=link.rank, chunk=chunk, offset=offset))
 
     def maybe_complete(self, rr: ReceiverRoom) -> None:
-        if rr.tracker is None or not rr.tracker.done or rr.machine.state.final:
+        if rr.machine.state.final:
+            self.maybe_release(rr)  # a failed room's last writer just reported: no wait for a tick
+            return
+        if rr.tracker is None or not rr.tracker.done:
             return
         if rr.staged is not None and not rr.staged.ledger.done:
             return  # every sender finished; the last scatters are still running
