@@ -225,6 +225,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         rr.inline_max_bytes = self.ctx.config.inline_limit if rr.pool.layout.memory_kind == "host" else 0
         for link in rr.senders.values():
             self._send_request(rr, link)
+        rr.requested = True
         self.transition(rr, RoomInput.BOOTSTRAPPED)
         self.paths[rr.path] += 1
         if st is not None:
@@ -442,18 +443,39 @@ class ReceiverSide(SideBase[ReceiverRoom]):
     def after_fail(self, rr: ReceiverRoom, reason: str) -> None:
         rr.failed_at = self.ctx.now()
         self._tell(rr)
-        for link in rr.senders.values():
+        if not rr.requested:
+            self._give_up(rr, reason)
+        for link in rr.senders.values() if rr.requested else ():
             if not link.final and not link.dummy:
                 link.aborted = True
                 self.ctx.send_peer(link.daemon, wp.AbortTransfer(
                     room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key, sender_rank=link.rank,
                     reason=reason))
-        self._send_outcomes(rr, ok=False, reason=reason)
+        if rr.requested:  # (a sender never asked has no transfer to give a verdict on)
+            self._send_outcomes(rr, ok=False, reason=reason)
+
+    def _give_up(self, rr: ReceiverRoom, reason: str) -> None:
+        """Tell the sender ranks of a room that never asked them that it is given up: nothing of
+        theirs can land, but each engine's room (a replica's too) waits for a request, holding
+        its pages until its waiting deadline. Their daemons are the room's links, or, failed
+        before it linked them, what the directory knows of the prefill engine."""
+        if not rr.senders:
+            info = self.ctx.bootstrap.engine_info_now(rr.bootstrap_addr, rr.prefill_engine_id)
+            if info is None:
+                return  # the engine is not known here yet: nobody to tell
+            try:
+                self._link_senders(rr, info)
+            except (PlanError, LayoutError, ValueError, IndexError):
+                return  # it could never have been served: its sender ranks fail it themselves
+        for link in rr.senders.values():
+            self.ctx.send_peer(link.daemon, wp.AbortTransfer(
+                room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key, sender_rank=link.rank,
+                reason=reason, prefill_engine_id=rr.prefill_engine_id))
 
     def _may_still_write(self, rr: ReceiverRoom) -> list[int]:
         """Sender ranks whose writes into this room's pages could still land."""
-        if rr.machine.state is RoomState.SUCCESS:
-            return []
+        if rr.machine.state is RoomState.SUCCESS or not rr.requested:
+            return []  # (a room never requested: no sender knows its pages)
         writers = [s.rank for s in rr.senders.values() if s.may_write]
         if rr.staged is not None and rr.staged.scattering:
             writers.append(-1)  # this daemon's own scatter into the pages

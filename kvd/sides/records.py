@@ -199,6 +199,7 @@ class ReceiverRoom:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # bootstrap, grants: cancelled at release
     staged: StagedReceive | None = None
     inline_max_bytes: int = 0  # what this room asked its senders for (TransferRequest)
+    requested: bool = False  # its TransferRequests went out
 
     @property
     def bytes_done(self) -> int:

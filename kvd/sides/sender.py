@@ -34,6 +34,9 @@ from kvd.wire import peer as wp
 log = structlog.get_logger("kvd.sender")
 
 
+#: Rooms remembered as ended before any receiver asked (see SenderSide._ended_unasked).
+ENDED_UNASKED_KEPT = 4096
+
 class SenderSide(SideBase[SenderRoom]):
     """Every sender room of this daemon, driven by engine chunks and peer requests."""
 
@@ -54,6 +57,13 @@ class SenderSide(SideBase[SenderRoom]):
         #: (every receiver gone): out of ``rooms``, so the engine may use the room id again at
         #: once, and kept here, their pool busy, until that batch has ended (:meth:`_finish`).
         self._retiring: dict[int, SenderRoom] = {}
+        #: Rooms that ended before any receiver asked, (pool id, room) -> (reason, when, given up):
+        #: a request that comes after is answered with that at once, not held by a new room until
+        #: the receiver's deadline (the engine aborted, or its room timed out, first). "Given up":
+        #: the receiver gave the room up before the engine started it, whose first chunk then
+        #: fails it at once; otherwise a new chunk of the id forgets the entry (in use again).
+        #: Bounded.
+        self._ended_unasked: OrderedDict[tuple[int, int], tuple[str, float, bool]] = OrderedDict()
         self._pairings = Pairings()
         self.staged_path = StagedSender(ctx, self)
         self.direct_path = DirectSender(ctx, self)
@@ -71,9 +81,12 @@ class SenderSide(SideBase[SenderRoom]):
         sr = self.rooms.get((pool.pool_id, room))
         if sr is None:
             self.rooms.check_room_for(pool, room)
+            ended = self._ended_unasked.pop((pool.pool_id, room), None)
             sr = SenderRoom(pool, room, RoomMachine(self._deadlines(), self.ctx.now()))
             self.rooms[sr.key] = sr
             self.ctx.room_changed(self.role, None, sr.machine.state, room=room, pool=pool.key)
+            if ended is not None and ended[2] and self.ctx.now() - ended[1] <= self.ctx.config.waiting_timeout_s:
+                self.fail(sr, ended[0])  # the receiver gave it up before the engine started it
         return sr
 
     # --- inputs -------------------------------------------------------------------------
@@ -135,6 +148,9 @@ class SenderSide(SideBase[SenderRoom]):
             self._reply_failed(msg, f"no prefill rank {msg.prefill_engine_id}/{msg.sender_rank} is served "
                                     "here" if pool is None else f"decode pool {msg.pool_key} was never announced",
                                pool_unknown=pool is not None)
+            return
+        if (pool.pool_id, msg.room) not in self.rooms and (ended := self._ended_before_asked(pool, msg.room)):
+            self._reply_failed(msg, f"the prefill engine's room {msg.room} ended before this request came: {ended}")
             return
         # Validate against the room without creating it: a refused request (a buggy or hostile
         # receiver) costs only itself, never the room other receivers share.
@@ -223,10 +239,25 @@ class SenderSide(SideBase[SenderRoom]):
                 self.fail(sr, f"aborted by receiver: {msg.reason or 'abort'}")
             else:
                 self.maybe_complete(sr)
+        elif msg.prefill_engine_id:
+            self._given_up(msg)
         unsure = found[1].unsure if found else self._ended.get((msg.transfer_id, msg.sender_rank), False)
         self.ctx.send_peer(msg.src, wp.AbortAck(room=msg.room, transfer_id=msg.transfer_id,
                                                 pool_key=msg.pool_key, sender_rank=msg.sender_rank,
                                                 unsure=unsure))
+
+    def _given_up(self, msg: wp.AbortTransfer) -> None:
+        """A receiver gave the room up before it asked: fail the engine's room (unless another
+        daemon asked for it), or, not started yet, fail it when the engine starts it."""
+        pool = self.ctx.pools.prefill_pool(msg.prefill_engine_id, msg.sender_rank)
+        if pool is None:
+            return
+        reason = f"the decode side gave room {msg.room} up before asking for it: {msg.reason or 'aborted'}"
+        sr = self.rooms.get((pool.pool_id, msg.room))
+        if sr is None:
+            self._remember_unasked(pool.pool_id, msg.room, reason, given_up=True)
+        elif not sr.machine.state.final and all(r.msg.src == msg.src for r in sr.requests.values()):
+            self.fail(sr, reason)
 
     def on_outcome(self, msg: wp.RoomOutcome) -> None:
         """The receiver's verdict: success completes a room whose writes are done; failure fails it."""
@@ -310,7 +341,26 @@ class SenderSide(SideBase[SenderRoom]):
                     self.ctx.send_peer(req.msg.src, self.status_message(req, ok=False, final=True, reason=reason))
             self._finish(sr)
 
+    def _ended_before_asked(self, pool: LocalPool, room: int) -> str:
+        """Why the engine's room ``room`` ended before any receiver asked, if it did lately."""
+        found = self._ended_unasked.get((pool.pool_id, room))
+        if found is None:
+            return ""
+        reason, when, _ = found
+        if self.ctx.now() - when > self.ctx.config.waiting_timeout_s:
+            del self._ended_unasked[(pool.pool_id, room)]
+            return ""
+        return reason or "ended"
+
+    def _remember_unasked(self, pool_id: int, room: int, reason: str, *, given_up: bool = False) -> None:
+        self._ended_unasked[(pool_id, room)] = (reason, self.ctx.now(), given_up)
+        self._ended_unasked.move_to_end((pool_id, room))
+        while len(self._ended_unasked) > ENDED_UNASKED_KEPT:
+            self._ended_unasked.popitem(last=False)
+
     def _finish(self, sr: SenderRoom) -> None:
+        if not sr.requests and sr.machine.state.final:
+            self._remember_unasked(sr.pool.pool_id, sr.room, sr.machine.reason)
         for req in sr.requests.values():
             self._remember_ended(req.msg.transfer_id, req.msg.sender_rank, unsure=req.unsure)
             self.staged_path.untrack(req)

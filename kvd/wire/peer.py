@@ -226,6 +226,11 @@ class AbortTransfer(PeerMessage):
     sender_rank: int
     reason: str = ""
     incarnation: str = wire("", since=2)  # the sender daemon's start (see the module docstring)
+    # Set only when the room never sent this sender its TransferRequest (it failed while
+    # bootstrapping): the sender finds the engine's room by engine id, rank and room id, and
+    # fails it unless another daemon asked for it, instead of holding the engine's pages until
+    # its waiting deadline.
+    prefill_engine_id: str = wire("", since=7)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvd.core.planner import map_heads
+from kvd.core.planner import PlanError, map_heads
 from kvd.sides.records import ReceiverRoom
 from kvd.wire import engine as we
 from kvd.wire import peer as wp
@@ -678,3 +678,60 @@ async def test_a_room_that_bootstraps_while_its_sender_is_fenced_goes_on(cluster
     first, second = t.decode.final_event(pool, 1), t.decode.final_event(pool, 2)
     assert first is not None and first.state == "failed" and first.released
     assert second is not None and second.state == "success", second
+
+
+async def test_a_request_after_the_prefill_room_ended_unasked_fails_at_once(cluster):
+    """The prefill engine aborts its room before the decode side's request arrives (SGLang: the
+    prefill aborts while the decode is still bootstrapping). The late request used to open a new
+    sender room that waited for chunks until the receiver's deadline (8 s in the SGLang backend's
+    abort test); it is answered with the engine's reason at once. A room the engine starts again
+    under the same id is a new room and is served."""
+    t = Transfer(cluster, 1, 1)
+    t.send(chunks=1)
+    for pool, _ in t.src:
+        t.prefill.senders.abort_from_engine(pool, 1, "aborted by the prefill engine")
+    await cluster.settle()
+    t.recv()
+    await cluster.settle()
+    ev = t.decode_events()[0]
+    assert ev is not None and ev.state == "failed" and ev.released, ev
+    assert "ended before this request came" in ev.reason and "aborted by the prefill engine" in ev.reason
+    assert not t.prefill.senders.rooms, "the late request opened a room"
+    # The engine reuses the id: a new room, served.
+    t.send(room=1, chunks=1)
+    t.recv(room=1)
+    await cluster.settle()
+    assert t.decode_events()[0] is not None
+    assert [ev.state for _, ev in t.decode.events if ev.released and ev.room == 1][-1] == "success"
+    assert t.verify() == []
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "kv_heads"), [(1, 1, 4), (4, 1, 2), (1, 2, 4), (2, 4, 2)])
+@pytest.mark.parametrize("engine_started", [True, False])
+async def test_a_room_the_decode_side_gives_up_before_asking_ends_the_prefill_room(
+        cluster, prefill_tp, decode_tp, kv_heads, engine_started):
+    """The decode engine aborts while its room is still bootstrapping (no TransferRequest went
+    out). Every prefill rank's room (replicas' included) waited for a request until its waiting
+    deadline (300 s by default) holding the engine's pages; now each hears the room was given
+    up, and one the engine starts later fails at its first chunk."""
+    t = Transfer(cluster, prefill_tp, decode_tp, kv_heads=kv_heads)
+    if engine_started:
+        t.send(chunks=1)
+        await cluster.settle()
+    t.recv()  # its pool is announced asynchronously: the abort comes first
+    for pool, _ in t.dst:
+        t.decode.receivers.abort_from_engine(pool, 1)
+    await cluster.settle()
+    assert all(ev is not None and ev.state == "failed" and ev.released for ev in t.decode_events())
+    if not engine_started:
+        for pool, _ in t.src:  # each rank's first chunk is refused: the room ended
+            with pytest.raises(PlanError, match="already ended"):
+                t.prefill.senders.on_chunk(pool, we.SendChunk(req_id=1, pool_id=pool.pool_id, room=1,
+                                                              pages=t.src_pages, is_last=True, page_offset=0))
+        await cluster.settle()
+    finals = {pid: ev for pid, ev in t.prefill.events if ev.released and ev.room == 1}
+    assert set(finals) == {pool.pool_id for pool, _ in t.src}, "a prefill rank's room is still waiting"
+    assert all(ev.state == "failed" and "gave room 1 up before asking" in ev.reason for ev in finals.values())
+    assert not t.prefill.senders.rooms and not t.decode.receivers.rooms
+    assert t.decode.revoked == [], "a room nobody was asked to write was fenced"
+    assert not t.prefill.errors and not t.decode.errors, (t.prefill.errors, t.decode.errors)
