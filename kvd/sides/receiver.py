@@ -457,16 +457,34 @@ class ReceiverSide(SideBase[ReceiverRoom]):
     def _give_up(self, rr: ReceiverRoom, reason: str) -> None:
         """Tell the sender ranks of a room that never asked them that it is given up: nothing of
         theirs can land, but each engine's room (a replica's too) waits for a request, holding
-        its pages until its waiting deadline. Their daemons are the room's links, or, failed
-        before it linked them, what the directory knows of the prefill engine."""
-        if not rr.senders:
-            info = self.ctx.bootstrap.engine_info_now(rr.bootstrap_addr, rr.prefill_engine_id)
-            if info is None:
-                return  # the engine is not known here yet: nobody to tell
-            try:
-                self._link_senders(rr, info)
-            except (PlanError, LayoutError, ValueError, IndexError):
-                return  # it could never have been served: its sender ranks fail it themselves
+        its pages until its waiting deadline. Their daemons are the room's links or, failed
+        before it linked them, what the directory knows (or learns, within the bootstrap
+        timeout) of the prefill engine."""
+        if rr.senders:
+            self._tell_given_up(rr, reason)
+            return
+        info = self.ctx.bootstrap.engine_info_now(rr.bootstrap_addr, rr.prefill_engine_id)
+        if info is not None:
+            self._link_and_tell(rr, info, reason)
+        else:
+            self.ctx.spawn(self._give_up_when_known(rr, reason), f"give-up-{rr.room}")
+
+    async def _give_up_when_known(self, rr: ReceiverRoom, reason: str) -> None:
+        deadline = self.ctx.now() + self.ctx.config.bootstrap_timeout_s
+        try:
+            info = await self.ctx.bootstrap.engine_info(rr.bootstrap_addr, rr.prefill_engine_id, deadline)
+        except Exception:  # noqa: BLE001 - the engine never became known: nobody to tell
+            return
+        self._link_and_tell(rr, info, reason)
+
+    def _link_and_tell(self, rr: ReceiverRoom, info: wp.EngineInfo, reason: str) -> None:
+        try:
+            self._link_senders(rr, info)
+        except (PlanError, LayoutError, ValueError, IndexError):
+            return  # it could never have been served: its sender ranks fail it themselves
+        self._tell_given_up(rr, reason)
+
+    def _tell_given_up(self, rr: ReceiverRoom, reason: str) -> None:
         for link in rr.senders.values():
             self.ctx.send_peer(link.daemon, wp.AbortTransfer(
                 room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key, sender_rank=link.rank,
