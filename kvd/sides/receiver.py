@@ -46,6 +46,11 @@ RELEASED_KEPT = 65_536  # transfer ids whose late messages are expected, not cou
 STATUS_SLACK = 16
 
 
+#: Rooms given up before their prefill engine was known (see ReceiverSide._give_up): engines
+#: waited for at once, and rooms per engine. Past either, a prefill room ends at its own deadline.
+GIVE_UP_ENGINES = 64
+GIVE_UP_ROOMS = 1024
+
 class ReceiverSide(SideBase[ReceiverRoom]):
     """Every receiver room of this daemon."""
 
@@ -58,6 +63,10 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self._fencing: set[str] = set()  # peers whose receive session is being revoked
         self._released: OrderedDict[int, None] = OrderedDict()  # recently released transfer ids
         self._parsed: dict[int, tuple[wp.EngineInfo, list[PoolLayout]]] = {}  # see _layouts
+        # Rooms given up before their prefill engine was known here, per (bootstrap, engine):
+        # one task per engine waits for the directory's answer (see _give_up), whatever the
+        # number of rooms an engine opens and aborts meanwhile (bounded: GIVE_UP_* below).
+        self._given_up: dict[tuple[str, str], list[tuple[ReceiverRoom, str]]] = {}
         self.staged_path = StagedReceiver(ctx, self)
 
     def handlers(self) -> dict[type, object]:
@@ -467,15 +476,26 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         if info is not None:
             self._link_and_tell(rr, info, reason)
         else:
-            self.ctx.spawn(self._give_up_when_known(rr, reason), f"give-up-{rr.room}")
+            key = (rr.bootstrap_addr, rr.prefill_engine_id)
+            waiting = self._given_up.get(key)
+            if waiting is None:
+                if len(self._given_up) >= GIVE_UP_ENGINES:
+                    return  # (bounded: those prefill rooms end at their own deadline)
+                waiting = self._given_up[key] = []
+                self.ctx.spawn(self._give_up_when_known(key), f"give-up-{rr.prefill_engine_id}")
+            if len(waiting) < GIVE_UP_ROOMS:
+                waiting.append((rr, reason))
 
-    async def _give_up_when_known(self, rr: ReceiverRoom, reason: str) -> None:
+    async def _give_up_when_known(self, key: tuple[str, str]) -> None:
         deadline = self.ctx.now() + self.ctx.config.bootstrap_timeout_s
         try:
-            info = await self.ctx.bootstrap.engine_info(rr.bootstrap_addr, rr.prefill_engine_id, deadline)
+            info = await self.ctx.bootstrap.engine_info(key[0], key[1], deadline)
         except Exception:  # noqa: BLE001 - the engine never became known: nobody to tell
             return
-        self._link_and_tell(rr, info, reason)
+        finally:
+            rooms = self._given_up.pop(key, [])
+        for rr, reason in rooms:
+            self._link_and_tell(rr, info, reason)
 
     def _link_and_tell(self, rr: ReceiverRoom, info: wp.EngineInfo, reason: str) -> None:
         try:
