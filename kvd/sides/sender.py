@@ -20,7 +20,15 @@ from kvd.core.layout import LayoutError
 from kvd.core.planner import (
     PlanError,
 )
-from kvd.core.rooms import Deadlines, RoomInput, RoomMachine, RoomState, TooManyRooms, TransferPath
+from kvd.core.rooms import (
+    Deadlines,
+    RoomInput,
+    RoomMachine,
+    RoomState,
+    TooManyRooms,
+    TransferPath,
+    short_reason,
+)
 from kvd.mem.pools import LocalPool, RemotePool, check_page_indices
 from kvd.sides.context import RoomContext
 from kvd.sides.direct_send import DirectSender
@@ -252,7 +260,9 @@ class SenderSide(SideBase[SenderRoom]):
         pool = self.ctx.pools.prefill_pool(msg.prefill_engine_id, msg.sender_rank)
         if pool is None:
             return
-        reason = f"the decode side gave room {msg.room} up before asking for it: {msg.reason or 'aborted'}"
+        # Cut: it is kept (ENDED_UNASKED_KEPT rooms) and sent back whole to a late request.
+        reason = short_reason(f"the decode side gave room {msg.room} up before asking for it: "
+                              f"{msg.reason or 'aborted'}")
         sr = self.rooms.get((pool.pool_id, msg.room))
         if sr is None:
             self._remember_unasked(pool.pool_id, msg.room, reason, given_up=True)
