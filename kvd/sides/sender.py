@@ -72,6 +72,11 @@ class SenderSide(SideBase[SenderRoom]):
         #: fails it at once; otherwise a new chunk of the id forgets the entry (in use again).
         #: Bounded.
         self._ended_unasked: OrderedDict[tuple[int, int], tuple[str, float, bool]] = OrderedDict()
+        #: Rooms the engine started (a chunk came) that ended lately, (pool id, room) -> when: a
+        #: give-up that comes after is about that room, which is over, so the engine's next first
+        #: chunk of the id is a reissue (or, started already, is the reissue): not failed by it.
+        #: Bounded; past it a give-up is taken as it comes.
+        self._started_ended: OrderedDict[tuple[int, int], float] = OrderedDict()
         self._pairings = Pairings()
         self.staged_path = StagedSender(ctx, self)
         self.direct_path = DirectSender(ctx, self)
@@ -263,6 +268,9 @@ class SenderSide(SideBase[SenderRoom]):
         # Cut: it is kept (ENDED_UNASKED_KEPT rooms) and sent back whole to a late request.
         reason = short_reason(f"the decode side gave room {msg.room} up before asking for it: "
                               f"{msg.reason or 'aborted'}")
+        ended = self._started_ended.get((pool.pool_id, msg.room))
+        if ended is not None and self.ctx.now() - ended <= self.ctx.config.waiting_timeout_s:
+            return  # late: the room it gave up ended here already (the id may be in use again)
         sr = self.rooms.get((pool.pool_id, msg.room))
         if sr is None:
             self._remember_unasked(pool.pool_id, msg.room, reason, given_up=True)
@@ -368,6 +376,14 @@ class SenderSide(SideBase[SenderRoom]):
         while len(self._ended_unasked) > ENDED_UNASKED_KEPT:
             self._ended_unasked.popitem(last=False)
 
+    def _remember_started_ended(self, sr: SenderRoom) -> None:
+        """``sr`` leaves the room table: remember its id if the engine had started it."""
+        if sr.src_pages:
+            self._started_ended[sr.key] = self.ctx.now()
+            self._started_ended.move_to_end(sr.key)
+            while len(self._started_ended) > ENDED_UNASKED_KEPT:
+                self._started_ended.popitem(last=False)
+
     def _finish(self, sr: SenderRoom) -> None:
         if not sr.requests and sr.machine.state.final:
             self._remember_unasked(sr.pool.pool_id, sr.room, sr.machine.reason)
@@ -381,6 +397,7 @@ class SenderSide(SideBase[SenderRoom]):
                     del self.pool_requests[req.msg.pool_key]
         if self.rooms.get(sr.key) is sr:
             del self.rooms[sr.key]
+            self._remember_started_ended(sr)
         self._retiring.pop(id(sr), None)
         self._tell_engine(sr)
 
@@ -388,6 +405,7 @@ class SenderSide(SideBase[SenderRoom]):
         """Take an ended room out of ``rooms`` (its id is free) until :meth:`_finish`."""
         if self.rooms.get(sr.key) is sr:
             del self.rooms[sr.key]
+            self._remember_started_ended(sr)
             self._retiring[id(sr)] = sr
 
     def _tell_engine(self, sr: SenderRoom) -> None:

@@ -5,6 +5,8 @@ late give-ups and hostile reasons. Uses the in-memory transport and peers of tes
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from kvd.core.rooms import MAX_REASON
@@ -50,3 +52,58 @@ async def test_a_peers_long_give_up_reason_is_cut_before_it_is_kept(cluster):
     await cluster.settle()
     statuses = [m for m in cluster.sent(wp.TransferStatus) if m.room == 1]
     assert statuses and all(len(m.reason) <= MAX_REASON + 200 for m in statuses), len(statuses[0].reason)
+
+
+async def test_a_give_up_after_the_engine_ended_its_room_does_not_fail_the_reissue(cluster):
+    """SGLang's abort: both engines abort the request. The prefill engine had started its room
+    (a chunk) and ends it first; the decode room, still bootstrapping, sends its give-up, which
+    arrives after. The engine was told its room ended, so the next first chunk of that id is a
+    reissue (the SGLang client may reuse a bootstrap_room), and a reissue whose chunk comes
+    first is served (test_a_request_after_the_prefill_room_ended_unasked_fails_at_once). The
+    late give-up turned the ended room's memory into "fail its first chunk": the reissue failed.
+    In-memory transport and peers."""
+    t = Transfer(cluster, 1, 1)
+    t.send(chunks=2)
+    await cluster.settle()
+    for pool, _ in t.src:
+        t.prefill.senders.abort_from_engine(pool, 1, "aborted by the prefill engine")
+    await cluster.settle()
+    _give_up(t, 1)
+    await cluster.settle()
+    # The reissue: the prefill engine's chunk first, then the decode side's room.
+    t.send(room=1, chunks=1)
+    t.recv(room=1)
+    await cluster.settle()
+    assert _released(t, 1) == ["success"], (_released(t, 1), t.prefill.events[-1])
+    assert t.verify() == []
+
+
+async def test_a_give_up_racing_another_ranks_abort_does_not_fail_the_reissue(cluster):
+    """Decode TP 2 on one daemon, prefill TP 1 (both decode ranks ask prefill rank 0). The decode
+    engine aborts while rank 0 has asked and rank 1 still bootstraps: rank 0's abort fails the
+    prefill room (which the engine had started), taken out of the room table at once (every
+    receiver gone), and rank 1's give-up arrives after. The engine heard its room failed: a
+    reissue of the id (its chunk first) must be served, not failed by that give-up.
+    In-memory transport and peers."""
+    t = Transfer(cluster, 1, 2)
+    t.send(chunks=2)
+    await cluster.settle()
+    first = t.dst[0][0]
+    await t.decode.announce_pool(t.prefill.address, first, "prefill-0", None)  # rank 0 asks at once
+    t.recv(room=1)
+    assert t.decode.receivers.rooms[(first.pool_id, 1)].requested
+    assert not t.decode.receivers.rooms[(t.dst[1][0].pool_id, 1)].requested
+    for pool, _ in t.dst:
+        t.decode.receivers.abort_from_engine(pool, 1)
+    await cluster.settle()
+    finals = [ev for _, ev in t.prefill.events if ev.released and ev.room == 1]
+    assert [ev.state for ev in finals] == ["failed"], finals
+    assert all(s == "failed" for s in _released(t, 1)) and len(_released(t, 1)) == 2
+    # The reissue, on both sides.
+    t.decode.events.clear()
+    t.send(room=1, chunks=1)
+    await asyncio.sleep(0)
+    t.recv(room=1)
+    await cluster.settle()
+    assert _released(t, 1) == ["success", "success"], (_released(t, 1), t.prefill.events[-1])
+    assert t.verify() == []
