@@ -107,3 +107,33 @@ async def test_a_give_up_racing_another_ranks_abort_does_not_fail_the_reissue(cl
     await cluster.settle()
     assert _released(t, 1) == ["success", "success"], (_released(t, 1), t.prefill.events[-1])
     assert t.verify() == []
+
+
+async def test_a_room_given_up_mid_announce_sends_no_request_and_ends_both_sides(cluster):
+    """The decode room fails while its pool announce waits (here: on a revocation of the prefill
+    daemon's session, held open by the pair harness's gate). It is released at once (nothing was
+    asked), its give-up fails the prefill engine's room, and when the announce would go on no
+    request goes out for it. In-memory transport and peers."""
+    t = Transfer(cluster, 1, 1)
+    t.send(chunks=1)
+    await cluster.settle()
+    gate = t.decode.revoke_gate = asyncio.Event()
+    t.decode.receivers.fence_peer(t.prefill.address, "test")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert t.decode.revoking
+    t.recv(room=1)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    pool = t.dst[0][0]
+    assert not t.decode.receivers.rooms[(pool.pool_id, 1)].requested
+    t.decode.receivers.abort_from_engine(pool, 1)
+    await cluster.settle()
+    assert _released(t, 1) == ["failed"]
+    gate.set()
+    await cluster.settle()
+    assert not cluster.sent(wp.TransferRequest), "a request went out for a released room"
+    finals = [ev for _, ev in t.prefill.events if ev.released and ev.room == 1]
+    assert [ev.state for ev in finals] == ["failed"], finals
+    assert not t.prefill.senders.rooms and not t.decode.receivers.rooms
+    assert not t.decode.errors.get("task_crash") and not t.prefill.errors.get("task_crash")
