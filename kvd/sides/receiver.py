@@ -15,6 +15,7 @@ import ctypes
 import math
 import secrets
 from collections import Counter, OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,6 +47,17 @@ RELEASED_KEPT = 65_536  # transfer ids whose late messages are expected, not cou
 STATUS_SLACK = 16
 
 
+
+class _GivenUp(NamedTuple):
+    """What telling the sender ranks of a given-up room takes (not the room: its indices)."""
+
+    room: int
+    transfer_id: int
+    pool_key: str
+    layout: PoolLayout
+    prefill_engine_id: str
+    reason: str
+
 #: Rooms given up before their prefill engine was known (see ReceiverSide._give_up): engines
 #: waited for at once, and rooms per engine. Past either, a prefill room ends at its own deadline.
 GIVE_UP_ENGINES = 64
@@ -66,7 +78,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         # Rooms given up before their prefill engine was known here, per (bootstrap, engine):
         # one task per engine waits for the directory's answer (see _give_up), whatever the
         # number of rooms an engine opens and aborts meanwhile (bounded: GIVE_UP_* below).
-        self._given_up: dict[tuple[str, str], list[tuple[ReceiverRoom, str]]] = {}
+        self._given_up: dict[tuple[str, str], list[_GivenUp]] = {}
         self.staged_path = StagedReceiver(ctx, self)
 
     def handlers(self) -> dict[type, object]:
@@ -469,22 +481,23 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         its pages until its waiting deadline. Their daemons are the room's links or, failed
         before it linked them, what the directory knows (or learns, within the bootstrap
         timeout) of the prefill engine."""
+        note = _GivenUp(rr.room, rr.transfer_id, rr.pool.key, rr.pool.layout, rr.prefill_engine_id, reason)
         if rr.senders:
-            self._tell_given_up(rr, reason)
+            self._tell_given_up(note, [(link.rank, link.daemon) for link in rr.senders.values()])
             return
         info = self.ctx.bootstrap.engine_info_now(rr.bootstrap_addr, rr.prefill_engine_id)
         if info is not None:
-            self._link_and_tell(rr, info, reason)
-        else:
-            key = (rr.bootstrap_addr, rr.prefill_engine_id)
-            waiting = self._given_up.get(key)
-            if waiting is None:
-                if len(self._given_up) >= GIVE_UP_ENGINES:
-                    return  # (bounded: those prefill rooms end at their own deadline)
-                waiting = self._given_up[key] = []
-                self.ctx.spawn(self._give_up_when_known(key), f"give-up-{rr.prefill_engine_id}")
-            if len(waiting) < GIVE_UP_ROOMS:
-                waiting.append((rr, reason))
+            self._tell_given_up(note, self._notified_by(rr.pool.layout, info))
+            return
+        key = (rr.bootstrap_addr, rr.prefill_engine_id)
+        waiting = self._given_up.get(key)
+        if waiting is None:
+            if len(self._given_up) >= GIVE_UP_ENGINES:
+                return  # (bounded: those prefill rooms end at their own deadline)
+            waiting = self._given_up[key] = []
+            self.ctx.spawn(self._give_up_when_known(key), f"give-up-{rr.prefill_engine_id}")
+        if len(waiting) < GIVE_UP_ROOMS:
+            waiting.append(note)
 
     async def _give_up_when_known(self, key: tuple[str, str]) -> None:
         deadline = self.ctx.now() + self.ctx.config.bootstrap_timeout_s
@@ -493,22 +506,24 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         except Exception:  # noqa: BLE001 - the engine never became known: nobody to tell
             return
         finally:
-            rooms = self._given_up.pop(key, [])
-        for rr, reason in rooms:
-            self._link_and_tell(rr, info, reason)
+            notes = self._given_up.pop(key, [])
+        for note in notes:
+            self._tell_given_up(note, self._notified_by(note.layout, info))
 
-    def _link_and_tell(self, rr: ReceiverRoom, info: wp.EngineInfo, reason: str) -> None:
+    def _notified_by(self, layout: PoolLayout, info: wp.EngineInfo) -> list[tuple[int, str]]:
+        """The prefill ranks (and their daemons) a decode rank of ``layout`` asks, dummies included."""
         try:
-            self._link_senders(rr, info)
+            check_compatible(self._layouts(info)[0], layout)
+            mapping = map_heads(layout.total_kv_heads, info.tp_size, layout.tp_size)
+            return [(s, info.daemons[s]) for s in mapping.notified_senders(layout.tp_rank)]
         except (PlanError, LayoutError, ValueError, IndexError):
-            return  # it could never have been served: its sender ranks fail it themselves
-        self._tell_given_up(rr, reason)
+            return []  # it could never have been served: its sender ranks fail it themselves
 
-    def _tell_given_up(self, rr: ReceiverRoom, reason: str) -> None:
-        for link in rr.senders.values():
-            self.ctx.send_peer(link.daemon, wp.AbortTransfer(
-                room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key, sender_rank=link.rank,
-                reason=reason, prefill_engine_id=rr.prefill_engine_id))
+    def _tell_given_up(self, note: _GivenUp, ranks: list[tuple[int, str]]) -> None:
+        for rank, daemon in ranks:
+            self.ctx.send_peer(daemon, wp.AbortTransfer(
+                room=note.room, transfer_id=note.transfer_id, pool_key=note.pool_key, sender_rank=rank,
+                reason=note.reason, prefill_engine_id=note.prefill_engine_id))
 
     def _may_still_write(self, rr: ReceiverRoom) -> list[int]:
         """Sender ranks whose writes into this room's pages could still land."""
