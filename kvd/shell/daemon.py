@@ -204,14 +204,18 @@ class Daemon:
                 return we.Ok(req_id=msg.req_id)
             case we.RecvRoom():
                 pool = self._engine_pool(conn_id, msg.pool_id, "decode")
-                if msg.enable_hisparse:
-                    check_token_indices(msg.pages, pool.layout, f"room {msg.room} destination tokens")
-                else:
-                    pool.check_pages(msg.pages, f"room {msg.room} destination pages")
                 if not msg.bootstrap_addr.startswith("tcp://"):
                     raise RequestError("bad_request", f"bootstrap address {msg.bootstrap_addr!r} "
                                                       "must look like tcp://host:port")
-                self.receivers.start(pool, msg)
+                try:
+                    if msg.enable_hisparse:
+                        check_token_indices(msg.pages, pool.layout, f"room {msg.room} destination tokens")
+                    else:
+                        pool.check_pages(msg.pages, f"room {msg.room} destination pages")
+                    self.receivers.start(pool, msg)
+                except Exception as exc:  # refused: its prefill rooms must not wait for it
+                    self.receivers.refused(pool, msg, str(exc)[:200])
+                    raise
                 return we.Ok(req_id=msg.req_id)
             case we.PollRoom():
                 return self._poll(conn_id, msg)

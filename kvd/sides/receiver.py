@@ -485,17 +485,29 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         if rr.senders:
             self._tell_given_up(note, [(link.rank, link.daemon) for link in rr.senders.values()])
             return
-        info = self.ctx.bootstrap.engine_info_now(rr.bootstrap_addr, rr.prefill_engine_id)
+        self._give_up_to(rr.bootstrap_addr, note)
+
+    def refused(self, pool: LocalPool, msg: we.RecvRoom, reason: str) -> None:
+        """A recv this daemon refused (bad indices, a full pool): the prefill engine's rooms of
+        that id wait for a request that never comes; they hear it as a room given up."""
+        if (pool.pool_id, msg.room) in self.rooms:
+            return  # (a live room of that id is not this refusal's to give up)
+        self._give_up_to(msg.bootstrap_addr, _GivenUp(
+            msg.room, secrets.randbits(63), pool.key, pool.layout, msg.prefill_engine_id,
+            f"the decode engine's recv was refused: {reason}"))
+
+    def _give_up_to(self, bootstrap_addr: str, note: _GivenUp) -> None:
+        info = self.ctx.bootstrap.engine_info_now(bootstrap_addr, note.prefill_engine_id)
         if info is not None:
-            self._tell_given_up(note, self._notified_by(rr.pool.layout, info))
+            self._tell_given_up(note, self._notified_by(note.layout, info))
             return
-        key = (rr.bootstrap_addr, rr.prefill_engine_id)
+        key = (bootstrap_addr, note.prefill_engine_id)
         waiting = self._given_up.get(key)
         if waiting is None:
             if len(self._given_up) >= GIVE_UP_ENGINES:
                 return  # (bounded: those prefill rooms end at their own deadline)
             waiting = self._given_up[key] = []
-            self.ctx.spawn(self._give_up_when_known(key), f"give-up-{rr.prefill_engine_id}")
+            self.ctx.spawn(self._give_up_when_known(key), f"give-up-{note.prefill_engine_id}")
         if len(waiting) < GIVE_UP_ROOMS:
             waiting.append(note)
 

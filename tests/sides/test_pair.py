@@ -735,3 +735,32 @@ async def test_a_room_the_decode_side_gives_up_before_asking_ends_the_prefill_ro
     assert not t.prefill.senders.rooms and not t.decode.receivers.rooms
     assert t.decode.revoked == [], "a room nobody was asked to write was fenced"
     assert not t.prefill.errors and not t.decode.errors, (t.prefill.errors, t.decode.errors)
+
+
+async def test_a_recv_the_decode_daemon_refuses_ends_the_prefill_room(cluster):
+    """A decode engine's recv is refused (here: a destination page named twice; the daemon's
+    engine server calls ``refused`` for every refusal of a recv, as this test does). The prefill
+    engine's room of that id waited for a request until its waiting deadline; it hears the
+    refusal at once. A refusal of a recv whose room id is live on that pool gives nothing up."""
+    t = Transfer(cluster, 2, 1)
+    t.send(chunks=1)
+    await cluster.settle()
+    pool = t.dst[0][0]
+    pages = np.array([t.dst_index[0], *t.dst_index[:-1]], dtype=np.int64)  # one page twice
+    msg = we.RecvRoom(req_id=1, pool_id=pool.pool_id, room=1, bootstrap_addr=t.prefill.address,
+                      prefill_engine_id="prefill-0", pages=pages)
+    with pytest.raises(Exception, match="distinct|twice|repeat"):
+        t.decode.receivers.start(pool, msg)
+    t.decode.receivers.refused(pool, msg, "destination pages repeat")
+    await cluster.settle()
+    finals = {pid: ev for pid, ev in t.prefill.events if ev.released and ev.room == 1}
+    assert set(finals) == {p.pool_id for p, _ in t.src}
+    assert all(ev.state == "failed" and "recv was refused" in ev.reason for ev in finals.values())
+    # A live room of the id: a second, refused recv of it gives nothing up.
+    t.send(room=2, chunks=1)
+    t.recv(room=2)
+    live = we.RecvRoom(req_id=2, pool_id=pool.pool_id, room=2, bootstrap_addr=t.prefill.address,
+                       prefill_engine_id="prefill-0", pages=t.dst_index)
+    t.decode.receivers.refused(pool, live, "still in flight")
+    await cluster.settle()
+    assert [ev.state for _, ev in t.decode.events if ev.released and ev.room == 2] == ["success"]
