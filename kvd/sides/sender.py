@@ -20,6 +20,7 @@ from kvd.core.layout import LayoutError
 from kvd.core.planner import (
     PlanError,
 )
+from kvd.core.recent import Recent
 from kvd.core.rooms import (
     Deadlines,
     RoomInput,
@@ -71,12 +72,12 @@ class SenderSide(SideBase[SenderRoom]):
         #: the receiver gave the room up before the engine started it, whose first chunk then
         #: fails it at once; otherwise a new chunk of the id forgets the entry (in use again).
         #: Bounded.
-        self._ended_unasked: OrderedDict[tuple[int, int], tuple[str, float, bool]] = OrderedDict()
+        self._ended_unasked: Recent[tuple[int, int], tuple[str, bool]] = Recent(ENDED_UNASKED_KEPT)
         #: Rooms the engine started (a chunk came) that ended lately, (pool id, room) -> when: a
         #: give-up that comes after is about that room, which is over, so the engine's next first
         #: chunk of the id is a reissue (or, started already, is the reissue): not failed by it.
         #: Bounded; past it a give-up is taken as it comes.
-        self._started_ended: OrderedDict[tuple[int, int], float] = OrderedDict()
+        self._started_ended: Recent[tuple[int, int], bool] = Recent(ENDED_UNASKED_KEPT)
         self._pairings = Pairings()
         self.staged_path = StagedSender(ctx, self)
         self.direct_path = DirectSender(ctx, self)
@@ -94,11 +95,11 @@ class SenderSide(SideBase[SenderRoom]):
         sr = self.rooms.get((pool.pool_id, room))
         if sr is None:
             self.rooms.check_room_for(pool, room)
-            ended = self._ended_unasked.pop((pool.pool_id, room), None)
+            ended = self._ended_unasked.pop((pool.pool_id, room), self.ctx.now(), self.ctx.config.waiting_timeout_s)
             sr = SenderRoom(pool, room, RoomMachine(self._deadlines(), self.ctx.now()))
             self.rooms[sr.key] = sr
             self.ctx.room_changed(self.role, None, sr.machine.state, room=room, pool=pool.key)
-            if ended is not None and ended[2] and self.ctx.now() - ended[1] <= self.ctx.config.waiting_timeout_s:
+            if ended is not None and ended[1]:
                 self.fail(sr, ended[0])  # the receiver gave it up before the engine started it
         return sr
 
@@ -268,8 +269,7 @@ class SenderSide(SideBase[SenderRoom]):
         # Cut: it is kept (ENDED_UNASKED_KEPT rooms) and sent back whole to a late request.
         reason = short_reason(f"the decode side gave room {msg.room} up before asking for it: "
                               f"{msg.reason or 'aborted'}")
-        ended = self._started_ended.get((pool.pool_id, msg.room))
-        if ended is not None and self.ctx.now() - ended <= self.ctx.config.waiting_timeout_s:
+        if self._started_ended.get((pool.pool_id, msg.room), self.ctx.now(), self.ctx.config.waiting_timeout_s):
             return  # late: the room it gave up ended here already (the id may be in use again)
         sr = self.rooms.get((pool.pool_id, msg.room))
         if sr is None:
@@ -361,28 +361,16 @@ class SenderSide(SideBase[SenderRoom]):
 
     def _ended_before_asked(self, pool: LocalPool, room: int) -> str:
         """Why the engine's room ``room`` ended before any receiver asked, if it did lately."""
-        found = self._ended_unasked.get((pool.pool_id, room))
-        if found is None:
-            return ""
-        reason, when, _ = found
-        if self.ctx.now() - when > self.ctx.config.waiting_timeout_s:
-            del self._ended_unasked[(pool.pool_id, room)]
-            return ""
-        return reason or "ended"
+        found = self._ended_unasked.get((pool.pool_id, room), self.ctx.now(), self.ctx.config.waiting_timeout_s)
+        return "" if found is None else found[0] or "ended"
 
     def _remember_unasked(self, pool_id: int, room: int, reason: str, *, given_up: bool = False) -> None:
-        self._ended_unasked[(pool_id, room)] = (reason, self.ctx.now(), given_up)
-        self._ended_unasked.move_to_end((pool_id, room))
-        while len(self._ended_unasked) > ENDED_UNASKED_KEPT:
-            self._ended_unasked.popitem(last=False)
+        self._ended_unasked.put((pool_id, room), (reason, given_up), self.ctx.now())
 
     def _remember_started_ended(self, sr: SenderRoom) -> None:
         """``sr`` leaves the room table: remember its id if the engine had started it."""
         if sr.src_pages:
-            self._started_ended[sr.key] = self.ctx.now()
-            self._started_ended.move_to_end(sr.key)
-            while len(self._started_ended) > ENDED_UNASKED_KEPT:
-                self._started_ended.popitem(last=False)
+            self._started_ended.put(sr.key, True, self.ctx.now())
 
     def _finish(self, sr: SenderRoom) -> None:
         if not sr.requests and sr.machine.state.final:
