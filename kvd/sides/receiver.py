@@ -464,16 +464,16 @@ class ReceiverSide(SideBase[ReceiverRoom]):
     def after_fail(self, rr: ReceiverRoom, reason: str) -> None:
         rr.failed_at = self.ctx.now()
         self._tell(rr)
-        if not rr.requested:
+        if not rr.requested:  # no sender was asked: no abort to wait for, no verdict to give
             self._give_up(rr, reason)
-        for link in rr.senders.values() if rr.requested else ():
+            return
+        for link in rr.senders.values():
             if not link.final and not link.dummy:
                 link.aborted = True
                 self.ctx.send_peer(link.daemon, wp.AbortTransfer(
                     room=rr.room, transfer_id=rr.transfer_id, pool_key=rr.pool.key, sender_rank=link.rank,
                     reason=reason))
-        if rr.requested:  # (a sender never asked has no transfer to give a verdict on)
-            self._send_outcomes(rr, ok=False, reason=reason)
+        self._send_outcomes(rr, ok=False, reason=reason)
 
     def _give_up(self, rr: ReceiverRoom, reason: str) -> None:
         """Tell the sender ranks of a room that never asked them that it is given up: nothing of
@@ -562,7 +562,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         # closes. A room still bootstrapping announces its pool anew once the revocation is done
         # (the directory forgets the peer's announces first) and writes into the new session: it
         # is not fenced off (closing a session takes ~1 s, and new rooms go on meanwhile).
-        requested = {id(rr) for rr in self.rooms.values() if rr.machine.state is not RoomState.BOOTSTRAPPING}
+        requested = {id(rr) for rr in self.rooms.values() if rr.requested}
         try:
             await self.ctx.revoke_peer(peer, reason)
         finally:
