@@ -156,10 +156,14 @@ class SideBase(Generic[R]):
     def expire(self, now: float) -> None:
         for rm in list(self.rooms.values()):
             if rm.machine.expired(now):
-                self.ctx.count_error("timeout")
-                self.fail(rm, rm.machine.timeout_reason())
+                self.expired(rm)
             else:
                 self.tick(rm, now)
+
+    def expired(self, rm: R) -> None:
+        """``rm`` passed its deadline."""
+        self.ctx.count_error("timeout")
+        self.fail(rm, rm.machine.timeout_reason())
 
     def peer_dead(self, peer: str, what: str) -> None:
         now = self.ctx.now()

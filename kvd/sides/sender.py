@@ -66,13 +66,15 @@ class SenderSide(SideBase[SenderRoom]):
         #: (every receiver gone): out of ``rooms``, so the engine may use the room id again at
         #: once, and kept here, their pool busy, until that batch has ended (:meth:`_finish`).
         self._retiring: dict[int, SenderRoom] = {}
-        #: Rooms that ended before any receiver asked, (pool id, room) -> (reason, when, given up):
+        #: Rooms that ended before any receiver asked, (pool id, room) -> (reason, given up by):
         #: a request that comes after is answered with that at once, not held by a new room until
-        #: the receiver's deadline (the engine aborted, or its room timed out, first). "Given up":
-        #: the receiver gave the room up before the engine started it, whose first chunk then
-        #: fails it at once; otherwise a new chunk of the id forgets the entry (in use again).
-        #: Bounded.
-        self._ended_unasked: Recent[tuple[int, int], tuple[str, bool]] = Recent(ENDED_UNASKED_KEPT)
+        #: the receiver's deadline (the engine aborted, or its room timed out, first). "Given up
+        #: by" names the decode daemon that gave the room up before the engine started it: a
+        #: request of that daemon after it is a new recv of the id (it sends nothing for a room it
+        #: gave up, and its messages come in order), and the engine's first chunk starts a room
+        #: that fails unless that request comes within the bootstrap timeout (:meth:`tick`).
+        #: Otherwise a new chunk of the id forgets the entry (in use again). Bounded.
+        self._ended_unasked: Recent[tuple[int, int], tuple[str, str]] = Recent(ENDED_UNASKED_KEPT)
         #: Rooms the engine started (a chunk came) that ended lately, (pool id, room) -> when: a
         #: give-up that comes after is about that room, which is over, so the engine's next first
         #: chunk of the id is a reissue (or, started already, is the reissue): not failed by it.
@@ -99,9 +101,19 @@ class SenderSide(SideBase[SenderRoom]):
             sr = SenderRoom(pool, room, RoomMachine(self._deadlines(), self.ctx.now()))
             self.rooms[sr.key] = sr
             self.ctx.room_changed(self.role, None, sr.machine.state, room=room, pool=pool.key)
-            if ended is not None and ended[1]:
-                self.fail(sr, ended[0])  # the receiver gave it up before the engine started it
+            if ended is not None and ended[1]:  # the receiver gave it up before the engine started it
+                sr.given_up = (ended[0], ended[1], self.ctx.now() + self.ctx.config.bootstrap_timeout_s)
         return sr
+
+    def tick(self, sr: SenderRoom, now: float) -> None:
+        if sr.given_up is not None and now >= sr.given_up[2]:
+            self.fail(sr, sr.given_up[0])  # no new recv of the id came: the room was the one given up
+
+    def expired(self, sr: SenderRoom) -> None:
+        if sr.given_up is not None:  # its deadline came before its grace ended: the same verdict
+            self.fail(sr, sr.given_up[0])
+        else:
+            super().expired(sr)
 
     # --- inputs -------------------------------------------------------------------------
     def on_chunk(self, pool: LocalPool, msg: we.SendChunk) -> None:
@@ -163,7 +175,7 @@ class SenderSide(SideBase[SenderRoom]):
                                     "here" if pool is None else f"decode pool {msg.pool_key} was never announced",
                                pool_unknown=pool is not None)
             return
-        if (pool.pool_id, msg.room) not in self.rooms and (ended := self._ended_before_asked(pool, msg.room)):
+        if (pool.pool_id, msg.room) not in self.rooms and (ended := self._ended_before_asked(pool, msg.room, msg.src)):
             self._reply_failed(msg, f"the prefill engine's room {msg.room} ended before this request came: {ended}")
             return
         # Validate against the room without creating it: a refused request (a buggy or hostile
@@ -186,6 +198,8 @@ class SenderSide(SideBase[SenderRoom]):
             self.rooms[sr.key] = sr
             self.ctx.room_changed(self.role, None, sr.machine.state, room=sr.room, pool=pool.key)
         sr.requests[rkey] = req
+        if sr.given_up is not None and sr.given_up[1] == msg.src:
+            sr.given_up = None  # a new recv of the id by the daemon that gave the old one up
         if 0 < msg.deadline_s < sr.machine.deadlines.waiting_for_input:
             # The prefill room waits for its engine no longer than the receiver waits for it.
             sr.machine.deadlines = replace(sr.machine.deadlines, waiting_for_input=msg.deadline_s)
@@ -273,7 +287,7 @@ class SenderSide(SideBase[SenderRoom]):
             return  # late: the room it gave up ended here already (the id may be in use again)
         sr = self.rooms.get((pool.pool_id, msg.room))
         if sr is None:
-            self._remember_unasked(pool.pool_id, msg.room, reason, given_up=True)
+            self._remember_unasked(pool.pool_id, msg.room, reason, given_up_by=msg.src)
         elif not sr.machine.state.final and all(r.msg.src == msg.src for r in sr.requests.values()):
             self.fail(sr, reason)
 
@@ -359,13 +373,20 @@ class SenderSide(SideBase[SenderRoom]):
                     self.ctx.send_peer(req.msg.src, self.status_message(req, ok=False, final=True, reason=reason))
             self._finish(sr)
 
-    def _ended_before_asked(self, pool: LocalPool, room: int) -> str:
-        """Why the engine's room ``room`` ended before any receiver asked, if it did lately."""
-        found = self._ended_unasked.get((pool.pool_id, room), self.ctx.now(), self.ctx.config.waiting_timeout_s)
-        return "" if found is None else found[0] or "ended"
+    def _ended_before_asked(self, pool: LocalPool, room: int, asker: str) -> str:
+        """Why the engine's room ``room`` ended before any receiver asked, if it did lately; ""
+        for a room ``asker`` gave up (its request now is a new recv of the id: forgotten)."""
+        key = (pool.pool_id, room)
+        found = self._ended_unasked.get(key, self.ctx.now(), self.ctx.config.waiting_timeout_s)
+        if found is None:
+            return ""
+        if found[1] == asker:
+            self._ended_unasked.pop(key, self.ctx.now(), self.ctx.config.waiting_timeout_s)
+            return ""
+        return found[0] or "ended"
 
-    def _remember_unasked(self, pool_id: int, room: int, reason: str, *, given_up: bool = False) -> None:
-        self._ended_unasked.put((pool_id, room), (reason, given_up), self.ctx.now())
+    def _remember_unasked(self, pool_id: int, room: int, reason: str, *, given_up_by: str = "") -> None:
+        self._ended_unasked.put((pool_id, room), (reason, given_up_by), self.ctx.now())
 
     def _remember_started_ended(self, sr: SenderRoom) -> None:
         """``sr`` leaves the room table: remember its id if the engine had started it."""

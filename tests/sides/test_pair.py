@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvd.core.planner import PlanError, map_heads
+from kvd.core.planner import map_heads
 from kvd.sides.records import ReceiverRoom
 from kvd.wire import engine as we
 from kvd.wire import peer as wp
@@ -713,7 +713,8 @@ async def test_a_room_the_decode_side_gives_up_before_asking_ends_the_prefill_ro
     """The decode engine aborts while its room is still bootstrapping (no TransferRequest went
     out). Every prefill rank's room (replicas' included) waited for a request until its waiting
     deadline (300 s by default) holding the engine's pages; now each hears the room was given
-    up, and one the engine starts later fails at its first chunk."""
+    up, and one the engine starts later fails within the bootstrap timeout (a new recv of the
+    id by that decode daemon would have come by then: see the reissue test below)."""
     t = Transfer(cluster, prefill_tp, decode_tp, kv_heads=kv_heads)
     if engine_started:
         t.send(chunks=1)
@@ -724,16 +725,52 @@ async def test_a_room_the_decode_side_gives_up_before_asking_ends_the_prefill_ro
     await cluster.settle()
     assert all(ev is not None and ev.state == "failed" and ev.released for ev in t.decode_events())
     if not engine_started:
-        for pool, _ in t.src:  # each rank's first chunk is refused: the room ended
-            with pytest.raises(PlanError, match="already ended"):
-                t.prefill.senders.on_chunk(pool, we.SendChunk(req_id=1, pool_id=pool.pool_id, room=1,
-                                                              pages=t.src_pages, is_last=True, page_offset=0))
+        t.send(chunks=1)  # each rank's first chunk opens a room that waits for a new recv a while
+        await cluster.settle()
+        assert not [ev for _, ev in t.prefill.events if ev.released and ev.room == 1], "ended before its grace"
+        cluster.clock.advance(cluster.config.bootstrap_timeout_s + 0.1)
+        cluster.expire()
         await cluster.settle()
     finals = {pid: ev for pid, ev in t.prefill.events if ev.released and ev.room == 1}
     assert set(finals) == {pool.pool_id for pool, _ in t.src}, "a prefill rank's room is still waiting"
     assert all(ev.state == "failed" and "gave room 1 up before asking" in ev.reason for ev in finals.values())
     assert not t.prefill.senders.rooms and not t.decode.receivers.rooms
     assert t.decode.revoked == [], "a room nobody was asked to write was fenced"
+    assert not t.prefill.errors and not t.decode.errors, (t.prefill.errors, t.decode.errors)
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "kv_heads"), [(1, 1, 4), (4, 1, 2), (2, 4, 2)])
+@pytest.mark.parametrize("chunk_first", [True, False])
+async def test_a_room_id_given_up_and_reissued_is_served(cluster, prefill_tp, decode_tp, kv_heads, chunk_first):
+    """The decode engine gives a room up before its request went out, then recvs the same id
+    again (a reuse); the prefill engine sends that id once. Whichever comes first at the prefill
+    daemon, the engine's chunk or the decode daemon's new request, the room is served byte-exact:
+    a request from the daemon that gave the id up is a new recv of it (that daemon sends nothing
+    for a room it gave up, and its messages come in order)."""
+    t = Transfer(cluster, prefill_tp, decode_tp, kv_heads=kv_heads)
+    t.recv()
+    for pool, _ in t.dst:
+        t.decode.receivers.abort_from_engine(pool, 1)
+    await cluster.settle()
+    assert all(ev is not None and ev.state == "failed" and ev.released for ev in t.decode_events())
+    t.decode.events.clear()
+    if chunk_first:
+        t.send(chunks=1)
+        await cluster.settle()
+        t.recv()
+    else:
+        t.recv()
+        await cluster.settle()
+        t.send(chunks=1)
+    await cluster.settle()
+    assert all(ev is not None and ev.state == "success" for ev in t.decode_events()), t.decode_events()
+    assert t.verify() == []
+    cluster.clock.advance(cluster.config.bootstrap_timeout_s + 0.1)  # no late failure of the reissue
+    cluster.expire()
+    await cluster.settle()
+    finals = [ev for _, ev in t.prefill.events if ev.released and ev.room == 1]
+    assert finals and all(ev.state == "success" for ev in finals), finals
+    assert not t.prefill.senders.rooms and not t.decode.receivers.rooms
     assert not t.prefill.errors and not t.decode.errors, (t.prefill.errors, t.decode.errors)
 
 
