@@ -15,7 +15,6 @@ import ctypes
 import math
 import secrets
 from collections import Counter, OrderedDict
-from typing import NamedTuple
 
 import numpy as np
 
@@ -34,6 +33,7 @@ from kvd.core.rooms import (
 from kvd.core.staging import StagingError, staging_applies
 from kvd.mem.pools import LocalPool
 from kvd.sides.context import PoolAccepted, RoomContext
+from kvd.sides.give_up import GivenUp, GiveUpNotices
 from kvd.sides.lifecycle import SideBase, room_event
 from kvd.sides.records import ReceiverRoom, SenderLink
 from kvd.sides.staged_recv import StagedReceiver
@@ -47,22 +47,6 @@ RELEASED_KEPT = 65_536  # transfer ids whose late messages are expected, not cou
 STATUS_SLACK = 16
 
 
-
-class _GivenUp(NamedTuple):
-    """What telling the sender ranks of a given-up room takes (not the room: its indices)."""
-
-    room: int
-    transfer_id: int
-    pool_key: str
-    layout: PoolLayout
-    prefill_engine_id: str
-    reason: str
-
-#: Rooms given up before their prefill engine was known (see ReceiverSide._give_up): engines
-#: waited for at once, and rooms per engine. Past either, a prefill room ends at its own deadline.
-GIVE_UP_ENGINES = 64
-GIVE_UP_ROOMS = 1024
-
 class ReceiverSide(SideBase[ReceiverRoom]):
     """Every receiver room of this daemon."""
 
@@ -75,10 +59,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self._fencing: set[str] = set()  # peers whose receive session is being revoked
         self._released: OrderedDict[int, None] = OrderedDict()  # recently released transfer ids
         self._parsed: dict[int, tuple[wp.EngineInfo, list[PoolLayout]]] = {}  # see _layouts
-        # Rooms given up before their prefill engine was known here, per (bootstrap, engine):
-        # one task per engine waits for the directory's answer (see _give_up), whatever the
-        # number of rooms an engine opens and aborts meanwhile (bounded: GIVE_UP_* below).
-        self._given_up: dict[tuple[str, str], list[_GivenUp]] = {}
+        self.give_ups = GiveUpNotices(ctx, self._layouts)
         self.staged_path = StagedReceiver(ctx, self)
 
     def handlers(self) -> dict[type, object]:
@@ -476,66 +457,22 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self._send_outcomes(rr, ok=False, reason=reason)
 
     def _give_up(self, rr: ReceiverRoom, reason: str) -> None:
-        """Tell the sender ranks of a room that never asked them that it is given up: nothing of
-        theirs can land, but each engine's room (a replica's too) waits for a request, holding
-        its pages until its waiting deadline. Their daemons are the room's links or, failed
-        before it linked them, what the directory knows (or learns, within the bootstrap
-        timeout) of the prefill engine."""
-        note = _GivenUp(rr.room, rr.transfer_id, rr.pool.key, rr.pool.layout, rr.prefill_engine_id, reason)
+        """Tell the sender ranks of a room that never asked them that it is given up (see
+        :mod:`kvd.sides.give_up`)."""
+        note = GivenUp(rr.room, rr.transfer_id, rr.pool.key, rr.pool.layout, rr.prefill_engine_id, reason)
         if rr.senders:
-            self._tell_given_up(note, [(link.rank, link.daemon) for link in rr.senders.values()])
-            return
-        self._give_up_to(rr.bootstrap_addr, note)
+            self.give_ups.to_links(note, [(link.rank, link.daemon) for link in rr.senders.values()])
+        else:
+            self.give_ups.to_engine(rr.bootstrap_addr, note)
 
     def refused(self, pool: LocalPool, msg: we.RecvRoom, reason: str) -> None:
         """A recv this daemon refused (bad indices, a full pool): the prefill engine's rooms of
         that id wait for a request that never comes; they hear it as a room given up."""
         if (pool.pool_id, msg.room) in self.rooms:
             return  # (a live room of that id is not this refusal's to give up)
-        self._give_up_to(msg.bootstrap_addr, _GivenUp(
+        self.give_ups.to_engine(msg.bootstrap_addr, GivenUp(
             msg.room, secrets.randbits(63), pool.key, pool.layout, msg.prefill_engine_id,
             f"the decode engine's recv was refused: {reason}"))
-
-    def _give_up_to(self, bootstrap_addr: str, note: _GivenUp) -> None:
-        info = self.ctx.bootstrap.engine_info_now(bootstrap_addr, note.prefill_engine_id)
-        if info is not None:
-            self._tell_given_up(note, self._notified_by(note.layout, info))
-            return
-        key = (bootstrap_addr, note.prefill_engine_id)
-        waiting = self._given_up.get(key)
-        if waiting is None:
-            if len(self._given_up) >= GIVE_UP_ENGINES:
-                return  # (bounded: those prefill rooms end at their own deadline)
-            waiting = self._given_up[key] = []
-            self.ctx.spawn(self._give_up_when_known(key), f"give-up-{note.prefill_engine_id}")
-        if len(waiting) < GIVE_UP_ROOMS:
-            waiting.append(note)
-
-    async def _give_up_when_known(self, key: tuple[str, str]) -> None:
-        deadline = self.ctx.now() + self.ctx.config.bootstrap_timeout_s
-        try:
-            info = await self.ctx.bootstrap.engine_info(key[0], key[1], deadline)
-        except Exception:  # noqa: BLE001 - the engine never became known: nobody to tell
-            return
-        finally:
-            notes = self._given_up.pop(key, [])
-        for note in notes:
-            self._tell_given_up(note, self._notified_by(note.layout, info))
-
-    def _notified_by(self, layout: PoolLayout, info: wp.EngineInfo) -> list[tuple[int, str]]:
-        """The prefill ranks (and their daemons) a decode rank of ``layout`` asks, dummies included."""
-        try:
-            check_compatible(self._layouts(info)[0], layout)
-            mapping = map_heads(layout.total_kv_heads, info.tp_size, layout.tp_size)
-            return [(s, info.daemons[s]) for s in mapping.notified_senders(layout.tp_rank)]
-        except (PlanError, LayoutError, ValueError, IndexError):
-            return []  # it could never have been served: its sender ranks fail it themselves
-
-    def _tell_given_up(self, note: _GivenUp, ranks: list[tuple[int, str]]) -> None:
-        for rank, daemon in ranks:
-            self.ctx.send_peer(daemon, wp.AbortTransfer(
-                room=note.room, transfer_id=note.transfer_id, pool_key=note.pool_key, sender_rank=rank,
-                reason=note.reason, prefill_engine_id=note.prefill_engine_id))
 
     def _may_still_write(self, rr: ReceiverRoom) -> list[int]:
         """Sender ranks whose writes into this room's pages could still land."""
