@@ -323,8 +323,6 @@ class SenderSide(SideBase[SenderRoom]):
                 self.ctx.spawn(self.direct_path.drain(sr), f"drain-{sr.room}")
             self.staged_path.start(sr)
 
-
-
     # --- endings ------------------------------------------------------------------------
     def maybe_complete(self, sr: SenderRoom) -> None:
         """Report each receiver once every write is done; complete once every receiver that
