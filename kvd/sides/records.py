@@ -98,10 +98,10 @@ class SenderRoom:
     aux: bytes = b""
     path: TransferPath = TransferPath.DIRECT
     engine_told: bool = False
-    #: The receiver gave this room up before the engine started it, (reason, its daemon, until
+    #: The receiver gave this room up before the engine started it, (reason, its daemons, until
     #: when): the engine's first chunk may be that room (it fails at ``until``) or a reuse of the
-    #: id (a request from that daemon comes by then and clears this).
-    given_up: tuple[str, str, float] | None = None
+    #: id (a request from each of those daemons comes by then and clears this).
+    given_up: tuple[str, frozenset[str], float] | None = None
     direct_done: bool = False  # every chunk of the per-slice requests is written
     # Chunks planned by DirectSender.drain_now that need transport writes: the drain task's first.
     handoff: tuple[list[Chunk], list[tuple[ReceiverRequest, Plan]]] | None = None

@@ -45,6 +45,9 @@ log = structlog.get_logger("kvd.sender")
 
 #: Rooms remembered as ended before any receiver asked (see SenderSide._ended_unasked).
 ENDED_UNASKED_KEPT = 4096
+#: Decode daemons remembered as having given one room up (the ranks of one decode engine may sit
+#: on several daemons, each giving the room up to the prefill ranks it shares with the others).
+GIVERS_KEPT = 64
 
 class SenderSide(SideBase[SenderRoom]):
     """Every sender room of this daemon, driven by engine chunks and peer requests."""
@@ -69,12 +72,13 @@ class SenderSide(SideBase[SenderRoom]):
         #: Rooms that ended before any receiver asked, (pool id, room) -> (reason, given up by):
         #: a request that comes after is answered with that at once, not held by a new room until
         #: the receiver's deadline (the engine aborted, or its room timed out, first). "Given up
-        #: by" names the decode daemon that gave the room up before the engine started it: a
-        #: request of that daemon after it is a new recv of the id (it sends nothing for a room it
-        #: gave up, and its messages come in order), and the engine's first chunk starts a room
-        #: that fails unless that request comes within the bootstrap timeout (:meth:`tick`).
+        #: by" names the decode daemons that gave the room up before the engine started it (one
+        #: decode engine's ranks may sit on several, GIVERS_KEPT at most): a request of one of
+        #: them after it is a new recv of the id (it sends nothing for a room it gave up, and its
+        #: messages come in order), and the room, started by the engine's first chunk or by that
+        #: request, fails unless each of them asks within the bootstrap timeout (:meth:`tick`).
         #: Otherwise a new chunk of the id forgets the entry (in use again). Bounded.
-        self._ended_unasked: Recent[tuple[int, int], tuple[str, str]] = Recent(ENDED_UNASKED_KEPT)
+        self._ended_unasked: Recent[tuple[int, int], tuple[str, frozenset[str]]] = Recent(ENDED_UNASKED_KEPT)
         #: Rooms the engine started (a chunk came) that ended lately, (pool id, room) -> when: a
         #: give-up that comes after is about that room, which is over, so the engine's next first
         #: chunk of the id is a reissue (or, started already, is the reissue): not failed by it.
@@ -102,8 +106,13 @@ class SenderSide(SideBase[SenderRoom]):
             self.rooms[sr.key] = sr
             self.ctx.room_changed(self.role, None, sr.machine.state, room=room, pool=pool.key)
             if ended is not None and ended[1]:  # the receiver gave it up before the engine started it
-                sr.given_up = (ended[0], ended[1], self.ctx.now() + self.ctx.config.bootstrap_timeout_s)
+                self._await_givers(sr, ended[0], ended[1])
         return sr
+
+    def _await_givers(self, sr: SenderRoom, reason: str, givers: frozenset[str]) -> None:
+        """``sr`` may be the room ``givers`` gave up: it fails within the bootstrap timeout
+        unless each of them asks for it (a new recv of the id) first."""
+        sr.given_up = (reason, givers, self.ctx.now() + self.ctx.config.bootstrap_timeout_s)
 
     def tick(self, sr: SenderRoom, now: float) -> None:
         if sr.given_up is not None and now >= sr.given_up[2]:
@@ -175,8 +184,11 @@ class SenderSide(SideBase[SenderRoom]):
                                     "here" if pool is None else f"decode pool {msg.pool_key} was never announced",
                                pool_unknown=pool is not None)
             return
-        if (pool.pool_id, msg.room) not in self.rooms and (ended := self._ended_before_asked(pool, msg.room, msg.src)):
-            self._reply_failed(msg, f"the prefill engine's room {msg.room} ended before this request came: {ended}")
+        ended = None if (pool.pool_id, msg.room) in self.rooms else self._ended_unasked.get(
+            (pool.pool_id, msg.room), self.ctx.now(), self.ctx.config.waiting_timeout_s)
+        if ended is not None and msg.src not in ended[1]:
+            self._reply_failed(msg, f"the prefill engine's room {msg.room} ended before this request came: "
+                                    f"{ended[0] or 'ended'}")
             return
         # Validate against the room without creating it: a refused request (a buggy or hostile
         # receiver) costs only itself, never the room other receivers share.
@@ -197,9 +209,14 @@ class SenderSide(SideBase[SenderRoom]):
         if sr.key not in self.rooms:
             self.rooms[sr.key] = sr
             self.ctx.room_changed(self.role, None, sr.machine.state, room=sr.room, pool=pool.key)
+            if ended is not None:  # a new recv of an id this daemon gave up: the others' still may come
+                self._ended_unasked.pop(sr.key, self.ctx.now(), self.ctx.config.waiting_timeout_s)
+                self._await_givers(sr, ended[0], ended[1])
         sr.requests[rkey] = req
-        if sr.given_up is not None and sr.given_up[1] == msg.src:
-            sr.given_up = None  # a new recv of the id by the daemon that gave the old one up
+        if sr.given_up is not None and msg.src in sr.given_up[1]:
+            # A new recv of the id by a daemon that gave the old one up.
+            rest = sr.given_up[1] - {msg.src}
+            sr.given_up = (sr.given_up[0], rest, sr.given_up[2]) if rest else None
         if 0 < msg.deadline_s < sr.machine.deadlines.waiting_for_input:
             # The prefill room waits for its engine no longer than the receiver waits for it.
             sr.machine.deadlines = replace(sr.machine.deadlines, waiting_for_input=msg.deadline_s)
@@ -287,7 +304,17 @@ class SenderSide(SideBase[SenderRoom]):
             return  # late: the room it gave up ended here already (the id may be in use again)
         sr = self.rooms.get((pool.pool_id, msg.room))
         if sr is None:
-            self._remember_unasked(pool.pool_id, msg.room, reason, given_up_by=msg.src)
+            kept = self._ended_unasked.get((pool.pool_id, msg.room), self.ctx.now(), self.ctx.config.waiting_timeout_s)
+            if kept is not None and kept[1]:  # another daemon gave it up too (one engine, ranks on both)
+                reason, givers = kept[0], (kept[1] | {msg.src}) if len(kept[1]) < GIVERS_KEPT else kept[1]
+            else:
+                givers = frozenset({msg.src})
+            self._ended_unasked.put((pool.pool_id, msg.room), (reason, givers), self.ctx.now())
+        elif sr.given_up is not None and not any(r.msg.src == msg.src for r in sr.requests.values()):
+            # Started after another daemon gave the id up, and given up by this one too: the
+            # same old room, seen from another daemon's ranks; it waits for their new recv as well.
+            if len(sr.given_up[1]) < GIVERS_KEPT:
+                sr.given_up = (sr.given_up[0], sr.given_up[1] | {msg.src}, sr.given_up[2])
         elif not sr.machine.state.final and all(r.msg.src == msg.src for r in sr.requests.values()):
             self.fail(sr, reason)
 
@@ -371,20 +398,8 @@ class SenderSide(SideBase[SenderRoom]):
                     self.ctx.send_peer(req.msg.src, self.status_message(req, ok=False, final=True, reason=reason))
             self._finish(sr)
 
-    def _ended_before_asked(self, pool: LocalPool, room: int, asker: str) -> str:
-        """Why the engine's room ``room`` ended before any receiver asked, if it did lately; ""
-        for a room ``asker`` gave up (its request now is a new recv of the id: forgotten)."""
-        key = (pool.pool_id, room)
-        found = self._ended_unasked.get(key, self.ctx.now(), self.ctx.config.waiting_timeout_s)
-        if found is None:
-            return ""
-        if found[1] == asker:
-            self._ended_unasked.pop(key, self.ctx.now(), self.ctx.config.waiting_timeout_s)
-            return ""
-        return found[0] or "ended"
-
-    def _remember_unasked(self, pool_id: int, room: int, reason: str, *, given_up_by: str = "") -> None:
-        self._ended_unasked.put((pool_id, room), (reason, given_up_by), self.ctx.now())
+    def _remember_unasked(self, pool_id: int, room: int, reason: str) -> None:
+        self._ended_unasked.put((pool_id, room), (reason, frozenset()), self.ctx.now())
 
     def _remember_started_ended(self, sr: SenderRoom) -> None:
         """``sr`` leaves the room table: remember its id if the engine had started it."""
