@@ -260,6 +260,12 @@ class SenderSide(SideBase[SenderRoom]):
 
     def on_abort(self, msg: wp.AbortTransfer) -> None:
         self._remember_ended(msg.transfer_id, msg.sender_rank)
+        if (msg.transfer_id, msg.sender_rank) not in self._requests:
+            # Nothing of it is in flight, so no fence to wait for: answered here, in the order it
+            # came (a give-up handled in a task of its own ran after the request that followed it
+            # in the same batch, a reissue of the id, and failed that).
+            self._abort_unasked(msg)
+            return
         self.ctx.spawn(self._abort(msg), f"abort-{msg.room}-{msg.sender_rank}")
 
     def request_srcs(self, transfer_id: int, sender_rank: int) -> list[str]:
@@ -284,12 +290,20 @@ class SenderSide(SideBase[SenderRoom]):
                 self.fail(sr, f"aborted by receiver: {msg.reason or 'abort'}")
             else:
                 self.maybe_complete(sr)
-        elif msg.prefill_engine_id:
-            self._given_up(msg)
-        unsure = found[1].unsure if found else self._ended.get((msg.transfer_id, msg.sender_rank), False)
+        else:
+            self._abort_unasked(msg)
+            return
         self.ctx.send_peer(msg.src, wp.AbortAck(room=msg.room, transfer_id=msg.transfer_id,
                                                 pool_key=msg.pool_key, sender_rank=msg.sender_rank,
-                                                unsure=unsure))
+                                                unsure=req.unsure))
+
+    def _abort_unasked(self, msg: wp.AbortTransfer) -> None:
+        """An abort of a transfer not in flight here (ended, or never asked: a give-up)."""
+        if msg.prefill_engine_id:
+            self._given_up(msg)
+        self.ctx.send_peer(msg.src, wp.AbortAck(room=msg.room, transfer_id=msg.transfer_id,
+                                                pool_key=msg.pool_key, sender_rank=msg.sender_rank,
+                                                unsure=self._ended.get((msg.transfer_id, msg.sender_rank), False)))
 
     def _given_up(self, msg: wp.AbortTransfer) -> None:
         """A receiver gave the room up before it asked: fail the engine's room (unless another
