@@ -80,6 +80,13 @@ class GiveUpNotices:
         for note in notes:
             self.to_links(note, self._notified_by(note.layout, info))
 
+    def flush(self, bootstrap_addr: str, prefill_engine_id: str, info: wp.EngineInfo) -> None:
+        """Send the give-ups waiting for this engine's topology now that it is known: before any
+        request of a room of that engine goes out (the request of a reissued id must not overtake
+        the give-up of the old one: the prefill side reads a giving daemon's messages in order)."""
+        for note in self._waiting.pop((bootstrap_addr, prefill_engine_id), []):
+            self.to_links(note, self._notified_by(note.layout, info))
+
     def _notified_by(self, layout: PoolLayout, info: wp.EngineInfo) -> list[tuple[int, str]]:
         """The prefill ranks (and their daemons) a decode rank of ``layout`` asks, dummies included."""
         try:

@@ -111,6 +111,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         info = bootstrap.engine_info_now(rr.bootstrap_addr, rr.prefill_engine_id)
         if info is None:
             return False
+        self.give_ups.flush(rr.bootstrap_addr, rr.prefill_engine_id, info)
         try:
             layouts, mapping = self._link_senders(rr, info)
             answers = [bootstrap.pool_accepted_now(daemon, rr.pool, rr.prefill_engine_id)
@@ -130,6 +131,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         try:
             info = await self.ctx.bootstrap.engine_info(rr.bootstrap_addr, rr.prefill_engine_id,
                                                         rr.machine.deadline)
+            self.give_ups.flush(rr.bootstrap_addr, rr.prefill_engine_id, info)
             layouts, mapping = self._link_senders(rr, info)
             answers = [await self.ctx.bootstrap.announce_pool(daemon, rr.pool, rr.prefill_engine_id,
                                                               rr.machine.deadline) for daemon in sorted(rr.peers())]
