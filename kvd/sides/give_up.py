@@ -46,6 +46,11 @@ class GiveUpNotices:
         # engine opens and aborts meanwhile (bounded: GIVE_UP_* above).
         self._waiting: dict[tuple[str, str], list[GivenUp]] = {}
 
+    @property
+    def waiting(self) -> int:
+        """Give-ups waiting for their prefill engine's topology (kvctl-style observability, tests)."""
+        return sum(len(notes) for notes in self._waiting.values())
+
     def to_links(self, note: GivenUp, ranks: list[tuple[int, str]]) -> None:
         """Tell the ranks ``(sender rank, daemon)`` the room linked before it failed."""
         for rank, daemon in ranks:

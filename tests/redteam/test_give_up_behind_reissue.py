@@ -53,7 +53,7 @@ async def test_a_give_up_sent_when_the_topology_comes_is_not_overtaken_by_the_re
     for pool, _ in dst:
         decode.receivers.abort_from_engine(pool, 1)  # given up: the give-up waits for the topology too
     await cluster.settle()
-    assert decode.receivers._given_up, "the give-up did not wait for the topology"
+    assert decode.receivers.give_ups.waiting, "the give-up did not wait for the topology"
     decode.events.clear()
     # The prefill engine registers; the directory's answer and the reissued recv come together.
     src = [prefill.add_pool(layout("prefill", ptp, r, kv_heads=kv_heads)) for r in range(ptp)]
