@@ -54,6 +54,13 @@ class ReceivedFd:
             fd, self._fd = self._fd, None
             os.close(fd)
 
+    def identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the file it opens: which memory it is (None once used or closed)."""
+        if self._fd is None:
+            return None
+        st = os.fstat(self._fd)
+        return st.st_dev, st.st_ino
+
     def __del__(self) -> None:  # a ticket nobody redeemed must not leak its descriptor
         with contextlib.suppress(OSError):
             self.close()
@@ -110,7 +117,7 @@ def open_fd_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
                               f"(layers x K/V), got {str(offsets)[:80]}")
     fd = handle.take()
     try:
-        check_fd(fd)
+        st = check_fd(fd)
         # Sealed first, measured after: an engine that shrinks its memfd between a size check
         # and the seal leaves kvd a mapping past the end of the file, and the first touch of it
         # (the prefault below, in the daemon) dies of SIGBUS.
@@ -139,7 +146,8 @@ def open_fd_pool(layout: PoolLayout, memory: dict[str, Any]) -> OpenedPool:
     base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
     prefault_ranges([(base + o, layout.buffer_bytes) for o in offsets])
     del sealed  # a /dev/shm segment cannot be sealed; a memfd with sealing now is
-    return OpenedPool(buffers=[base + o for o in offsets], regions=[(base, end)], _keep=[mapping])
+    return OpenedPool(buffers=[base + o for o in offsets], regions=[(base, end)], _keep=[mapping],
+                      identity=(st.st_dev, st.st_ino))
 
 
 __all__ = ["HUGETLBFS_MAGIC", "ReceivedFd", "TMPFS_MAGIC", "check_fd", "filesystem_type", "open_fd_pool"]

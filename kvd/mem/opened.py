@@ -22,6 +22,9 @@ class OpenedPool:
 
     buffers: list[int]
     regions: list[tuple[int, int]]
+    #: (device, inode) of the file mapped (a host pool handed over as a descriptor), else None:
+    #: two pools with one identity are two mappings of the same pages.
+    identity: tuple[int, int] | None = None
     _keep: list[Any] = field(default_factory=list, repr=False)
 
     @property

@@ -30,6 +30,7 @@ from kvd.core.layout import LayoutError, PoolLayout
 from kvd.core.planner import PlanError, check_token_indices
 from kvd.core.rooms import RoomError, RoomState
 from kvd.core.staging import StagingError
+from kvd.mem.fdpool import ReceivedFd
 from kvd.mem.pools import LocalPool
 from kvd.obs.metrics import Metrics
 from kvd.obs.sdnotify import Watchdog, ready, stopping, watchdog_interval
@@ -293,6 +294,7 @@ class Daemon:
         memory = self.trust.resolve_memory(conn_id, msg.memory)  # a handed-over fd, never a name
         try:  # a bad descriptor is refused as such first, then a rank already registered
             self.registry.check_new(layout)
+            await self._old_mapping_fenced(memory)
         except BaseException:
             close_held_fd(memory)
             raise
@@ -321,6 +323,25 @@ class Daemon:
             self.registry.drop(pool)
             raise
         return pool
+
+    async def _old_mapping_fenced(self, memory: Any) -> None:
+        """Wait while a closing pool maps the same file (an engine restarted, handing over its
+        segment again): its rooms' senders may write through the old mapping until they are
+        fenced (an answer to the abort, or their session revoked), and those writes would land in
+        the new pool's pages. Bounded by the old rooms' deadlines and the abort fence; an engine
+        that leaves meanwhile cancels the wait (kvd.shell.engine_server)."""
+        held = memory.get("fd") if isinstance(memory, dict) else None
+        identity = held.identity() if isinstance(held, ReceivedFd) else None
+        if identity is None:
+            return
+        waited = False
+        while not self.registry.stopping and any(
+                p.closing and p.opened.identity == identity for p in self.registry.local.values()):
+            if not waited:
+                waited = True
+                self.count_error("pool_registration_fence_wait")
+                log.info("pool_registration_waits_for_fence", reason="a closing pool maps the same memory")
+            await asyncio.sleep(0.05)
 
     def _undo_registration(self, job: concurrent.futures.Future[PreparedPool]) -> None:
         """A registration nobody waits for any more, once done: its memory released (on the registrar)."""
