@@ -227,9 +227,13 @@ class EngineServer:
         self._conns[victim].writer.close()
         return True
 
-    def _timeout(self, conn: _Conn, frames: FrameBuffer) -> float | None:
+    def _timeout(self, conn: _Conn, frames: FrameBuffer, frame_started: float) -> float | None:
+        """Seconds the next read may wait: what is left of the started frame's time (a frame must
+        arrive whole within ``socket.frame_timeout_s`` of its first byte, however its bytes trickle
+        in: a timeout per read let a byte every few seconds keep a 64 MiB partial frame for good),
+        else the idle timeout of a connection without a pool."""
         if frames.pending:
-            return self.config.socket_frame_timeout_s
+            return max(0.0, frame_started + self.config.socket_frame_timeout_s - time.monotonic())
         return None if conn.pooled else self.config.socket_idle_timeout_s
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -266,9 +270,10 @@ class EngineServer:
         clog.info("engine_connected")
         conn = self._conns[conn_id] = _Conn(writer, time.monotonic(), uid)
         frames = FrameBuffer(self.config.socket_max_frame_bytes)
+        frame_started = 0.0  # when the first byte of the frame now pending arrived
         try:
             while True:
-                timeout = self._timeout(conn, frames)
+                timeout = self._timeout(conn, frames, frame_started)
                 try:
                     async with asyncio.timeout(timeout):
                         data = await reader.read(1 << 20)
@@ -281,8 +286,12 @@ class EngineServer:
                 if not data:
                     break
                 conn.last_active = passed = time.monotonic()
+                if not frames.pending:
+                    frame_started = passed
                 frames.feed(data)
+                took = False
                 while (payload := frames.next_payload()) is not None:
+                    took = True
                     reply = await self._handle_async(conn_id, payload, reader)
                     if isinstance(reply, PoolRegistered):
                         conn.pooled = True
@@ -307,6 +316,10 @@ class EngineServer:
                 # (drain() here, sendall() there). Past a frame's worth of unread output: drain.
                 if not frames.pending or conn.unread() > self.config.socket_max_frame_bytes:
                     await writer.drain()
+                if took:
+                    # What is left, if anything, is a frame begun in this read: its time runs from
+                    # now, not while the daemon worked on the requests before it (a registration).
+                    frame_started = time.monotonic()
         except ProtocolError as exc:  # a broken frame header: the stream cannot be resynchronised
             self.handler.count_error("protocol")
             clog.warning("engine_stream_error", error=str(exc))
