@@ -28,6 +28,7 @@ from kvd.core.rooms import (
     RoomInput,
     RoomMachine,
     RoomState,
+    TooManyRooms,
     TransferPath,
 )
 from kvd.core.staging import StagingError, staging_applies
@@ -45,6 +46,12 @@ RELEASED_KEPT = 65_536  # transfer ids whose late messages are expected, not cou
 #: sender reports once per written batch, and every batch fills at least one page (or HiSparse
 #: token) of the room: more is a peer keeping the room alive a byte at a time.
 STATUS_SLACK = 16
+#: Destination indices a pool's unreleased rooms may name together: this many times the pool's
+#: capacity, plus DESTINATIONS_SLACK. Live rooms of a sane engine never share a destination (two
+#: rooms writing one page corrupt each other; pages are reused once their room is released), so
+#: together they name at most the pool; the rest is room for an engine that reuses pages early.
+DESTINATIONS_OVER_POOL = 4
+DESTINATIONS_SLACK = 65_536
 
 
 class ReceiverSide(SideBase[ReceiverRoom]):
@@ -58,6 +65,8 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self.paths: Counter[TransferPath] = Counter()  # rooms started, by path
         self._fencing: set[str] = set()  # peers whose receive session is being revoked
         self._released: OrderedDict[int, None] = OrderedDict()  # recently released transfer ids
+        #: Destination indices of each pool's unreleased rooms, together (at most its capacity).
+        self._indices_held: Counter[int] = Counter()
         self._parsed: dict[int, tuple[wp.EngineInfo, list[PoolLayout]]] = {}  # see _layouts
         self.give_ups = GiveUpNotices(ctx, self._layouts)
         self.staged_path = StagedReceiver(ctx, self)
@@ -82,6 +91,15 @@ class ReceiverSide(SideBase[ReceiverRoom]):
             raise RoomError(f"room {msg.room}: {len(msg.pages)} destination "
                             f"{'tokens' if msg.enable_hisparse else 'pages'}, more than the {capacity} of "
                             "its pool")
+        held = self._indices_held[pool.pool_id]
+        limit = DESTINATIONS_OVER_POOL * capacity + DESTINATIONS_SLACK
+        if held + len(msg.pages) > limit:
+            # Each room keeps its indices until it is released: bounded one by one only, rooms
+            # each naming the whole pool made a tiny pool of many pages cost pages x rooms x 8 bytes.
+            raise TooManyRooms(f"room {msg.room}: {len(msg.pages)} destination "
+                               f"{'tokens' if msg.enable_hisparse else 'pages'}, but the pool's rooms not yet "
+                               f"released name {held} (at most {limit}: {DESTINATIONS_OVER_POOL} x its "
+                               f"{capacity} + {DESTINATIONS_SLACK}); wait for their release")
         check_distinct(msg.pages, f"room {msg.room}: destination {'tokens' if msg.enable_hisparse else 'pages'}")
         if len(msg.pages) * 8 + 4096 > c.peer_max_message_bytes:
             # The indices ride in every TransferRequest: a peer message they do not fit is dropped unseen.
@@ -98,6 +116,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                           bytes_total=len(msg.pages) * per_index * layout.num_buffers,
                           path=TransferPath.HISPARSE if msg.enable_hisparse else TransferPath.DIRECT)
         self.rooms[key] = rr
+        self._indices_held[pool.pool_id] += len(msg.pages)
         self._by_transfer[rr.transfer_id] = rr
         self.ctx.room_changed(self.role, None, rr.machine.state, room=rr.room, pool=pool.key)
         if not self._bootstrap_now(rr):
@@ -523,7 +542,11 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         if self._may_still_write(rr):
             return
         rr.released = True
-        if self.rooms.get((rr.pool.pool_id, rr.room)) is rr:
+        pool_id = rr.pool.pool_id
+        self._indices_held[pool_id] -= len(rr.dst_indices)
+        if self._indices_held[pool_id] <= 0:
+            del self._indices_held[pool_id]
+        if self.rooms.get((pool_id, rr.room)) is rr:
             del self.rooms[(rr.pool.pool_id, rr.room)]
         self._by_transfer.pop(rr.transfer_id, None)
         self._released[rr.transfer_id] = None
