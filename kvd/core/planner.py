@@ -312,26 +312,51 @@ class DirectPlanner:
                         np.tile(lengths, sbufs.shape[0]))
 
 
-def check_distinct(indices: np.ndarray, what: str) -> None:
+def check_distinct(indices: np.ndarray, what: str, bound: int = 0) -> None:
     """Refuse indices of which one occurs twice: two writes into one page (or HiSparse token) of
     a room leave whichever lands last, never a valid request. The planners check each chunk's;
-    a room's destination indices, all known at once, are checked whole here."""
-    if indices.size > 1 and _repeats(indices):
+    a room's destination indices, all known at once, are checked whole here. ``bound``: the
+    indices lie in ``[0, bound)`` (a pool's capacity), which makes the check linear."""
+    if indices.size > 1 and _repeats(indices, bound):
         if indices.size <= SMALL:
             first = next(x for i, x in enumerate(indices.tolist()) if x in indices.tolist()[:i])
+        elif _maskable(indices, bound):  # linear too: each index's last position, and one that is not its own
+            owner = np.empty(bound, dtype=np.int32)  # only what the indices touch is ever written or read
+            positions = np.arange(indices.size, dtype=np.int32)
+            owner[indices] = positions
+            first = int(indices[owner[indices] != positions][0])
         else:
             ordered = np.sort(indices)
             first = int(ordered[1:][ordered[1:] == ordered[:-1]][0])
         raise PlanError(f"{what} repeat index {first} (two writes into one row: each must be the room's own)")
 
 
-def _repeats(indices: np.ndarray) -> bool:
+#: A mask over ``bound`` indices is used while it is at most this many times their number (+ 1 Mi).
+_MASK_OVER = 4
+#: Fewer indices than this are sorted (a sort of 64 Ki takes a few milliseconds).
+_MASK_MIN = 1 << 16
+
+
+def _maskable(indices: np.ndarray, bound: int) -> bool:
+    """Whether ``indices`` lie in ``[0, bound)`` with ``bound`` small enough to mark them in a mask."""
+    return indices.size >= _MASK_MIN and 0 < bound <= _MASK_OVER * indices.size + (1 << 20) \
+        and int(indices.min()) >= 0 \
+        and int(indices.max()) < bound
+
+
+def _repeats(indices: np.ndarray, bound: int = 0) -> bool:
     """Whether any index occurs twice (a sort, not ``np.unique``: that one imports ``numpy.ma``
-    on first use, 25 ms inside a daemon's first room)."""
+    on first use, 25 ms inside a daemon's first room). Indices known to lie in ``[0, bound)``
+    are marked in a mask instead, in one pass: a sort of a shuffled room of millions of pages
+    held the daemon's event loop for a third of a second a request."""
     if indices.size <= SMALL:
         return len(set(indices.tolist())) != indices.size
     if indices.size > 1 and bool((np.diff(indices) > 0).all()):
         return False  # ascending (the common case: one run of pages): no sort needed
+    if _maskable(indices, bound):
+        seen = np.zeros(bound, dtype=np.bool_)
+        seen[indices] = True
+        return int(np.count_nonzero(seen)) != indices.size
     ordered = np.sort(indices)
     return bool((ordered[1:] == ordered[:-1]).any())
 

@@ -100,7 +100,8 @@ class ReceiverSide(SideBase[ReceiverRoom]):
                                f"{'tokens' if msg.enable_hisparse else 'pages'}, but the pool's rooms not yet "
                                f"released name {held} (at most {limit}: {DESTINATIONS_OVER_POOL} x its "
                                f"{capacity} + {DESTINATIONS_SLACK}); wait for their release")
-        check_distinct(msg.pages, f"room {msg.room}: destination {'tokens' if msg.enable_hisparse else 'pages'}")
+        check_distinct(msg.pages, f"room {msg.room}: destination {'tokens' if msg.enable_hisparse else 'pages'}",
+                       capacity)
         if len(msg.pages) * 8 + 4096 > c.peer_max_message_bytes:
             # The indices ride in every TransferRequest: a peer message they do not fit is dropped unseen.
             raise RoomError(f"room {msg.room}: {len(msg.pages)} destination indices do not fit a request to "
