@@ -117,6 +117,9 @@ FIELDS: tuple[Field, ...] = (
     Field("socket", "max_connections_per_uid", "socket_max_connections_per_uid", _positive_int,
           "engine connections one uid may hold at once (its longest-idle one without a pool makes room), "
           "so one user cannot take every slot of max_connections"),
+    Field("socket", "max_pools_per_uid", "socket_max_pools_per_uid", _positive_int,
+          "pools one uid may hold registered at once (each is a mapping of the daemon's, registered with "
+          "the transfer engine); past it a registration is refused busy"),
     Field("socket", "engine_name_grace_s", "socket_engine_name_grace_s", _positive_float,
           "seconds an engine name stays its user's after its last rank disconnects (a restarting "
           "engine's name is not another user's to take meanwhile)"),
@@ -236,6 +239,7 @@ class Config:
     socket_idle_timeout_s: float = 300.0
     socket_max_connections: int = 1024
     socket_max_connections_per_uid: int = 256
+    socket_max_pools_per_uid: int = 1024
     socket_engine_name_grace_s: float = 300.0
     socket_backlog: int = 1024
     socket_allow_uids: str = ""

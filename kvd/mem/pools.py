@@ -43,6 +43,7 @@ class LocalPool:
     conn_id: int
     bootstrap: str = ""
     closing: bool = False
+    uid: int = -1  # of the engine that registered it (kept after its connection is gone)
     # Staged path only: the buffers as kernel tensors (kvd_kernels.PoolBuffers) and their device.
     tensors: Any = None
     device: str = ""

@@ -311,6 +311,7 @@ class Daemon:
             self._admit_pool(conn_id, layout)  # another registration may have won meanwhile
             self.registry.check_new(layout)
             pool = self.registry.adopt(conn_id, layout, prepared, msg.bootstrap, f"{self.address}#{self.boot_id}")
+            pool.uid = self.trust.access.creds(conn_id).uid
         except BaseException:
             self.registry.release_later(prepared.opened)
             raise
@@ -357,6 +358,11 @@ class Daemon:
         # engine's rooms, and their ids, to the taker).
         creds = self.trust.access.creds
         uid = creds(conn_id).uid
+        limit = self.config.socket_max_pools_per_uid
+        held = sum(1 for p in self.registry.local.values() if p.uid == uid)
+        if held >= limit:  # closing pools included: they are mapped until reaped
+            raise RequestError("busy", f"uid {uid} holds {held} pools (socket.max_pools_per_uid {limit}); "
+                                       "close some engine connections first")
         holders = {creds(p.conn_id).uid for p in self.registry.local.values()  # a closing pool's engine is gone
                    if p.layout.engine_id == layout.engine_id and p.layout.role == layout.role and not p.closing}
         if holders - {uid}:
