@@ -65,7 +65,7 @@ class ReceiverSide(SideBase[ReceiverRoom]):
         self.paths: Counter[TransferPath] = Counter()  # rooms started, by path
         self._fencing: set[str] = set()  # peers whose receive session is being revoked
         self._released: OrderedDict[int, None] = OrderedDict()  # recently released transfer ids
-        #: Destination indices of each pool's unreleased rooms, together (at most its capacity).
+        #: Destination indices of each pool's unreleased rooms, together (bounded: DESTINATIONS_OVER_POOL).
         self._indices_held: Counter[int] = Counter()
         self._parsed: dict[int, tuple[wp.EngineInfo, list[PoolLayout]]] = {}  # see _layouts
         self.give_ups = GiveUpNotices(ctx, self._layouts)
