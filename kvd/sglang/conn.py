@@ -118,6 +118,10 @@ class KvdKVManager(BaseKVManager):
         self.prefill_info_table: dict[str, PrefillServerInfo] = {}
         self.directory_table: dict[tuple[str, int], str] = {}
         self.failure_records: dict[int, str] = {}
+        # The object (sender or receiver) of this rank that holds each bootstrap room id: every
+        # object reads its room's state from the client's one view keyed by the id, so a second
+        # object for an id still held (a client reusing a live bootstrap_room) is refused.
+        self.holders: dict[int, _Room] = {}
         self.lock = threading.Lock()
         if self.mode == "prefill":
             self.register_to_bootstrap()
@@ -201,6 +205,20 @@ class KvdKVManager(BaseKVManager):
             if self.directory_table.get((bootstrap_addr, dp_rank)) == directory:
                 del self.directory_table[(bootstrap_addr, dp_rank)]
 
+    def hold(self, room: int, obj: _Room) -> bool:
+        """Make ``obj`` the holder of ``room`` on this rank; False while another object holds it."""
+        with self.lock:
+            return self.holders.setdefault(room, obj) is obj
+
+    def unhold(self, room: int, obj: _Room) -> bool:
+        """``obj`` is done with ``room``'s state in the client: True unless another object holds
+        the id now (then that state is the other one's, not to be forgotten)."""
+        with self.lock:
+            holder = self.holders.get(room)
+            if holder is obj:
+                del self.holders[room]
+            return holder is None or holder is obj
+
     def record_failure(self, room: int, reason: str) -> None:
         with self.lock:
             self.failure_records[room] = reason
@@ -238,13 +256,30 @@ class _Room:
         # never clear()s a failed prefill sender, and a client may re-issue a bootstrap_room), so
         # it is dropped here and not read by poll().
         self.started = False
+        self.refused_reason = ""
+        if not mgr.hold(self.bootstrap_room, self):
+            # Another request of this rank still uses the id: what the client holds under it is
+            # that request's, so this one touches none of it and fails at once.
+            self.refused_reason = (f"kvd: bootstrap room {self.bootstrap_room} is in use by another request "
+                                   "on this engine rank")
+            self.conclude_state = self.state = KVPoll.Failed
+            return
         mgr.client.forget(self.bootstrap_room)
         mgr.pop_failure(self.bootstrap_room, "")
 
     def _fail(self, reason: str) -> int:
+        if self.refused_reason:
+            return KVPoll.Failed
         self.kv_mgr.record_failure(self.bootstrap_room, reason)
         self.conclude_state = self.state = KVPoll.Failed
+        self._concluded()
         return KVPoll.Failed
+
+    def _concluded(self) -> None:
+        """The room's outcome is read: another request may use the id (a receiver whose daemon
+        room may still write keeps it until its pages are fenced)."""
+        if not getattr(self, "daemon_room", False):
+            self.kv_mgr.unhold(self.bootstrap_room, self)
 
     def _daemon_call(self, what: str, fn: Any, *args: Any) -> bool:
         try:
@@ -270,10 +305,13 @@ class _Room:
 
     def _succeed(self, st: Any) -> int:
         self.conclude_state = self.state = KVPoll.Success
+        self.kv_mgr.unhold(self.bootstrap_room, self)
         return KVPoll.Success
 
     def failure_exception(self) -> None:
         self.conclude_state = KVPoll.Failed
+        if self.refused_reason:
+            raise KVTransferError(self.bootstrap_room, self.refused_reason)
         reason = self.kv_mgr.pop_failure(self.bootstrap_room, "")
         raise KVTransferError(self.bootstrap_room, reason or "Failed due to an unknown reason from another rank",
                               is_from_another_rank=not reason)
@@ -286,7 +324,8 @@ class _Room:
         return st is not None and (st.released or st.state == "success")
 
     def clear(self) -> None:
-        self.kv_mgr.client.forget(self.bootstrap_room)
+        if self.kv_mgr.unhold(self.bootstrap_room, self):
+            self.kv_mgr.client.forget(self.bootstrap_room)
 
     def abort(self) -> None:
         if self.conclude_state is None:
@@ -461,6 +500,12 @@ class KvdKVReceiver(_Room, BaseKVReceiver):
         if not self.daemon_room:
             return
         self.daemon_room = False
+        try:
+            self._fence_daemon_room()
+        finally:
+            self.kv_mgr.unhold(self.bootstrap_room, self)
+
+    def _fence_daemon_room(self) -> None:
         client, room = self.kv_mgr.client, self.bootstrap_room
         st = client.pushed(room)
         if st is not None and (st.released or st.state == "success"):

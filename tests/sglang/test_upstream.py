@@ -127,6 +127,7 @@ def offline_manager(mode: str = "prefill", aux_rows: int = 16) -> Any:
     mgr.attn_dp_rank = 0
     mgr.room_timeout_s = 0.0
     mgr.failure_records = {}
+    mgr.holders = {}
     mgr.lock = threading.Lock()
     mgr.prefill_info_table = {}
     mgr.directory_table = {}
