@@ -47,13 +47,15 @@ def _until(pollers, gloo, done, timeout=30.0, **kw) -> list[int]:
 
 
 def run_pd(pair, gloo, *, ptp: int, dtp: int, heads: int = 4, mla: bool = False, rooms: int = 2,
-           pages_per_room: int = 5, chunk_pages: int = 2, zero_last: bool = False) -> int:
+           pages_per_room: int = 5, chunk_pages: int = 2, zero_last: bool = False, page_size: int = 4,
+           num_pages: int = 32) -> int:
     prefill_d, decode_d = pair
     C = kv_classes()
     from sglang.srt.disaggregation.base.conn import KVPoll
     from sglang.srt.disaggregation.utils import DisaggregationMode
 
-    geo = dict(layers=2, total_heads=1 if mla else heads, head_dim=16, page_size=4, num_pages=32, mla=mla)
+    geo = dict(layers=2, total_heads=1 if mla else heads, head_dim=16, page_size=page_size, num_pages=num_pages,
+               mla=mla)
     bport = free_port()
     server = C["bootstrap_server"]("127.0.0.1", bport)
     addr = f"127.0.0.1:{bport}"
@@ -69,7 +71,7 @@ def run_pd(pair, gloo, *, ptp: int, dtp: int, heads: int = 4, mla: bool = False,
         for n in range(rooms):
             room = 0x1234_5678_9ABC + n
             src = list(range(n * pages_per_room + 1, (n + 1) * pages_per_room + 1))
-            dst = [27 - p for p in range(n * pages_per_room, (n + 1) * pages_per_room)]
+            dst = [num_pages - 5 - p for p in range(n * pages_per_room, (n + 1) * pages_per_room)]
             g = fill_room(pranks, src, seed=n)
             aux_idx_p, aux_idx_d = n % 8, (n + 3) % 8
             for rk in pranks:  # what set_buf writes on the last chunk
