@@ -19,7 +19,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -120,8 +121,9 @@ class KvdKVManager(BaseKVManager):
         self.failure_records: dict[int, str] = {}
         # The object (sender or receiver) of this rank that holds each bootstrap room id: every
         # object reads its room's state from the client's one view keyed by the id, so a second
-        # object for an id still held (a client reusing a live bootstrap_room) is refused.
-        self.holders: dict[int, _Room] = {}
+        # object for an id still held (a client reusing a live bootstrap_room) is refused. Weak:
+        # an object the scheduler dropped without reading its outcome holds nothing (bounded).
+        self.holders: MutableMapping[int, _Room] = weakref.WeakValueDictionary()
         self.lock = threading.Lock()
         if self.mode == "prefill":
             self.register_to_bootstrap()
