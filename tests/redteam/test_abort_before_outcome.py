@@ -13,18 +13,8 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from kvd.wire import peer as wp
-from tests.sides.pair import Cluster
 from tests.sides.test_pair import Transfer
-
-
-@pytest.fixture
-async def cluster():
-    c = Cluster()
-    yield c
-    await c.close()
 
 
 async def _spin(rounds: int = 300) -> None:

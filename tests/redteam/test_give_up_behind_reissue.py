@@ -20,17 +20,10 @@ import pytest
 
 from kvd.wire import engine as we
 from kvd.wire import peer as wp
-from tests.sides.pair import Cluster, layout
+from tests.sides.pair import layout
 from tools.kvpattern import fill_prefill, pages_to_tokens, verify_decode
 
 CANARY, SEED = 0xA5, 7
-
-
-@pytest.fixture
-async def cluster():
-    c = Cluster()
-    yield c
-    await c.close()
 
 
 @pytest.mark.parametrize(("ptp", "dtp", "kv_heads"), [(1, 1, 4), (2, 1, 4), (1, 2, 4)])

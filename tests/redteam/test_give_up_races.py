@@ -7,19 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from kvd.core.rooms import MAX_REASON
 from kvd.wire import peer as wp
-from tests.sides.pair import Cluster
 from tests.sides.test_pair import Transfer
-
-
-@pytest.fixture
-async def cluster():
-    c = Cluster()
-    yield c
-    await c.close()
 
 
 def _give_up(t: Transfer, room: int, *, reason: str = "aborted by the decode engine", rank: int = 0,

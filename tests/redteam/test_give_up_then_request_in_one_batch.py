@@ -17,19 +17,11 @@ from __future__ import annotations
 import pytest
 
 from kvd.wire import peer as wp
-from tests.sides.pair import Cluster
 from tests.sides.test_pair import Transfer
 
 
 def decode_tp_requests(t: Transfer) -> int:
     return sum(1 for d in t.cluster.log if isinstance(d.msg, wp.TransferRequest))
-
-
-@pytest.fixture
-async def cluster():
-    c = Cluster()
-    yield c
-    await c.close()
 
 
 @pytest.mark.parametrize(("prefill_tp", "decode_tp", "kv_heads"), [(1, 1, 4), (2, 1, 4), (1, 2, 4), (4, 2, 2)])

@@ -27,13 +27,6 @@ from tools.kvpattern import fill_prefill, pages_to_tokens, verify_decode
 CANARY, SEED = 0xA5, 7
 
 
-@pytest.fixture
-async def cluster():
-    c = Cluster()
-    yield c
-    await c.close()
-
-
 class Split:
     """Prefill TP ``ptp`` on one daemon; decode TP 2 with rank 0 on daemon A, rank 1 on B."""
 
